@@ -1,0 +1,31 @@
+"""The one exception tree of the project.
+
+    MttError
+    ├── ConfigError          bad flag, unreadable cert/key: exit with one line
+    ├── ProtocolError        a peer broke a protocol: close that connection
+    │   └── SmuxProtocolError    bad smux frame or state (ends the whole session)
+    └── ControlError         a controller request that cannot be applied (res 2)
+
+Peer bytes only ever raise ProtocolError subclasses; the I/O layer turns them
+into a logged close, never a traceback.
+"""
+
+
+class MttError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(MttError):
+    """A command-line flag or a file named by one is unusable."""
+
+
+class ProtocolError(MttError):
+    """A peer sent bytes that break the protocol."""
+
+
+class SmuxProtocolError(ProtocolError):
+    """An smux frame or frame sequence the session cannot accept."""
+
+
+class ControlError(MttError):
+    """A controller request is invalid; the message is the err_string."""
