@@ -1,0 +1,169 @@
+"""The xtaci/smux frame codec (frame.go, Session.recvLoop in session.go).
+
+Every frame starts with an 8-byte little-endian header ``<BBHI``: version,
+cmd, length, stream id. What follows the header is decided by the cmd, not by
+the length field, because that is how Go's recvLoop reads the stream:
+
+- PSH: ``length`` payload bytes (length 0 carries nothing).
+- UPD: always 8 payload bytes (u32 consumed, u32 window), whatever ``length``
+  says; Go reads ``szCmdUPD`` bytes unconditionally.
+- SYN, FIN, NOP: no payload, whatever ``length`` says; Go reads nothing after
+  the header, so a non-zero length there makes the next bytes the next header.
+
+Reading "by cmd" keeps us in step with a Go peer on the same byte stream even
+if a length field is odd, which is what interoperability needs.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+from mtt.errors import SmuxProtocolError
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_PAYLOAD",
+    "UPD_SIZE",
+    "Cmd",
+    "Frame",
+    "FrameDecoder",
+    "decode_upd",
+    "encode_frame",
+    "encode_upd",
+]
+
+HEADER_SIZE = 8
+UPD_SIZE = 8
+MAX_PAYLOAD = 0xFFFF  # the length field is a u16
+_U32 = 0xFFFFFFFF
+
+_HEADER = struct.Struct("<BBHI")
+_UPD = struct.Struct("<II")
+
+
+class Cmd(enum.IntEnum):
+    """Frame commands; UPD exists only in protocol version 2."""
+
+    SYN = 0
+    FIN = 1
+    PSH = 2
+    NOP = 3
+    UPD = 4
+
+
+# Indexing a tuple is much cheaper than Cmd(n) on the hot path.
+_CMDS: tuple[Cmd, ...] = tuple(Cmd)
+_PSH = int(Cmd.PSH)
+_UPD_CMD = int(Cmd.UPD)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame; ``payload`` is empty for SYN, FIN and NOP."""
+
+    version: int
+    cmd: Cmd
+    stream_id: int
+    payload: bytes
+
+
+def encode_frame(
+    version: int,
+    cmd: Cmd,
+    stream_id: int,
+    payload: bytes | bytearray | memoryview = b"",
+) -> bytes:
+    """Header plus payload, as Go's sendLoop writes it (length = len(payload))."""
+    view = memoryview(payload).cast("B")
+    if len(view) > MAX_PAYLOAD:
+        raise ValueError(f"smux payload of {len(view)} bytes exceeds {MAX_PAYLOAD}")
+    return _HEADER.pack(version, cmd, len(view), stream_id) + view
+
+
+def encode_upd(version: int, stream_id: int, consumed: int, window: int) -> bytes:
+    """A UPD frame; counters wrap at 2**32 like Go's uint32 arithmetic."""
+    return _HEADER.pack(version, _UPD_CMD, UPD_SIZE, stream_id) + _UPD.pack(
+        consumed & _U32, window & _U32
+    )
+
+
+def decode_upd(payload: bytes) -> tuple[int, int]:
+    """(consumed, window) from a UPD payload of exactly UPD_SIZE bytes."""
+    consumed, window = _UPD.unpack(payload)
+    return consumed, window
+
+
+class FrameDecoder:
+    """Incremental frame parser: bytes in any split in, whole frames out.
+
+    Holds at most one incomplete frame between feeds (< 8 + 65535 bytes) and
+    never allocates an announced length before the bytes have arrived.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes held for a frame that is not complete yet."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Parse every complete frame; raise SmuxProtocolError on bad input."""
+        view = memoryview(data)
+        if view.itemsize != 1 or view.ndim != 1:
+            view = view.cast("B")
+        buf = self._buf
+        if buf:
+            buf += view
+            frames, used = _parse(buf)
+            if used:
+                # One compaction per feed; CPython trims a bytearray's front cheaply.
+                del buf[:used]
+        else:
+            # Common case: nothing pending, parse the caller's bytes in place and
+            # keep only the tail of an incomplete frame.
+            frames, used = _parse(view)
+            if used < len(view):
+                buf += view[used:]
+        return frames
+
+
+def _parse(src: bytearray | memoryview) -> tuple[list[Frame], int]:
+    """Frames from the start of ``src`` and how many bytes they used."""
+    frames: list[Frame] = []
+    end = len(src)
+    off = 0
+    unpack = _HEADER.unpack_from
+    with memoryview(src) as view:
+        while end - off >= HEADER_SIZE:
+            version, cmd, length, stream_id = unpack(view, off)
+            # Same order of checks as Go's recvLoop: version, then cmd.
+            if version not in (1, 2):
+                raise SmuxProtocolError(f"smux: unsupported version {version}")
+            start = off + HEADER_SIZE
+            if cmd == _PSH:
+                stop = start + length
+                if stop > end:
+                    break
+                payload = bytes(view[start:stop]) if length else b""
+            elif cmd == _UPD_CMD:
+                if version != 2:
+                    raise SmuxProtocolError("smux: UPD frame in protocol version 1")
+                stop = start + UPD_SIZE
+                if stop > end:
+                    break
+                payload = bytes(view[start:stop])
+            elif cmd < _PSH or cmd == 3:
+                # SYN, FIN, NOP: Go ignores the length field and reads no payload.
+                stop = start
+                payload = b""
+            else:
+                raise SmuxProtocolError(f"smux: unknown cmd {cmd}")
+            frames.append(Frame(version, _CMDS[cmd], stream_id, payload))
+            off = stop
+    return frames, off
