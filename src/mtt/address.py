@@ -1,0 +1,56 @@
+"""Host:port addresses as users and flags write them."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """A TCP endpoint: host (name or address, IPv6 without brackets) and port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_destination(text: str, *, allow_empty_host: bool = False) -> Destination:
+    """Parse `host:port` (IPv6 in brackets) with port 1..65535; raise ValueError.
+
+    allow_empty_host accepts `:port` (listen on every address), as Go does.
+    """
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("must be host:port")
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"{quote(host)} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or (not host and not allow_empty_host):
+            raise ValueError("must be host:port")
+        if ":" in host:
+            raise ValueError("an IPv6 host must be written in brackets, [addr]:port")
+        if host and not _HOSTNAME.match(host):
+            raise ValueError(f"{quote(host)} is not a valid host name or address")
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise ValueError("port must be a number from 1 to 65535")
+    port = int(port_text)
+    if not 1 <= port <= 65535 and not (allow_empty_host and port == 0):
+        raise ValueError("port must be a number from 1 to 65535")
+    return Destination(host, port)
+
+
+def quote(text: str, limit: int = 64) -> str:
+    """Quote a value for an error message, cut so a reply or log line stays small."""
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    return json.dumps(shown)

@@ -1,0 +1,54 @@
+"""Every size, buffer and wait of the server, named in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mtt.smux.session import SmuxConfig
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied to every peer; the defaults follow mos-tls-tunnel where it has one."""
+
+    # TLS handshake, then the HTTP upgrade request, each bounded (the Go client gives up at 10 s).
+    handshake_timeout: float = 10.0
+    # Idle timeout of a tunnel: no byte in either direction for this long closes it.
+    idle_timeout: float = 60.0
+    # Dialing a user's dst.
+    connect_timeout: float = 10.0
+    # Largest WebSocket frame accepted from a client (the Go client sends <= 16 KiB).
+    max_ws_frame: int = 1 * MiB
+    # Client bytes held while dst is still being dialed; reading stops beyond it.
+    dial_buffer: int = 256 * KiB
+    # Write-buffer high-water mark of each transport; past it the other side stops reading.
+    write_high_water: int = 256 * KiB
+    # When dst ends first, keep discarding client data until it is quiet this long ...
+    drain_quiet: float = 0.1
+    # ... but never longer than this (PROTOCOL.md §7).
+    drain_max: float = 3.0
+    # Controller request body cap (the original's 2 MiB).
+    max_control_body: int = 2 * MiB
+    # smux sessions inside WebSockets.
+    smux: SmuxConfig = field(default_factory=SmuxConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """What mtt-mu-server was asked to do, after flag parsing."""
+
+    bind: str = ""
+    bind_unix: bool = False
+    controller: str = ""
+    mux: bool = False
+    cert: str = ""
+    key: str = ""
+    force_tls: bool = False
+    disable_tls: bool = False
+    server_name: str = ""
+    fast_open: bool = False
+    verbose: bool = False
+    limits: Limits = field(default_factory=Limits)

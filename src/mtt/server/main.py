@@ -1,0 +1,152 @@
+"""mtt-mu-server: flags as the Go server takes them, then serve until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import uvloop
+
+from mtt.cli import FlagSet, run_cli
+from mtt.config import Limits, ServerConfig
+from mtt.controller.http import start_controller
+from mtt.errors import ConfigError
+from mtt.server.listen import tcp_listen_socket, unix_listen_socket
+from mtt.server.tunnel_server import TunnelServer
+from mtt.server.users import UserTable
+from mtt.transport.mux import MuxTunnel
+from mtt.transport.tls import random_host_name, self_signed_context, server_context_from_files
+
+log = logging.getLogger("mtt.server")
+
+DEFAULT_BIND = "127.0.0.1:8443"
+DEFAULT_CONTROLLER = "127.0.0.1:8080"
+
+
+def build_flags() -> FlagSet:
+    """The Go mtt-mu-server's flags (same names, types and defaults) plus ours."""
+    fs = FlagSet("mtt-mu-server")
+    fs.add("b", "string", DEFAULT_BIND, "[Host:Port] or [Path](if bind-unix) Server bind address")
+    fs.add("bind-unix", "bool", False, "Bind on a Unix domain socket")
+    fs.add("c", "string", DEFAULT_CONTROLLER, "[Host:Port] Controller address")
+    fs.add("mux", "bool", False, "Enable multiplex when the client names no sub-protocol")
+    fs.add("timeout", "duration", 60.0, "The idle timeout for connections")
+    fs.add("cert", "string", "", "[Path] X509KeyPair cert file")
+    fs.add("key", "string", "", "[Path] X509KeyPair key file")
+    fs.add("force-tls", "bool", False, "Serve TLS with a self-signed certificate if no -cert/-key")
+    fs.add("disable-tls", "bool", False, "Serve plain HTTP even if -cert/-key are given")
+    fs.add("n", "string", "", "Server name for the self-signed certificate")
+    fs.add("fast-open", "bool", False, "(Linux kernel 4.11+ only) Enable TCP fast open")
+    fs.add("verbose", "bool", False, "Log every connection")
+    return fs
+
+
+def config_from_flags(values: dict[str, Any]) -> ServerConfig:
+    """Check the flag values together; raise ConfigError with the reason."""
+    timeout = values["timeout"]
+    if timeout <= 0:
+        raise ConfigError("-timeout must be positive")
+    if bool(values["cert"]) != bool(values["key"]):
+        raise ConfigError("-cert and -key must be given together")
+    return ServerConfig(
+        bind=values["b"],
+        bind_unix=values["bind-unix"],
+        controller=values["c"],
+        mux=values["mux"],
+        cert=values["cert"],
+        key=values["key"],
+        force_tls=values["force-tls"],
+        disable_tls=values["disable-tls"],
+        server_name=values["n"],
+        fast_open=values["fast-open"],
+        verbose=values["verbose"],
+        limits=Limits(idle_timeout=timeout),
+    )
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("mtt.ws", "aiohttp", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    """Run the tunnel listener and the controller until SIGINT or SIGTERM."""
+
+    ssl_context = None
+    if config.disable_tls:
+        mode = "plain HTTP"
+    elif config.cert:
+        ssl_context = server_context_from_files(config.cert, config.key)
+        mode = f"TLS with {config.cert}"
+    elif config.force_tls:
+        name = config.server_name or random_host_name()
+        ssl_context = self_signed_context(name)
+        mode = f"TLS with a self-signed certificate for {name}"
+        log.warning("using a self-signed certificate for %s: clients need -sv", name)
+    else:
+        mode = "plain HTTP (put a TLS reverse proxy in front)"
+
+    sock = (
+        unix_listen_socket(config.bind)
+        if config.bind_unix
+        else tcp_listen_socket(config.bind, fast_open=config.fast_open)
+    )
+    table = UserTable()
+    server = TunnelServer(
+        table,
+        config.limits,
+        default_mux=config.mux,
+        ssl_context=ssl_context,
+        mux_factory=MuxTunnel,
+    )
+    await server.start(sock)
+    bound = sock.getsockname()
+    where = bound if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
+    runner, controller_at = await start_controller(
+        config.controller, table, config.limits.max_control_body
+    )
+    log.info("tunnel listener on %s (%s), controller on %s", where, mode, controller_at)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        server.close()
+        await runner.cleanup()
+        await asyncio.sleep(0)
+        if config.bind_unix:
+            with contextlib.suppress(OSError):
+                os.unlink(config.bind)
+
+
+def _start(values: dict[str, Any]) -> int:
+    config = config_from_flags(values)
+    setup_logging(config.verbose)
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_flags(), sys.argv[1:] if argv is None else argv, _start)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

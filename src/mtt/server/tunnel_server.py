@@ -1,0 +1,188 @@
+"""The tunnel listener: TLS (or plain HTTP), the upgrade, and routing by path.
+
+The route is resolved once, at upgrade time (PROTOCOL.md §3): the tunnel keeps
+its Destination, so a later change to the user table never touches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import ssl
+import urllib.parse
+from collections.abc import Callable
+
+from picows import (
+    WSListener,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
+
+from mtt.config import Limits
+from mtt.server.users import UserTable
+from mtt.transport.plain import PlainTunnel, TunnelRegistry
+
+log = logging.getLogger("mtt.server")
+
+SMUX_ON = "smux_on"
+SMUX_OFF = "smux_off"
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+# What a probe sees for anything that is not a tunnel: an ordinary 404.
+NOT_FOUND_BODY = (
+    b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+    b"<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+
+
+def routing_key(target: bytes) -> str | None:
+    """The user-table key of a request target: path only, percent-decoded.
+
+    None when the target cannot name a user (bad escape, not UTF-8).
+    """
+    if target.startswith((b"http://", b"https://")):  # absolute form
+        target = urllib.parse.urlsplit(target).path or b"/"
+    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    if _BAD_ESCAPE.search(path):
+        return None
+    try:
+        return urllib.parse.unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def choose_subprotocol(header: str | None, default_mux: bool) -> tuple[bool, str | None]:
+    """(mux?, sub-protocol to echo), preferring smux_on like gorilla's Upgrader."""
+    if header:
+        offered = {item.strip() for item in header.split(",")}
+        if SMUX_ON in offered:
+            return True, SMUX_ON
+        if SMUX_OFF in offered:
+            return False, SMUX_OFF
+    return default_mux, None
+
+
+def _peer_name(protocol: WSProtocol) -> str:
+    transport = protocol.transport
+    peer = transport.underlying_transport.get_extra_info("peername") if transport else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = peer[0]
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return "unix"
+
+
+class TunnelServer:
+    """Accepts connections, upgrades them and starts a tunnel per WebSocket."""
+
+    def __init__(
+        self,
+        table: UserTable,
+        limits: Limits,
+        *,
+        default_mux: bool,
+        ssl_context: ssl.SSLContext | None,
+        mux_factory: Callable[..., WSListener] | None = None,
+    ) -> None:
+        self.table = table
+        self.limits = limits
+        self.default_mux = default_mux
+        self.ssl_context = ssl_context
+        self.registry = TunnelRegistry()
+        self._mux_factory = mux_factory
+        self._server: asyncio.Server | None = None
+        self._ws_logger = logging.getLogger("mtt.ws")
+
+    def _protocol_factory(self) -> WSProtocol:
+        limits = self.limits
+        protocol: WSProtocol
+
+        def route(request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+            return self._route(request, _peer_name(protocol))
+
+        protocol = WSProtocol(
+            host_port=None,
+            ws_path=None,
+            is_client_side=False,
+            ws_listener_factory=route,
+            logger=self._ws_logger,
+            disconnect_on_exception=True,
+            websocket_handshake_timeout=limits.handshake_timeout,
+            enable_auto_ping=False,
+            auto_ping_idle_timeout=20,
+            auto_ping_reply_timeout=20,
+            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
+            enable_auto_pong=True,
+            max_frame_size=limits.max_ws_frame,
+            extra_headers=None,
+            read_buffer_init_size=64 * 1024,
+        )
+        return protocol
+
+    def _route(self, request: WSUpgradeRequest, peer: str) -> WSUpgradeResponseWithListener:
+        key = routing_key(request.path)
+        dst = self.table.lookup(key) if key is not None else None
+        if dst is None:
+            log.warning(
+                "%s: no user for path %s",
+                peer,
+                request.path[:256].decode("latin-1").encode("unicode_escape").decode(),
+            )
+            return WSUpgradeResponseWithListener(
+                WSUpgradeResponse.create_error_response(
+                    404,
+                    NOT_FOUND_BODY,
+                    {"Server": "nginx", "Content-Type": "text/html"},
+                ),
+                None,
+            )
+        assert key is not None
+        mux, subprotocol = choose_subprotocol(
+            request.headers.get("Sec-WebSocket-Protocol"), self.default_mux
+        )
+        listener: WSListener
+        if mux:
+            if self._mux_factory is None:
+                log.warning("%s %s: smux requested but not available", peer, key)
+                return WSUpgradeResponseWithListener(
+                    WSUpgradeResponse.create_error_response(400, b"", {"Server": "nginx"}),
+                    None,
+                )
+            listener = self._mux_factory(dst, peer, key, self.limits, self.registry)
+        else:
+            listener = PlainTunnel(dst, peer, key, self.limits, self.registry)
+        headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
+        log.debug("%s %s: upgrade (%s) to %s", peer, key, "smux" if mux else "plain", dst)
+        return WSUpgradeResponseWithListener(
+            WSUpgradeResponse.create_101_response(headers), listener
+        )
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on an already bound, listening socket."""
+        loop = asyncio.get_running_loop()
+        if self.ssl_context is None:
+            self._server = await loop.create_server(self._protocol_factory, sock=sock)
+        else:
+            self._server = await loop.create_server(
+                self._protocol_factory,
+                sock=sock,
+                ssl=self.ssl_context,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
+            )
+
+    def close(self) -> None:
+        """Stop accepting and close every established tunnel."""
+        if self._server is not None:
+            self._server.close()
+        for tunnel in list(self.registry.active):
+            closer = getattr(tunnel, "shutdown", None)
+            if closer is not None:
+                closer()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,95 @@
+"""The TCP side of a tunnel: a connection to a user's dst (or, in the client,
+the local application), driven by callbacks into the tunnel that owns it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Protocol, cast
+
+from mtt.address import Destination
+
+
+class DstOwner(Protocol):
+    """What a tunnel (plain, or one smux stream) does with its TCP side's events."""
+
+    def dst_data(self, data: bytes) -> None: ...
+    def dst_eof(self) -> None: ...
+    def dst_lost(self, exc: Exception | None) -> None: ...
+    def dst_pause_writing(self) -> None: ...
+    def dst_resume_writing(self) -> None: ...
+
+
+class DstConnection(asyncio.Protocol):
+    """Forwards a TCP transport's events to its owner; writes are guarded
+    against a closing transport (uvloop raises where asyncio only warns)."""
+
+    __slots__ = ("_owner", "transport")
+
+    def __init__(self, owner: DstOwner) -> None:
+        self._owner = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; cast, don't check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._owner.dst_data(data)
+
+    def eof_received(self) -> bool:
+        self._owner.dst_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._owner.dst_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._owner.dst_pause_writing()
+
+    def resume_writing(self) -> None:
+        self._owner.dst_resume_writing()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def pause_reading(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def close(self) -> None:
+        """Flush what is buffered, then close."""
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def buffered(self) -> int:
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+
+async def dial(
+    owner: DstOwner, dst: Destination, connect_timeout: float, high_water: int
+) -> DstConnection:
+    """Connect to dst within connect_timeout; raises OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(connect_timeout):
+        transport, conn = await loop.create_connection(
+            lambda: DstConnection(owner), dst.host, dst.port
+        )
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport.set_write_buffer_limits(high=high_water)
+    return conn

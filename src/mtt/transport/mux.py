@@ -1,0 +1,378 @@
+"""One WebSocket carrying an smux session (smux_on): each stream goes to its
+own TCP connection to the user's dst.
+
+The protocol lives in mtt.smux (sans-I/O); this module only moves bytes and
+owns the clock. Memory is bounded by the session's receive budget: bytes
+handed out in StreamData count until they are written to a dst that is not
+pushing back; past the budget the WebSocket stops being read, which is the
+only back-pressure smux v1 has (PROTOCOL.md §5). Toward the client, a
+WebSocket that cannot take more pauses reading every dst of the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+from mtt.config import Limits
+from mtt.errors import SmuxProtocolError
+from mtt.smux import (
+    SessionEnded,
+    SmuxSession,
+    StreamData,
+    StreamEnded,
+    StreamOpened,
+    StreamRefused,
+    StreamWritable,
+)
+from mtt.transport.dst import DstConnection, dial
+from mtt.transport.plain import TunnelRegistry
+from mtt.transport.tasks import spawn
+
+if TYPE_CHECKING:
+    from mtt.address import Destination
+
+log = logging.getLogger("mtt.tunnel")
+
+_DATA_TYPES = (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT)
+
+
+class MuxStream:
+    """One smux stream relayed to one dst connection."""
+
+    __slots__ = (
+        "_dial_task",
+        "_dst",
+        "_dst_paused",
+        "_outbound",
+        "_peer_ended",
+        "_pending",
+        "_tunnel",
+        "closed",
+        "last_activity",
+        "sid",
+    )
+
+    def __init__(self, tunnel: MuxTunnel, sid: int, now: float) -> None:
+        self._tunnel = tunnel
+        self.sid = sid
+        self.last_activity = now
+        self.closed = False
+        self._dst: DstConnection | None = None
+        self._dst_paused = False  # dst's write buffer is full
+        self._pending: list[bytes] = []  # data from the client not yet handed to dst
+        self._outbound = b""  # v2: dst data beyond the peer's window
+        self._peer_ended = False
+        self._dial_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        t = self._tunnel
+        self._dial_task = spawn(self._dial(), name=f"dial {t.dst} for {t.peer} stream {self.sid}")
+
+    async def _dial(self) -> None:
+        t = self._tunnel
+        limits = t.limits
+        try:
+            conn = await dial(self, t.dst, limits.connect_timeout, limits.smux.stream_window)
+        except (OSError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
+            log.warning(
+                "%s %s: stream %d: dial %s failed: %s", t.peer, t.path, self.sid, t.dst, reason
+            )
+            self.close()
+            return
+        if self.closed:
+            conn.close()
+            return
+        self._dst = conn
+        if t.writing_paused:
+            conn.pause_reading()
+        self._flush_pending()
+        if self._peer_ended:
+            self.close()
+
+    # -- client -> dst ---------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        self.last_activity = self._tunnel.now
+        if self._dst is None or self._dst_paused or self._pending:
+            self._pending.append(data)
+            return
+        self._dst.write(data)
+        self._tunnel.session.consumed(self.sid, len(data))
+
+    def _flush_pending(self) -> None:
+        dst = self._dst
+        session = self._tunnel.session
+        while self._pending and dst is not None and not self._dst_paused:
+            chunk = self._pending.pop(0)
+            dst.write(chunk)
+            session.consumed(self.sid, len(chunk))
+        self._tunnel.after_consume()
+
+    def client_ended(self) -> None:
+        """Peer FIN: deliver what is pending, then close both sides."""
+        self._peer_ended = True
+        if self._dst is not None and not self._pending:
+            self.close()
+
+    # -- dst -> client (DstOwner) --------------------------------------------
+
+    def dst_data(self, data: bytes) -> None:
+        t = self._tunnel
+        self.last_activity = t.now
+        taken = t.session.send_data(self.sid, data)
+        if taken < len(data):
+            self._outbound = data[taken:]
+            if self._dst is not None:
+                self._dst.pause_reading()
+        t.flush()
+
+    def writable(self) -> None:
+        """v2: the peer opened its window again."""
+        if not self._outbound:
+            return
+        t = self._tunnel
+        taken = t.session.send_data(self.sid, self._outbound)
+        self._outbound = self._outbound[taken:]
+        if not self._outbound and self._dst is not None and not t.writing_paused:
+            self._dst.resume_reading()
+        t.flush()
+
+    def dst_eof(self) -> None:
+        self.close()
+
+    def dst_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def dst_pause_writing(self) -> None:
+        self._dst_paused = True
+
+    def dst_resume_writing(self) -> None:
+        self._dst_paused = False
+        self._flush_pending()
+        if self._peer_ended and not self._pending:
+            self.close()
+
+    def pause_reading(self) -> None:
+        if self._dst is not None:
+            self._dst.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._dst is not None and not self._outbound:
+            self._dst.resume_reading()
+
+    def close(self) -> None:
+        """End the stream both ways; the budget its pending data held is freed."""
+        if self.closed:
+            return
+        self.closed = True
+        t = self._tunnel
+        if self._dial_task is not None and not self._dial_task.done():
+            self._dial_task.cancel()
+        if self._dst is not None:
+            self._dst.close()
+        session = t.session
+        for chunk in self._pending:
+            session.consumed(self.sid, len(chunk))
+        self._pending = []
+        self._outbound = b""
+        if not session.closed:
+            session.close_stream(self.sid)
+        t.stream_closed(self)
+
+
+class MuxTunnel(WSListener):
+    """Drives an SmuxSession over one WebSocket."""
+
+    def __init__(
+        self, dst: Destination, peer: str, path: str, limits: Limits, registry: TunnelRegistry
+    ) -> None:
+        super().__init__()
+        self.dst = dst
+        self.peer = peer
+        self.path = path
+        self.limits = limits
+        self._registry = registry
+        self._loop = asyncio.get_running_loop()
+        self.now = self._loop.time()
+        self.session = SmuxSession(limits.smux, self.now)
+        self.streams: dict[int, MuxStream] = {}
+        self.writing_paused = False
+        self._ws: WSTransport | None = None
+        self._reading_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._next_sweep = 0.0
+        self._closed = False
+
+    # -- WebSocket side -------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._ws = transport
+        transport.underlying_transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        self._registry.opened(self)
+        self._next_sweep = self.now + self._sweep_interval()
+        self._rearm()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type in _DATA_TYPES:
+            if self._closed:
+                return
+            self.now = now = self._loop.time()
+            try:
+                events = self.session.receive_data(frame.get_payload_as_memoryview(), now)
+            except SmuxProtocolError as exc:
+                log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
+                self._finish(WSCloseCode.PROTOCOL_ERROR)
+                return
+            for event in events:
+                self._handle(event)
+            self.flush()
+            self.after_consume()
+        elif msg_type is WSMsgType.CLOSE:
+            self._finish(WSCloseCode.OK)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._finish(WSCloseCode.OK)
+        self._registry.closed(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        for stream in self.streams.values():
+            stream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for stream in self.streams.values():
+            stream.resume_reading()
+
+    def shutdown(self) -> None:
+        """Close the session now (server shutdown)."""
+        self._finish(WSCloseCode.GOING_AWAY)
+
+    # -- session events -----------------------------------------------------
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, StreamData):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.client_data(event.data)
+            else:
+                self.session.consumed(event.stream_id, len(event.data))
+        elif isinstance(event, StreamOpened):
+            stream = MuxStream(self, event.stream_id, self.now)
+            self.streams[event.stream_id] = stream
+            stream.start()
+        elif isinstance(event, StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.client_ended()
+        elif isinstance(event, StreamWritable):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.writable()
+        elif isinstance(event, StreamRefused):
+            log.info(
+                "%s %s: stream %d refused: %d streams open",
+                self.peer,
+                self.path,
+                event.stream_id,
+                self.session.stream_count,
+            )
+        elif isinstance(event, SessionEnded):
+            log.info("%s %s: smux session ended: %s", self.peer, self.path, event.reason)
+            self._finish(WSCloseCode.OK)
+
+    def flush(self) -> None:
+        """Send what the session queued."""
+        out = self.session.data_to_send()
+        ws = self._ws
+        if out and ws is not None and not ws.underlying_transport.is_closing():
+            ws.send(WSMsgType.BINARY, out)
+
+    def after_consume(self) -> None:
+        """Pause or resume reading the WebSocket by the session's receive budget."""
+        ws = self._ws
+        if ws is None or self._closed:
+            return
+        transport = ws.underlying_transport
+        paused = self.session.reading_paused()
+        if paused and not self._reading_paused:
+            self._reading_paused = True
+            if not transport.is_closing():
+                transport.pause_reading()
+        elif not paused and self._reading_paused:
+            self._reading_paused = False
+            if not transport.is_closing():
+                transport.resume_reading()
+        self.flush()
+
+    def stream_closed(self, stream: MuxStream) -> None:
+        self.streams.pop(stream.sid, None)
+        if not self._closed:
+            self.flush()
+            self.after_consume()
+
+    # -- timers ---------------------------------------------------------------
+
+    def _sweep_interval(self) -> float:
+        return max(0.05, min(self.limits.idle_timeout / 4, 15.0))
+
+    def _rearm(self) -> None:
+        if self._closed:
+            return
+        deadline = self._next_sweep
+        smux_timer = self.session.get_timer()
+        if smux_timer is not None:
+            deadline = min(deadline, smux_timer)
+        if self._timer is not None:
+            if deadline == self._timer_at:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        self.now = now = self._loop.time()
+        for event in self.session.handle_timer(now):
+            self._handle(event)
+        if now >= self._next_sweep:
+            self._sweep_idle(now)
+            self._next_sweep = now + self._sweep_interval()
+        self.flush()
+        self._rearm()
+
+    def _sweep_idle(self, now: float) -> None:
+        timeout = self.limits.idle_timeout
+        for stream in [s for s in self.streams.values() if now - s.last_activity >= timeout]:
+            log.debug("%s %s: stream %d idle, closing", self.peer, self.path, stream.sid)
+            stream.close()
+
+    # -- ending ----------------------------------------------------------------
+
+    def _finish(self, code: WSCloseCode) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for stream in list(self.streams.values()):
+            stream.close()
+        self.flush()
+        self.session.close()
+        ws = self._ws
+        if ws is not None and not ws.underlying_transport.is_closing():
+            if not ws.is_close_frame_sent:
+                ws.send_close(code)
+            ws.disconnect()
+            self._loop.call_later(self.limits.idle_timeout, ws.disconnect, False)
+        log.debug("%s %s: smux session closed", self.peer, self.path)

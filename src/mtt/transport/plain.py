@@ -1,0 +1,271 @@
+"""One WebSocket carrying one plain byte stream to one TCP dst (smux_off).
+
+Each binary (or text, or continuation) message is the next chunk of the
+stream; boundaries mean nothing (PROTOCOL.md §4). Back-pressure runs both
+ways: a dst that cannot take more pauses reading the WebSocket, a client that
+cannot take more pauses reading dst, so memory per tunnel stays bounded by the
+write-buffer high-water marks whatever the peers do.
+
+When dst ends first the tunnel does not close under a client that may still
+be uploading (the Go client panics on a close that races its own write, taking
+every tunnel of that process down, PROTOCOL.md §7): it discards client data
+until the client has been quiet for `drain_quiet`, at most `drain_max`, and
+only then sends the close frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import TYPE_CHECKING
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+from mtt.config import Limits
+from mtt.transport.dst import DstConnection, dial
+from mtt.transport.tasks import spawn
+
+if TYPE_CHECKING:
+    from mtt.address import Destination
+
+log = logging.getLogger("mtt.tunnel")
+
+_DATA_TYPES = (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT)
+
+
+class _State(enum.Enum):
+    DIALING = 1
+    RELAYING = 2
+    DRAINING = 3  # dst ended; discarding client data before the close frame
+    CLOSED = 4
+
+
+class TunnelRegistry:
+    """The live tunnels of a server, so shutdown can close them all."""
+
+    def __init__(self) -> None:
+        self.active: set[WSListener] = set()
+        self.total = 0
+
+    def opened(self, tunnel: WSListener) -> None:
+        self.active.add(tunnel)
+        self.total += 1
+
+    def closed(self, tunnel: WSListener) -> None:
+        self.active.discard(tunnel)
+
+
+class PlainTunnel(WSListener):
+    """Relays one WebSocket to one dst connection."""
+
+    def __init__(
+        self, dst: Destination, peer: str, path: str, limits: Limits, registry: TunnelRegistry
+    ) -> None:
+        super().__init__()
+        self._dst_addr = dst
+        self._peer = peer
+        self._path = path
+        self._limits = limits
+        self._registry = registry
+        self._loop = asyncio.get_running_loop()
+        self._state = _State.DIALING
+        self._ws: WSTransport | None = None
+        self._dst: DstConnection | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._read_blocks: set[str] = set()
+        self._last_activity = 0.0
+        self._drain_started = 0.0
+        self._last_client_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._dial_task: asyncio.Task[None] | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # -- WebSocket side -------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._ws = transport
+        transport.underlying_transport.set_write_buffer_limits(high=self._limits.write_high_water)
+        self._registry.opened(self)
+        self._last_activity = self._loop.time()
+        self._arm_idle_timer(self._limits.idle_timeout)
+        self._dial_task = spawn(self._dial(), name=f"dial {self._dst_addr} for {self._peer}")
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type in _DATA_TYPES:
+            state = self._state
+            if state is _State.RELAYING:
+                data = frame.get_payload_as_bytes()
+                self.bytes_up += len(data)
+                self._last_activity = self._loop.time()
+                assert self._dst is not None
+                self._dst.write(data)
+            elif state is _State.DIALING:
+                data = frame.get_payload_as_bytes()
+                self.bytes_up += len(data)
+                self._pending.append(data)
+                self._pending_size += len(data)
+                if self._pending_size >= self._limits.dial_buffer:
+                    self._block_reading("dial")
+            elif state is _State.DRAINING:
+                self._last_client_data = self._loop.time()
+        elif msg_type is WSMsgType.CLOSE:
+            self._finish("client closed", reply_code=frame.get_close_code())
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._state is not _State.CLOSED:
+            self._finish("client disconnected")
+        if self._dst is not None:
+            self._dst.close()
+        self._cancel_timer()
+        self._registry.closed(self)
+
+    def pause_writing(self) -> None:
+        if self._dst is not None:
+            self._dst.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._dst is not None:
+            self._dst.resume_reading()
+
+    def shutdown(self) -> None:
+        """Close this tunnel now (server shutdown)."""
+        self._finish("server shutting down", WSCloseCode.GOING_AWAY)
+
+    # -- dst side ---------------------------------------------------------
+
+    async def _dial(self) -> None:
+        limits = self._limits
+        try:
+            conn = await dial(self, self._dst_addr, limits.connect_timeout, limits.write_high_water)
+        except (OSError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
+            log.warning("%s %s: dial %s failed: %s", self._peer, self._path, self._dst_addr, reason)
+            self._start_draining()
+            return
+        if self._state is not _State.DIALING:
+            conn.close()  # the client went away while we dialed
+            return
+        self._dst = conn
+        self._state = _State.RELAYING
+        for chunk in self._pending:
+            conn.write(chunk)
+        self._pending = []
+        self._pending_size = 0
+        self._unblock_reading("dial")
+        log.debug("%s %s: connected to %s", self._peer, self._path, self._dst_addr)
+
+    def dst_data(self, data: bytes) -> None:
+        ws = self._ws
+        if ws is None or self._state is not _State.RELAYING:
+            return
+        self.bytes_down += len(data)
+        self._last_activity = self._loop.time()
+        if not ws.underlying_transport.is_closing():
+            ws.send(WSMsgType.BINARY, data)
+
+    def dst_eof(self) -> None:
+        self._start_draining()
+
+    def dst_lost(self, exc: Exception | None) -> None:
+        self._start_draining()
+
+    def dst_pause_writing(self) -> None:
+        self._block_reading("dst")
+
+    def dst_resume_writing(self) -> None:
+        self._unblock_reading("dst")
+
+    # -- ending ------------------------------------------------------------
+
+    def _start_draining(self) -> None:
+        """dst is gone: discard client data until it has been quiet, then close."""
+        if self._state in (_State.DRAINING, _State.CLOSED):
+            return
+        self._state = _State.DRAINING
+        now = self._loop.time()
+        self._drain_started = now
+        self._last_client_data = now
+        self._read_blocks.clear()
+        self._resume_ws_reading()
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self._limits.drain_quiet, self._check_drained)
+
+    def _check_drained(self) -> None:
+        now = self._loop.time()
+        limits = self._limits
+        quiet_until = self._last_client_data + limits.drain_quiet
+        give_up_at = self._drain_started + limits.drain_max
+        if now >= quiet_until or now >= give_up_at:
+            self._finish("dst closed")
+        else:
+            self._timer = self._loop.call_at(min(quiet_until, give_up_at), self._check_drained)
+
+    def _finish(self, reason: str, reply_code: WSCloseCode = WSCloseCode.OK) -> None:
+        """Close both sides: the close frame goes after any data still buffered."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self._cancel_timer()
+        if self._dial_task is not None and not self._dial_task.done():
+            self._dial_task.cancel()
+        if self._dst is not None:
+            self._dst.close()
+        ws = self._ws
+        if ws is not None and not ws.underlying_transport.is_closing():
+            if not ws.is_close_frame_sent:
+                code = reply_code if reply_code is not WSCloseCode.NO_INFO else WSCloseCode.OK
+                ws.send_close(code)
+            ws.disconnect()
+            # A client that stops reading cannot hold the socket forever.
+            self._timer = self._loop.call_later(self._limits.idle_timeout, ws.disconnect, False)
+        log.debug(
+            "%s %s: closed (%s), up %d down %d bytes",
+            self._peer,
+            self._path,
+            reason,
+            self.bytes_up,
+            self.bytes_down,
+        )
+
+    # -- timers and flow control --------------------------------------------
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._timer = self._loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        if self._state not in (_State.DIALING, _State.RELAYING):
+            return
+        idle_for = self._loop.time() - self._last_activity
+        timeout = self._limits.idle_timeout
+        if idle_for >= timeout:
+            log.info("%s %s: idle for %.0f s, closing", self._peer, self._path, idle_for)
+            self._finish("idle timeout")
+        else:
+            self._arm_idle_timer(timeout - idle_for)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _block_reading(self, reason: str) -> None:
+        if not self._read_blocks and self._ws is not None:
+            transport = self._ws.underlying_transport
+            if not transport.is_closing():
+                transport.pause_reading()
+        self._read_blocks.add(reason)
+
+    def _unblock_reading(self, reason: str) -> None:
+        self._read_blocks.discard(reason)
+        if not self._read_blocks:
+            self._resume_ws_reading()
+
+    def _resume_ws_reading(self) -> None:
+        if self._ws is not None:
+            transport = self._ws.underlying_transport
+            if not transport.is_closing() and not transport.is_reading():
+                transport.resume_reading()

@@ -1,0 +1,106 @@
+"""TLS contexts for the tunnel listener.
+
+TLS 1.2 minimum and ALPN http/1.1, like any web server that speaks
+WebSocket. The server's cipher preference is turned off so a Go client picks
+AES-128-GCM (or ChaCha20 without AES hardware) as Go itself would: cheaper
+than the AES-256-GCM Python's default context forces (PROTOCOL.md §7).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+import ssl
+import tempfile
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from mtt.errors import ConfigError
+
+_WORDS = ("cdn", "static", "img", "api", "www", "assets", "media", "mail", "docs", "app")
+_TLDS = ("com", "net", "org", "io")
+
+
+def random_host_name() -> str:
+    """A plausible host name for a self-signed certificate when none was given."""
+    label = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+    return f"{secrets.choice(_WORDS)}.{label}.{secrets.choice(_TLDS)}"
+
+
+def self_signed_pem(server_name: str) -> tuple[bytes, bytes]:
+    """An ECDSA P-256 certificate and key (PEM) valid for server_name."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)])
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(server_name))
+    except ValueError:
+        alt = x509.DNSName(server_name)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert_pem, key_pem
+
+
+def _base_server_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def server_context_from_files(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context from PEM files; a clear ConfigError if they are unusable."""
+    ctx = _base_server_context()
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: no such file") from None
+    except PermissionError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: permission denied") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot load certificate {cert_file} with key {key_file}: {exc.strerror or exc}"
+        ) from None
+    return ctx
+
+
+def self_signed_context(server_name: str) -> ssl.SSLContext:
+    """A server context with a freshly generated certificate for server_name."""
+    cert_pem, key_pem = self_signed_pem(server_name)
+    ctx = _base_server_context()
+    # ssl can only load a chain from files; keep them private and short-lived.
+    with tempfile.TemporaryDirectory(prefix="mtt-tls-") as tmp:
+        cert_path = os.path.join(tmp, "cert.pem")
+        key_path = os.path.join(tmp, "key.pem")
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key_pem)
+        with open(cert_path, "wb") as fh:
+            fh.write(cert_pem)
+        ctx.load_cert_chain(cert_path, key_path)
+    return ctx

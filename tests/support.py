@@ -1,0 +1,191 @@
+"""Helpers shared by the integration and interop tests: the server under test
+as a real process, and small dst servers with checksums."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+_LISTENING = re.compile(r"tunnel listener on (\S+) \(.*\), controller on (\S+)")
+
+
+def server_command() -> list[str]:
+    exe = Path(sys.executable).parent / "mtt-mu-server"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mtt.server.main"]
+
+
+@dataclass
+class ServerProcess:
+    """mtt-mu-server started from its console script, as users start it."""
+
+    proc: subprocess.Popen[str]
+    tunnel: str
+    controller: str
+    lines: list[str] = field(default_factory=list)
+
+    def control(
+        self, doc: Any, *, method: str = "POST", raw: bytes | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """Send one controller request; returns (HTTP status, reply JSON)."""
+        body = raw if raw is not None else json.dumps(doc).encode()
+        req = urllib.request.Request(
+            f"http://{self.controller}/", data=body if method != "GET" else None, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def add(self, path: str, dst: str) -> None:
+        status, reply = self.control({"opt": 1, "args_bunch": [{"path": path, "dst": dst}]})
+        assert (status, reply["res"]) == (200, 1), reply
+
+    @property
+    def port(self) -> int:
+        return int(self.tunnel.rsplit(":", 1)[1])
+
+    def log_text(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(*args: str, timeout: float = 20.0) -> ServerProcess:
+    """Start the server on free loopback ports and wait until it listens."""
+    argv = [*server_command(), "-b", "127.0.0.1:0", "-c", "127.0.0.1:0", *args]
+    proc = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), True)
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = _LISTENING.search(line)
+        if match:
+            server = ServerProcess(proc, match.group(1), match.group(2), lines)
+            _drain_in_background(server)
+            return server
+    proc.kill()
+    raise RuntimeError("server did not start:\n" + "".join(lines) + (proc.stderr.read() or ""))
+
+
+def _drain_in_background(server: ServerProcess) -> None:
+    import threading
+
+    def pump() -> None:
+        assert server.proc.stderr is not None
+        for line in server.proc.stderr:
+            server.lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+@contextlib.contextmanager
+def running_server(*args: str) -> Iterator[ServerProcess]:
+    server = start_server(*args)
+    try:
+        yield server
+    finally:
+        code = server.stop()
+        assert code == 0, f"server exited with {code}:\n{server.log_text()}"
+        assert "Traceback" not in server.log_text(), server.log_text()
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic pseudo-random bytes (sha256 in counter mode)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
+        counter += 1
+    return bytes(out[:size])
+
+
+class EchoServer:
+    """A TCP dst that echoes, counting its connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.open = 0
+        self.server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def echo_server() -> AsyncIterator[EchoServer]:
+    echo = EchoServer()
+    echo.server = await asyncio.start_server(echo._handle, "127.0.0.1", 0)
+    try:
+        yield echo
+    finally:
+        echo.server.close()
+
+
+@contextlib.asynccontextmanager
+async def tagged_server(tag: bytes) -> AsyncIterator[str]:
+    """A dst that sends `tag` and closes: tells which dst a tunnel reached."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(tag)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()

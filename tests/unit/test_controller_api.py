@@ -1,0 +1,144 @@
+"""Controller validation: every bad input named, nothing partially applied."""
+
+import json
+
+import pytest
+
+from mtt.address import Destination, parse_destination
+from mtt.controller.api import apply_command, parse_command
+from mtt.errors import ControlError
+from mtt.server.users import UserTable
+
+
+def run(table: UserTable, doc: object) -> dict[str, object]:
+    return apply_command(table, parse_command(json.dumps(doc).encode()))
+
+
+def test_add_ping_delete_reset() -> None:
+    table = UserTable()
+    reply = run(
+        table,
+        {
+            "opt": 1,
+            "args_bunch": [
+                {"path": "/p1", "dst": "127.0.0.1:10001"},
+                {"path": "/p2", "dst": "[::1]:10002"},
+                {"path": "/p3", "dst": "backend.example:80"},
+            ],
+        },
+    )
+    assert reply == {"res": 1, "err_string": "", "current_users": 3}
+    assert table.lookup("/p2") == Destination("::1", 10002)
+    assert run(table, {"opt": 9}) == {"res": 1, "err_string": "", "current_users": 3}
+    assert run(table, {"opt": 2, "args_bunch": [{"path": "/p1"}, {"path": "/unknown"}]}) == {
+        "res": 1,
+        "err_string": "",
+        "current_users": 2,
+    }
+    assert table.lookup("/p1") is None
+    assert run(table, {"opt": 3}) == {"res": 1, "err_string": "", "current_users": 0}
+
+
+def test_add_overwrites_existing_path() -> None:
+    table = UserTable()
+    run(table, {"opt": 1, "args_bunch": [{"path": "/p", "dst": "127.0.0.1:1"}]})
+    run(table, {"opt": 1, "args_bunch": [{"path": "/p", "dst": "127.0.0.1:2"}]})
+    assert table.lookup("/p") == Destination("127.0.0.1", 2)
+    assert len(table) == 1
+
+
+def test_paths_match_exactly() -> None:
+    table = UserTable()
+    run(table, {"opt": 1, "args_bunch": [{"path": "/path_1", "dst": "127.0.0.1:1"}]})
+    assert table.lookup("/path_1/") is None
+    assert table.lookup("/PATH_1") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "body is not valid JSON"),
+        (b"{", "body is not valid JSON"),
+        (b"\xff\xfe{}", "body is not valid"),
+        (b"[1]", "body must be a JSON object, got array"),
+        (b'{"args_bunch": []}', "missing opt"),
+        (b'{"opt": "1"}', "opt must be an integer, got string"),
+        (b'{"opt": 1.0}', "opt must be an integer, got number"),
+        (b'{"opt": true}', "opt must be an integer, got boolean"),
+        (b'{"opt": 7}', "unknown opt 7"),
+        (b'{"opt": 99999999999999999999999}', "unknown opt"),
+        (b'{"opt": 1}', "missing args_bunch"),
+        (b'{"opt": 1, "args_bunch": []}', "args_bunch is empty"),
+        (b'{"opt": 2, "args_bunch": {}}', "args_bunch must be an array, got object"),
+        (b'{"opt": 1, "args_bunch": [3]}', r"args_bunch\[0\] must be an object, got number"),
+        (b'{"opt": 1, "args_bunch": [{"dst": "127.0.0.1:1"}]}', r"args_bunch\[0\]: missing path"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a"}]}', r"args_bunch\[0\]: missing dst"),
+        (b'{"opt": 1, "args_bunch": [{"path": "a", "dst": "h:1"}]}', "must start with /"),
+        (b'{"opt": 1, "args_bunch": [{"path": 5, "dst": "h:1"}]}', "path must be a string"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": 5}]}', "dst must be a string"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "h"}]}', "must be host:port"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "h:0"}]}', "port must be a number"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "h:65536"}]}', "port must be"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "h:-1"}]}', "port must be"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": ":80"}]}', "must be host:port"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "::1:80"}]}', "in brackets"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "[zz]:80"}]}', "not an IPv6"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "a b:80"}]}', "not a valid host"),
+        (b'{"opt": 1, "args_bunch": [{"path": "/a\\u0000", "dst": "h:1"}]}', "control characters"),
+        (b'{"opt": 2, "args_bunch": [{"dst": "h:1"}]}', "missing path"),
+    ],
+)
+def test_bad_requests_name_the_problem(body: bytes, message: str) -> None:
+    with pytest.raises(ControlError, match=message):
+        parse_command(body)
+
+
+def test_deep_nesting_and_huge_numbers_are_errors_not_crashes() -> None:
+    with pytest.raises(ControlError, match="not valid JSON"):
+        parse_command(b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(ControlError, match="not valid JSON"):
+        parse_command(b'{"opt": ' + b"9" * 10_000 + b"}")
+
+
+def test_one_bad_entry_rejects_the_whole_request() -> None:
+    table = UserTable()
+    run(table, {"opt": 1, "args_bunch": [{"path": "/keep", "dst": "127.0.0.1:1"}]})
+    bunch = [{"path": f"/u{i}", "dst": f"127.0.0.1:{1000 + i}"} for i in range(100)]
+    bunch.append({"path": "/bad", "dst": "nope"})
+    with pytest.raises(ControlError, match=r"args_bunch\[100\]"):
+        parse_command(json.dumps({"opt": 1, "args_bunch": bunch}).encode())
+    assert len(table) == 1 and table.lookup("/u0") is None
+
+
+def test_unknown_fields_are_ignored_like_the_original() -> None:
+    table = UserTable()
+    reply = run(
+        table,
+        {"opt": 1, "extra": 1, "args_bunch": [{"path": "/a", "dst": "127.0.0.1:1", "note": "x"}]},
+    )
+    assert reply["res"] == 1
+
+
+def test_bulk_add_of_40000_users() -> None:
+    table = UserTable()
+    bunch = [
+        {"path": f"/user/{i}", "dst": f"10.0.{i // 250}.{i % 250}:{1 + i % 65535}"}
+        for i in range(40_000)
+    ]
+    reply = run(table, {"opt": 1, "args_bunch": bunch})
+    assert reply == {"res": 1, "err_string": "", "current_users": 40_000}
+    assert table.lookup("/user/39999") == Destination("10.0.159.249", 40000)
+
+
+@pytest.mark.parametrize(
+    ("text", "dst"),
+    [
+        ("127.0.0.1:1", Destination("127.0.0.1", 1)),
+        ("[::1]:65535", Destination("::1", 65535)),
+        ("my-host.example:8080", Destination("my-host.example", 8080)),
+        ("localhost:443", Destination("localhost", 443)),
+    ],
+)
+def test_destinations(text: str, dst: Destination) -> None:
+    assert parse_destination(text) == dst
+    assert str(parse_destination(text)) == text

@@ -1,0 +1,42 @@
+"""Routing keys and sub-protocol choice as the Go server makes them."""
+
+import pytest
+
+from mtt.server.tunnel_server import choose_subprotocol, routing_key
+
+
+@pytest.mark.parametrize(
+    ("target", "key"),
+    [
+        (b"/p1", "/p1"),
+        (b"/p1?x=1", "/p1"),
+        (b"/p1/", "/p1/"),
+        (b"/a%20b", "/a b"),
+        (b"/%E4%BD%A0", "/\u4f60"),
+        (b"/p%3Fq", "/p?q"),
+        (b"http://example.com/p1?x", "/p1"),
+        (b"/p1#frag", "/p1"),
+        (b"/bad%zz", None),
+        (b"/bad%", None),
+        (b"/%ff", None),
+    ],
+)
+def test_routing_key(target: bytes, key: str | None) -> None:
+    assert routing_key(target) == key
+
+
+@pytest.mark.parametrize(
+    ("header", "default_mux", "chosen"),
+    [
+        ("smux_on", False, (True, "smux_on")),
+        ("smux_off", True, (False, "smux_off")),
+        (None, True, (True, None)),
+        (None, False, (False, None)),
+        ("smux_off, smux_on", False, (True, "smux_on")),
+        ("chat", True, (True, None)),
+    ],
+)
+def test_subprotocol_choice(
+    header: str | None, default_mux: bool, chosen: tuple[bool, str | None]
+) -> None:
+    assert choose_subprotocol(header, default_mux) == chosen
