@@ -55,6 +55,14 @@ class ServerProcess:
         status, reply = self.control({"opt": 1, "args_bunch": [{"path": path, "dst": dst}]})
         assert (status, reply["res"]) == (200, 1), reply
 
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
     @property
     def port(self) -> int:
         return int(self.tunnel.rsplit(":", 1)[1])
@@ -73,9 +81,9 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(*args: str, timeout: float = 20.0) -> ServerProcess:
+def start_server(*args: str, bind: str = "127.0.0.1:0", timeout: float = 20.0) -> ServerProcess:
     """Start the server on free loopback ports and wait until it listens."""
-    argv = [*server_command(), "-b", "127.0.0.1:0", "-c", "127.0.0.1:0", *args]
+    argv = [*server_command(), "-b", bind, "-c", "127.0.0.1:0", *args]
     proc = subprocess.Popen(
         argv,
         stderr=subprocess.PIPE,
@@ -154,6 +162,14 @@ class EchoServer:
         finally:
             self.open -= 1
             writer.close()
+
+    def rss(self) -> int:
+        """Resident memory of the server process, in bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
 
     @property
     def port(self) -> int:

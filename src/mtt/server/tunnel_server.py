@@ -13,6 +13,7 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable
+from typing import Any
 
 from picows import (
     WSListener,
@@ -67,6 +68,47 @@ def choose_subprotocol(header: str | None, default_mux: bool) -> tuple[bool, str
     return default_mux, None
 
 
+class _NoTcpOptionsSocket:
+    """A socket view that ignores TCP-level options, which a Unix socket lacks."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if level != socket.IPPROTO_TCP:
+            self._sock.setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return 0 if level == socket.IPPROTO_TCP else int(self._sock.getsockopt(level, option))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _UnixTransport:
+    """Delegates to a Unix-socket transport; picows sets TCP_NODELAY on every
+    socket it is handed, which a Unix socket refuses."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        value = self._transport.get_extra_info(name, default)
+        if name == "socket" and value is not None:
+            return _NoTcpOptionsSocket(value)
+        if name == "peername" and not value:
+            return "unix"
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _UnixWSProtocol(WSProtocol):  # type: ignore[misc]
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(_UnixTransport(transport))
+
+
 def _peer_name(protocol: WSProtocol) -> str:
     transport = protocol.transport
     peer = transport.underlying_transport.get_extra_info("peername") if transport else None
@@ -95,6 +137,7 @@ class TunnelServer:
         self.registry = TunnelRegistry()
         self._mux_factory = mux_factory
         self._server: asyncio.Server | None = None
+        self.unix = False
         self._ws_logger = logging.getLogger("mtt.ws")
 
     def _protocol_factory(self) -> WSProtocol:
@@ -104,7 +147,8 @@ class TunnelServer:
         def route(request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
             return self._route(request, _peer_name(protocol))
 
-        protocol = WSProtocol(
+        protocol_class = _UnixWSProtocol if self.unix else WSProtocol
+        protocol = protocol_class(
             host_port=None,
             ws_path=None,
             is_client_side=False,
@@ -164,6 +208,7 @@ class TunnelServer:
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound, listening socket."""
         loop = asyncio.get_running_loop()
+        self.unix = sock.family == socket.AF_UNIX
         if self.ssl_context is None:
             self._server = await loop.create_server(self._protocol_factory, sock=sock)
         else:

@@ -75,13 +75,19 @@ def _base_server_context() -> ssl.SSLContext:
 
 def server_context_from_files(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server context from PEM files; a clear ConfigError if they are unusable."""
+    for path in (cert_file, key_file):
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            raise ConfigError(f"cannot read {path}: no such file") from None
+        except PermissionError:
+            raise ConfigError(f"cannot read {path}: permission denied") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     ctx = _base_server_context()
     try:
         ctx.load_cert_chain(cert_file, key_file)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"cannot read {exc.filename}: no such file") from None
-    except PermissionError as exc:
-        raise ConfigError(f"cannot read {exc.filename}: permission denied") from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
             f"cannot load certificate {cert_file} with key {key_file}: {exc.strerror or exc}"

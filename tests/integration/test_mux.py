@@ -1,0 +1,228 @@
+"""smux inside the WebSocket, driven from the client side by our own sans-I/O
+session over a real TLS WebSocket (the Go peers test the same from Go)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from mtt.smux import (
+    Cmd,
+    SmuxConfig,
+    SmuxSession,
+    StreamData,
+    StreamEnded,
+    encode_frame,
+)
+from tests.support import ServerProcess, echo_server, pattern, running_server
+
+MiB = 1024 * 1024
+
+
+class MuxClient:
+    """A minimal smux client over a websockets connection, for tests."""
+
+    def __init__(self, ws: ClientConnection, version: int = 1) -> None:
+        self.ws = ws
+        self.session = SmuxSession(SmuxConfig(is_client=True, version=version), time.monotonic())
+        self.received: dict[int, bytearray] = defaultdict(bytearray)
+        self.ended: set[int] = set()
+        self.changed = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                assert isinstance(message, bytes)
+                for event in self.session.receive_data(message, time.monotonic()):
+                    if isinstance(event, StreamData):
+                        self.received[event.stream_id] += event.data
+                        self.session.consumed(event.stream_id, len(event.data))
+                    elif isinstance(event, StreamEnded):
+                        self.ended.add(event.stream_id)
+                await self.flush()
+                self.changed.set()
+        except ConnectionClosed:
+            pass
+        self.changed.set()
+
+    async def flush(self) -> None:
+        out = self.session.data_to_send()
+        if out:
+            await self.ws.send(out)
+
+    async def open(self) -> int:
+        sid = self.session.open_stream()
+        await self.flush()
+        return sid
+
+    async def send(self, sid: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            taken = self.session.send_data(sid, view[: 64 * 1024])
+            await self.flush()
+            if taken == 0:
+                self.changed.clear()
+                await asyncio.wait_for(self.changed.wait(), 10)
+            view = view[taken:]
+
+    async def wait_for(self, predicate, limit_s: float = 30) -> None:  # type: ignore[no-untyped-def]
+        async with asyncio.timeout(limit_s):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await self.ws.close()
+
+
+def mux_connect(
+    server: ServerProcess, ctx: ssl.SSLContext, path: str, subprotocols: list[str] | None = None
+) -> connect:
+    return connect(
+        f"wss://tunnel.test:{server.port}{path}",
+        ssl=ctx,
+        host="127.0.0.1",
+        port=server.port,
+        server_hostname="tunnel.test",
+        subprotocols=subprotocols if subprotocols is not None else ["smux_on"],  # type: ignore[arg-type]
+        max_size=None,
+        compression=None,
+    )
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_streams_echo_byte_exact(
+    tls_server: ServerProcess, client_tls: ssl.SSLContext, version: int
+) -> None:
+    async with echo_server() as echo:
+        tls_server.add("/m", echo.addr)
+        async with mux_connect(tls_server, client_tls, "/m") as ws:
+            assert ws.subprotocol == "smux_on"
+            client = MuxClient(ws, version)
+            sids = [await client.open() for _ in range(8)]
+            assert sids == [3, 5, 7, 9, 11, 13, 15, 17]
+            payloads = {sid: pattern(sid, MiB + sid) for sid in sids}
+            await asyncio.gather(*(client.send(sid, data) for sid, data in payloads.items()))
+            await client.wait_for(
+                lambda: all(len(client.received[s]) >= len(payloads[s]) for s in sids)
+            )
+            for sid in sids:
+                assert (
+                    hashlib.sha256(client.received[sid]).digest()
+                    == hashlib.sha256(payloads[sid]).digest()
+                )
+            assert echo.connections == 8
+            await client.close()
+
+
+async def test_seventeenth_stream_is_refused_and_session_survives(
+    tls_server: ServerProcess, client_tls: ssl.SSLContext
+) -> None:
+    async with echo_server() as echo:
+        tls_server.add("/lim", echo.addr)
+        async with mux_connect(tls_server, client_tls, "/lim") as ws:
+            client = MuxClient(ws)
+            sids = [await client.open() for _ in range(17)]
+            await client.wait_for(lambda: sids[16] in client.ended)
+            for sid in sids[:16]:
+                await client.send(sid, b"hello %d" % sid)
+            await client.wait_for(
+                lambda: all(len(client.received[s]) == len(b"hello %d" % s) for s in sids[:16])
+            )
+            assert sids[16] not in client.received
+            assert all(s not in client.ended for s in sids[:16])
+            await asyncio.sleep(0.2)
+            assert echo.connections == 16
+            await client.close()
+
+
+async def test_client_fin_closes_dst_and_server_fin_follows(
+    tls_server: ServerProcess, client_tls: ssl.SSLContext
+) -> None:
+    async with echo_server() as echo:
+        tls_server.add("/fin", echo.addr)
+        async with mux_connect(tls_server, client_tls, "/fin") as ws:
+            client = MuxClient(ws)
+            sid = await client.open()
+            await client.send(sid, b"abc")
+            await client.wait_for(lambda: bytes(client.received[sid]) == b"abc")
+            client.session.close_stream(sid)
+            await client.flush()
+            await client.wait_for(lambda: echo.open == 0 and echo.connections == 1)
+            await client.close()
+
+
+async def test_protocol_error_closes_the_websocket_with_1002(
+    tls_server: ServerProcess, client_tls: ssl.SSLContext
+) -> None:
+    tls_server.add("/bad", "127.0.0.1:9")
+    async with mux_connect(tls_server, client_tls, "/bad") as ws:
+        await ws.send(encode_frame(1, Cmd.SYN, 3) + b"\x07\x00\x00\x00\x03\x00\x00\x00")
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1002
+    await asyncio.sleep(0.1)
+    assert "smux protocol error" in tls_server.log_text()
+
+
+async def test_mux_flag_selects_smux_without_subprotocol(cert_files: tuple[Path, Path]) -> None:
+    ctx = ssl.create_default_context(cafile=str(cert_files[0]))
+    with running_server("-cert", str(cert_files[0]), "-key", str(cert_files[1]), "-mux") as server:
+        async with echo_server() as echo:
+            server.add("/d", echo.addr)
+            async with mux_connect(server, ctx, "/d", subprotocols=[]) as ws:
+                assert ws.subprotocol is None
+                client = MuxClient(ws)
+                sid = await client.open()
+                await client.send(sid, b"muxed")
+                await client.wait_for(lambda: bytes(client.received[sid]) == b"muxed")
+                await client.close()
+
+
+async def test_slow_dst_stops_reading_the_websocket(
+    tls_server: ServerProcess, client_tls: ssl.SSLContext
+) -> None:
+    """A dst that never reads: the server stops reading the session instead of buffering."""
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled.append(writer)  # never reads
+
+    dst = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = dst.sockets[0].getsockname()[1]
+        tls_server.add("/slow", f"127.0.0.1:{port}")
+        async with mux_connect(tls_server, client_tls, "/slow") as ws:
+            client = MuxClient(ws)
+            sid = await client.open()
+            sent = 0
+            chunk = pattern(1, 64 * 1024)
+
+            async def push() -> None:
+                nonlocal sent
+                while sent < 256 * MiB:
+                    await client.send(sid, chunk)
+                    sent += len(chunk)
+
+            rss_before = tls_server.rss()
+            pusher = asyncio.ensure_future(push())
+            await asyncio.sleep(4)
+            pusher.cancel()
+            growth = tls_server.rss() - rss_before
+            assert growth < 16 * MiB, growth
+            # Kernel buffers on both hops plus the 256 KiB budget and dst high-water
+            # are all that can be absorbed; far below the 256 MiB offered.
+            assert sent < 48 * MiB, sent
+            await client.close()
+    finally:
+        dst.close()
