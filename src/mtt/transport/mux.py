@@ -31,6 +31,7 @@ from mtt.smux import (
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.plain import TunnelRegistry
 from mtt.transport.tasks import spawn
+from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
     from mtt.address import Destination
@@ -293,7 +294,7 @@ class MuxTunnel(WSListener):
         out = self.session.data_to_send()
         ws = self._ws
         if out and ws is not None and not ws.underlying_transport.is_closing():
-            ws.send(WSMsgType.BINARY, out)
+            write_binary(ws.underlying_transport, out)
 
     def after_consume(self) -> None:
         """Pause or resume reading the WebSocket by the session's receive budget."""

@@ -25,6 +25,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 from mtt.config import Limits
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.tasks import spawn
+from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
     from mtt.address import Destination
@@ -164,8 +165,9 @@ class PlainTunnel(WSListener):
             return
         self.bytes_down += len(data)
         self._last_activity = self._loop.time()
-        if not ws.underlying_transport.is_closing():
-            ws.send(WSMsgType.BINARY, data)
+        transport = ws.underlying_transport
+        if not transport.is_closing():
+            write_binary(transport, data)
 
     def dst_eof(self) -> None:
         self._start_draining()
