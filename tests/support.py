@@ -55,13 +55,19 @@ class ServerProcess:
         status, reply = self.control({"opt": 1, "args_bunch": [{"path": path, "dst": dst}]})
         assert (status, reply["res"]) == (200, 1), reply
 
+    def children(self) -> list[int]:
+        """Pids of the worker processes."""
+        path = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
+        with open(path) as fh:
+            return [int(pid) for pid in fh.read().split()]
+
     def rss(self) -> int:
-        """Resident memory of the server process, in bytes."""
-        with open(f"/proc/{self.proc.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        """Resident memory of the server and its workers, in bytes."""
+        total = 0
+        for pid in [self.proc.pid, *self.children()]:
+            with open(f"/proc/{pid}/status") as fh:
+                total += next(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS:")) * 1024
+        return total
 
     @property
     def port(self) -> int:
@@ -163,13 +169,19 @@ class EchoServer:
             self.open -= 1
             writer.close()
 
+    def children(self) -> list[int]:
+        """Pids of the worker processes."""
+        path = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
+        with open(path) as fh:
+            return [int(pid) for pid in fh.read().split()]
+
     def rss(self) -> int:
-        """Resident memory of the server process, in bytes."""
-        with open(f"/proc/{self.proc.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        """Resident memory of the server and its workers, in bytes."""
+        total = 0
+        for pid in [self.proc.pid, *self.children()]:
+            with open(f"/proc/{pid}/status") as fh:
+                total += next(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS:")) * 1024
+        return total
 
     @property
     def port(self) -> int:

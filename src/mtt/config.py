@@ -51,4 +51,5 @@ class ServerConfig:
     server_name: str = ""
     fast_open: bool = False
     verbose: bool = False
+    workers: int = 1
     limits: Limits = field(default_factory=Limits)

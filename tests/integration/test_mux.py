@@ -4,6 +4,7 @@ session over a real TLS WebSocket (the Go peers test the same from Go)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 import time
@@ -75,10 +76,12 @@ class MuxClient:
             view = view[taken:]
 
     async def wait_for(self, predicate, limit_s: float = 30) -> None:  # type: ignore[no-untyped-def]
+        """Wait until predicate() holds; rechecked on every message and every 50 ms."""
         async with asyncio.timeout(limit_s):
             while not predicate():
                 self.changed.clear()
-                await self.changed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), 0.05)
 
     async def close(self) -> None:
         self._reader.cancel()

@@ -13,14 +13,14 @@ from typing import Any
 
 from aiohttp import web
 
-from mtt.controller.api import RES_ERR, apply_command, parse_command, reply
+from mtt.controller.api import RES_ERR, RES_OK, parse_command, reply
 from mtt.errors import ConfigError, ControlError
 from mtt.server.listen import split_host_port
-from mtt.server.users import UserTable
+from mtt.server.store import UserStore
 
 log = logging.getLogger("mtt.controller")
 
-_TABLE: web.AppKey[UserTable] = web.AppKey("table", UserTable)
+_STORE: web.AppKey[UserStore] = web.AppKey("store")
 _MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 
 
@@ -49,12 +49,12 @@ async def _read_capped(request: web.Request, cap: int) -> bytes | None:
 
 
 async def _handle(request: web.Request) -> web.Response:
-    table = request.app[_TABLE]
+    store = request.app[_STORE]
     peer = request.remote or "unix"
     if request.method != "POST":
         log.warning("controller: %s: method %s not allowed", peer, request.method)
         response = _json(
-            405, reply(RES_ERR, len(table), f"method {request.method} not allowed, use POST")
+            405, reply(RES_ERR, store.count(), f"method {request.method} not allowed, use POST")
         )
         response.headers["Allow"] = "POST"
         return response
@@ -62,32 +62,32 @@ async def _handle(request: web.Request) -> web.Response:
     body = await _read_capped(request, cap)
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
-        return _json(413, reply(RES_ERR, len(table), f"body larger than {cap} bytes"))
+        return _json(413, reply(RES_ERR, store.count(), f"body larger than {cap} bytes"))
     try:
         command = parse_command(body)
     except ControlError as exc:
         log.warning("controller: %s: rejected: %s", peer, exc)
-        return _json(400, reply(RES_ERR, len(table), str(exc)))
-    result = apply_command(table, command)
-    log.info("controller: %s: opt %d applied, %d users", peer, command.opt, len(table))
-    return _json(200, result)
+        return _json(400, reply(RES_ERR, store.count(), str(exc)))
+    await store.apply(command)
+    log.info("controller: %s: opt %d applied, %d users", peer, command.opt, store.count())
+    return _json(200, reply(RES_OK, store.count()))
 
 
-def make_app(table: UserTable, max_body: int) -> web.Application:
+def make_app(store: UserStore, max_body: int) -> web.Application:
     """The controller application; every path answers the same command endpoint."""
     app = web.Application(client_max_size=max_body)
-    app[_TABLE] = table
+    app[_STORE] = store
     app[_MAX_BODY] = max_body
     app.router.add_route("*", "/{tail:.*}", _handle)
     return app
 
 
 async def start_controller(
-    address: str, table: UserTable, max_body: int
+    address: str, store: UserStore, max_body: int
 ) -> tuple[web.AppRunner, str]:
     """Listen on host:port; returns the runner and the bound address."""
     host, port = split_host_port(address)
-    runner = web.AppRunner(make_app(table, max_body), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(store, max_body), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host or None, port, reuse_address=True)
     try:

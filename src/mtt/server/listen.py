@@ -21,9 +21,17 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 def tcp_listen_socket(
-    address: str, *, fast_open: bool = False, backlog: int = 4096
+    address: str,
+    *,
+    fast_open: bool = False,
+    backlog: int = 4096,
+    reuse_port: bool = False,
+    listen: bool = True,
 ) -> socket.socket:
-    """A bound, listening TCP socket; a ConfigError says why it could not be made."""
+    """A bound (by default listening) TCP socket; a ConfigError says why it could not be made.
+
+    reuse_port lets several workers listen on the same port (SO_REUSEPORT).
+    """
     host, port = split_host_port(address)
     try:
         infos = socket.getaddrinfo(
@@ -37,13 +45,16 @@ def tcp_listen_socket(
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and not host:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if fast_open and hasattr(socket, "TCP_FASTOPEN"):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 256)
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if listen:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None

@@ -17,11 +17,13 @@ from mtt.cli import FlagSet, run_cli
 from mtt.config import Limits, ServerConfig
 from mtt.controller.http import start_controller
 from mtt.errors import ConfigError
+from mtt.logs import setup_logging
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
+from mtt.server.store import LocalStore, UserStore
+from mtt.server.tls_setup import resolve_tls, tls_context
 from mtt.server.tunnel_server import TunnelServer
 from mtt.server.users import UserTable
-from mtt.transport.mux import MuxTunnel
-from mtt.transport.tls import random_host_name, self_signed_context, server_context_from_files
+from mtt.server.workers import WorkerPool
 
 log = logging.getLogger("mtt.server")
 
@@ -44,6 +46,12 @@ def build_flags() -> FlagSet:
     fs.add("n", "string", "", "Server name for the self-signed certificate")
     fs.add("fast-open", "bool", False, "(Linux kernel 4.11+ only) Enable TCP fast open")
     fs.add("verbose", "bool", False, "Log every connection")
+    fs.add(
+        "workers",
+        "int",
+        os.cpu_count() or 1,
+        "Worker processes sharing the port (SO_REUSEPORT); 1 serves in-process",
+    )
     return fs
 
 
@@ -52,6 +60,8 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     timeout = values["timeout"]
     if timeout <= 0:
         raise ConfigError("-timeout must be positive")
+    if not 1 <= values["workers"] <= 256:
+        raise ConfigError("-workers must be from 1 to 256")
     if bool(values["cert"]) != bool(values["key"]):
         raise ConfigError("-cert and -key must be given together")
     return ServerConfig(
@@ -66,71 +76,61 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         server_name=values["n"],
         fast_open=values["fast-open"],
         verbose=values["verbose"],
+        workers=values["workers"],
         limits=Limits(idle_timeout=timeout),
     )
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("mtt.ws", "aiohttp", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
-    """Run the tunnel listener and the controller until SIGINT or SIGTERM."""
-
-    ssl_context = None
-    if config.disable_tls:
-        mode = "plain HTTP"
-    elif config.cert:
-        ssl_context = server_context_from_files(config.cert, config.key)
-        mode = f"TLS with {config.cert}"
-    elif config.force_tls:
-        name = config.server_name or random_host_name()
-        ssl_context = self_signed_context(name)
-        mode = f"TLS with a self-signed certificate for {name}"
-        log.warning("using a self-signed certificate for %s: clients need -sv", name)
+async def serve(config: ServerConfig) -> None:
+    """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
+    tls, mode = resolve_tls(config)
+    store: UserStore
+    if config.workers > 1:
+        pool = WorkerPool(config, tls, config.workers)
+        try:
+            where = await pool.start()
+        except BaseException:
+            await pool.stop()
+            raise
+        store = pool
+        mode += f", {config.workers} workers"
     else:
-        mode = "plain HTTP (put a TLS reverse proxy in front)"
-
-    sock = (
-        unix_listen_socket(config.bind)
-        if config.bind_unix
-        else tcp_listen_socket(config.bind, fast_open=config.fast_open)
-    )
-    table = UserTable()
-    server = TunnelServer(
-        table,
-        config.limits,
-        default_mux=config.mux,
-        ssl_context=ssl_context,
-        mux_factory=MuxTunnel,
-    )
-    await server.start(sock)
-    bound = sock.getsockname()
-    where = bound if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
-    runner, controller_at = await start_controller(
-        config.controller, table, config.limits.max_control_body
-    )
+        sock = (
+            unix_listen_socket(config.bind)
+            if config.bind_unix
+            else tcp_listen_socket(config.bind, fast_open=config.fast_open)
+        )
+        table = UserTable()
+        server = TunnelServer(
+            table, config.limits, default_mux=config.mux, ssl_context=tls_context(tls)
+        )
+        await server.start(sock)
+        bound = sock.getsockname()
+        where = bound if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
+        store = LocalStore(table)
+    try:
+        runner, controller_at = await start_controller(
+            config.controller, store, config.limits.max_control_body
+        )
+    except ConfigError:
+        await (pool.stop() if config.workers > 1 else asyncio.sleep(0))
+        raise
     log.info("tunnel listener on %s (%s), controller on %s", where, mode, controller_at)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    if ready is not None:
-        ready.set()
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
-        server.close()
         await runner.cleanup()
-        await asyncio.sleep(0)
+        if config.workers > 1:
+            await pool.stop()
+        else:
+            server.close()
+            await asyncio.sleep(0)
         if config.bind_unix:
             with contextlib.suppress(OSError):
                 os.unlink(config.bind)

@@ -12,7 +12,6 @@ import re
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Callable
 from typing import Any
 
 from picows import (
@@ -25,6 +24,7 @@ from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-de
 
 from mtt.config import Limits
 from mtt.server.users import UserTable
+from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
 
 log = logging.getLogger("mtt.server")
@@ -128,14 +128,12 @@ class TunnelServer:
         *,
         default_mux: bool,
         ssl_context: ssl.SSLContext | None,
-        mux_factory: Callable[..., WSListener] | None = None,
     ) -> None:
         self.table = table
         self.limits = limits
         self.default_mux = default_mux
         self.ssl_context = ssl_context
         self.registry = TunnelRegistry()
-        self._mux_factory = mux_factory
         self._server: asyncio.Server | None = None
         self.unix = False
         self._ws_logger = logging.getLogger("mtt.ws")
@@ -190,13 +188,7 @@ class TunnelServer:
         )
         listener: WSListener
         if mux:
-            if self._mux_factory is None:
-                log.warning("%s %s: smux requested but not available", peer, key)
-                return WSUpgradeResponseWithListener(
-                    WSUpgradeResponse.create_error_response(400, b"", {"Server": "nginx"}),
-                    None,
-                )
-            listener = self._mux_factory(dst, peer, key, self.limits, self.registry)
+            listener = MuxTunnel(dst, peer, key, self.limits, self.registry)
         else:
             listener = PlainTunnel(dst, peer, key, self.limits, self.registry)
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None

@@ -24,6 +24,9 @@ class UserTable:
     def __len__(self) -> int:
         return len(self._routes)
 
+    def items(self) -> Iterable[tuple[str, Destination]]:
+        return self._routes.items()
+
     def lookup(self, path: str) -> Destination | None:
         return self._routes.get(path)
 

@@ -13,6 +13,7 @@ from mtt.address import Destination
 class DstOwner(Protocol):
     """What a tunnel (plain, or one smux stream) does with its TCP side's events."""
 
+    def dst_connected(self, conn: DstConnection) -> None: ...
     def dst_data(self, data: bytes) -> None: ...
     def dst_eof(self) -> None: ...
     def dst_lost(self, exc: Exception | None) -> None: ...
@@ -24,15 +25,23 @@ class DstConnection(asyncio.Protocol):
     """Forwards a TCP transport's events to its owner; writes are guarded
     against a closing transport (uvloop raises where asyncio only warns)."""
 
-    __slots__ = ("_owner", "transport")
+    __slots__ = ("_high_water", "_owner", "transport")
 
-    def __init__(self, owner: DstOwner) -> None:
+    def __init__(self, owner: DstOwner, high_water: int | None = None) -> None:
         self._owner = owner
+        self._high_water = high_water
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; cast, don't check.
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = t = cast(asyncio.Transport, transport)
+        sock = t.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._high_water is not None:
+            t.set_write_buffer_limits(high=self._high_water)
+        # Data can arrive in this same loop iteration: the owner must know us first.
+        self._owner.dst_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self._owner.dst_data(data)
@@ -82,14 +91,13 @@ class DstConnection(asyncio.Protocol):
 async def dial(
     owner: DstOwner, dst: Destination, connect_timeout: float, high_water: int
 ) -> DstConnection:
-    """Connect to dst within connect_timeout; raises OSError or TimeoutError."""
+    """Connect to dst within connect_timeout; raises OSError or TimeoutError.
+
+    The owner's dst_connected() runs before any of dst's data is delivered.
+    """
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(connect_timeout):
-        transport, conn = await loop.create_connection(
-            lambda: DstConnection(owner), dst.host, dst.port
+        _, conn = await loop.create_connection(
+            lambda: DstConnection(owner, high_water), dst.host, dst.port
         )
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    transport.set_write_buffer_limits(high=high_water)
     return conn

@@ -77,19 +77,20 @@ class MuxStream:
         t = self._tunnel
         limits = t.limits
         try:
-            conn = await dial(self, t.dst, limits.connect_timeout, limits.smux.stream_window)
+            await dial(self, t.dst, limits.connect_timeout, limits.smux.stream_window)
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
             log.warning(
                 "%s %s: stream %d: dial %s failed: %s", t.peer, t.path, self.sid, t.dst, reason
             )
             self.close()
-            return
+
+    def dst_connected(self, conn: DstConnection) -> None:
         if self.closed:
             conn.close()
             return
         self._dst = conn
-        if t.writing_paused:
+        if self._tunnel.writing_paused:
             conn.pause_reading()
         self._flush_pending()
         if self._peer_ended:

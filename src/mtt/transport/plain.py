@@ -141,12 +141,13 @@ class PlainTunnel(WSListener):
     async def _dial(self) -> None:
         limits = self._limits
         try:
-            conn = await dial(self, self._dst_addr, limits.connect_timeout, limits.write_high_water)
+            await dial(self, self._dst_addr, limits.connect_timeout, limits.write_high_water)
         except (OSError, TimeoutError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
             log.warning("%s %s: dial %s failed: %s", self._peer, self._path, self._dst_addr, reason)
             self._start_draining()
-            return
+
+    def dst_connected(self, conn: DstConnection) -> None:
         if self._state is not _State.DIALING:
             conn.close()  # the client went away while we dialed
             return

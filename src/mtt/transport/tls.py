@@ -73,31 +73,26 @@ def _base_server_context() -> ssl.SSLContext:
     return ctx
 
 
-def server_context_from_files(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """A server context from PEM files; a clear ConfigError if they are unusable."""
+def read_pem_files(cert_file: str, key_file: str) -> tuple[bytes, bytes]:
+    """Read a certificate chain and key; a ConfigError names the file that failed."""
+    out = []
     for path in (cert_file, key_file):
         try:
-            with open(path, "rb"):
-                pass
+            with open(path, "rb") as fh:
+                out.append(fh.read(16 * 1024 * 1024))
         except FileNotFoundError:
             raise ConfigError(f"cannot read {path}: no such file") from None
         except PermissionError:
             raise ConfigError(f"cannot read {path}: permission denied") from None
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
-    ctx = _base_server_context()
-    try:
-        ctx.load_cert_chain(cert_file, key_file)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            f"cannot load certificate {cert_file} with key {key_file}: {exc.strerror or exc}"
-        ) from None
-    return ctx
+    return out[0], out[1]
 
 
-def self_signed_context(server_name: str) -> ssl.SSLContext:
-    """A server context with a freshly generated certificate for server_name."""
-    cert_pem, key_pem = self_signed_pem(server_name)
+def context_from_pem(
+    cert_pem: bytes, key_pem: bytes, origin: str = "certificate"
+) -> ssl.SSLContext:
+    """A server context from PEM bytes; ConfigError if they do not form a usable pair."""
     ctx = _base_server_context()
     # ssl can only load a chain from files; keep them private and short-lived.
     with tempfile.TemporaryDirectory(prefix="mtt-tls-") as tmp:
@@ -108,5 +103,8 @@ def self_signed_context(server_name: str) -> ssl.SSLContext:
             fh.write(key_pem)
         with open(cert_path, "wb") as fh:
             fh.write(cert_pem)
-        ctx.load_cert_chain(cert_path, key_path)
+        try:
+            ctx.load_cert_chain(cert_path, key_path)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"cannot load {origin}: {exc.strerror or exc}") from None
     return ctx

@@ -1,0 +1,49 @@
+"""Length-prefixed JSON messages between the supervisor and its workers.
+
+A trusted channel (a socketpair the supervisor made), but still bounded so a
+confused peer cannot make the other allocate without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from typing import Any
+
+from mtt.errors import ProtocolError
+
+_LENGTH = struct.Struct("!I")
+MAX_MESSAGE = 1 << 30  # a full snapshot of a million users is well below this
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return encode_body(json.dumps(message, separators=(",", ":")).encode())
+
+
+def encode_body(body: bytes) -> bytes:
+    """Frame an already encoded JSON object."""
+    if len(body) > MAX_MESSAGE:
+        raise ValueError("control message too large")
+    return _LENGTH.pack(len(body)) + body
+
+
+async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
+    """The next message, or None at a clean end of the channel."""
+    try:
+        header = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise ProtocolError("control channel closed mid-message") from None
+        return None
+    (size,) = _LENGTH.unpack(header)
+    if size > MAX_MESSAGE:
+        raise ProtocolError(f"control message of {size} bytes")
+    try:
+        body = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("control channel closed mid-message") from None
+    message = json.loads(body)
+    if not isinstance(message, dict):
+        raise ProtocolError("control message is not an object")
+    return message

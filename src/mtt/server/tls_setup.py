@@ -1,0 +1,44 @@
+"""Which TLS the tunnel listener serves, decided once by the supervisor and
+handed to every worker as PEM text, so all present the same certificate."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+from mtt.config import ServerConfig
+from mtt.transport.tls import context_from_pem, random_host_name, read_pem_files, self_signed_pem
+
+log = logging.getLogger("mtt.server")
+
+TlsSpec = dict[str, str]
+
+
+def resolve_tls(config: ServerConfig) -> tuple[TlsSpec | None, str]:
+    """(PEM material or None for plain HTTP, a description for the start-up line)."""
+    if config.disable_tls:
+        return None, "plain HTTP"
+    if config.cert:
+        cert, key = read_pem_files(config.cert, config.key)
+        spec = {
+            "cert_pem": cert.decode("latin-1"),
+            "key_pem": key.decode("latin-1"),
+            "origin": f"certificate {config.cert} with key {config.key}",
+        }
+        tls_context(spec)  # fail at start, with the file names, not in a worker
+        return spec, f"TLS with {config.cert}"
+    if config.force_tls:
+        name = config.server_name or random_host_name()
+        cert, key = self_signed_pem(name)
+        log.warning("using a self-signed certificate for %s: clients need -sv", name)
+        spec = {"cert_pem": cert.decode(), "key_pem": key.decode(), "origin": "self-signed"}
+        return spec, f"TLS with a self-signed certificate for {name}"
+    return None, "plain HTTP (put a TLS reverse proxy in front)"
+
+
+def tls_context(spec: TlsSpec | None) -> ssl.SSLContext | None:
+    if spec is None:
+        return None
+    return context_from_pem(
+        spec["cert_pem"].encode("latin-1"), spec["key_pem"].encode("latin-1"), spec["origin"]
+    )

@@ -1,0 +1,69 @@
+"""Several worker processes on one port with one coherent user table."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import ssl
+import time
+from pathlib import Path
+
+from tests.integration.test_tunnel import echo_roundtrip, opener
+from tests.support import echo_server, pattern, running_server, tagged_server
+
+
+async def test_changes_reach_every_worker_before_the_reply(cert_files: tuple[Path, Path]) -> None:
+    ctx = ssl.create_default_context(cafile=str(cert_files[0]))
+    args = ("-cert", str(cert_files[0]), "-key", str(cert_files[1]), "-workers", "2", "-verbose")
+    with running_server(*args) as server:
+        assert len(server.children()) == 2
+        async with tagged_server(b"A") as a, tagged_server(b"B") as b:
+            for round_, (dst, tag) in enumerate([(a, b"A"), (b, b"B")] * 3):
+                server.add("/w", dst)  # reply 1: in effect everywhere, no sleep needed
+                for _ in range(12):
+                    async with opener(server, ctx, "/w") as ws:
+                        assert await asyncio.wait_for(ws.recv(), 10) == tag, round_
+            server.control({"opt": 2, "args_bunch": [{"path": "/w"}]})
+            assert server.control({"opt": 9})[1]["current_users"] == 0
+        served_by = set(re.findall(r" (w[12]) mtt\.server: \S+ /w: upgrade", server.log_text()))
+        assert served_by == {"w1", "w2"}, "the kernel spreads connections over both workers"
+
+
+async def test_ping_counts_users_once(cert_files: tuple[Path, Path]) -> None:
+    with running_server("-workers", "2") as server:
+        server.control(
+            {
+                "opt": 1,
+                "args_bunch": [{"path": f"/u{i}", "dst": "127.0.0.1:9"} for i in range(1000)],
+            }
+        )
+        assert server.control({"opt": 9})[1] == {"res": 1, "err_string": "", "current_users": 1000}
+
+
+async def test_a_dead_worker_is_replaced_with_the_full_table(cert_files: tuple[Path, Path]) -> None:
+    ctx = ssl.create_default_context(cafile=str(cert_files[0]))
+    args = ("-cert", str(cert_files[0]), "-key", str(cert_files[1]), "-workers", "2")
+    with running_server(*args) as server:
+        async with echo_server() as echo:
+            server.add("/live", echo.addr)
+            async with opener(server, ctx, "/live") as ws:
+                assert await echo_roundtrip(ws, b"x") == b"x"
+                victim, survivor = server.children()
+                os.kill(victim, signal.SIGKILL)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    kids = server.children()
+                    if len(kids) == 2 and victim not in kids:
+                        break
+                    await asyncio.sleep(0.1)
+                assert len(server.children()) == 2
+                # Every new tunnel works, whichever worker takes it; the killed one
+                # came back with /live in its table.
+                for i in range(20):
+                    async with opener(server, ctx, "/live") as other:
+                        payload = pattern(i, 1000)
+                        assert await echo_roundtrip(other, payload) == payload
+            assert survivor in server.children()
+        assert "exited with -9; restarting" in server.log_text()
