@@ -94,7 +94,7 @@ async def test_unknown_path_and_trailing_slash_are_not_found(
             async with opener(tls_server, client_tls, path):
                 pass
         assert info.value.response.status_code == 404
-    assert "no user for path /nobody" in tls_server.log_text()
+    assert 'no user for path "/nobody"' in tls_server.log_text()
 
 
 async def test_overwrite_delete_and_reset(

@@ -23,6 +23,7 @@ from picows import (
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from mtt.config import Limits
+from mtt.server.front import PAGES, FrontProtocol
 from mtt.server.users import UserTable
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
@@ -32,13 +33,6 @@ log = logging.getLogger("mtt.server")
 SMUX_ON = "smux_on"
 SMUX_OFF = "smux_off"
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-
-# What a probe sees for anything that is not a tunnel: an ordinary 404.
-NOT_FOUND_BODY = (
-    b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
-    b"<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n"
-    b"</body>\r\n</html>\r\n"
-)
 
 
 def routing_key(target: bytes) -> str | None:
@@ -168,17 +162,11 @@ class TunnelServer:
     def _route(self, request: WSUpgradeRequest, peer: str) -> WSUpgradeResponseWithListener:
         key = routing_key(request.path)
         dst = self.table.lookup(key) if key is not None else None
-        if dst is None:
-            log.warning(
-                "%s: no user for path %s",
-                peer,
-                request.path[:256].decode("latin-1").encode("unicode_escape").decode(),
-            )
+        if dst is None:  # deleted since the front layer looked
+            log.info("%s: user %s deleted during the upgrade", peer, key)
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(
-                    404,
-                    NOT_FOUND_BODY,
-                    {"Server": "nginx", "Content-Type": "text/html"},
+                    404, PAGES[404][1], {"Server": "nginx", "Content-Type": "text/html"}
                 ),
                 None,
             )
@@ -201,11 +189,17 @@ class TunnelServer:
         """Serve on an already bound, listening socket."""
         loop = asyncio.get_running_loop()
         self.unix = sock.family == socket.AF_UNIX
+
+        def front() -> FrontProtocol:
+            return FrontProtocol(
+                self.table, routing_key, self._protocol_factory, self.limits.handshake_timeout
+            )
+
         if self.ssl_context is None:
-            self._server = await loop.create_server(self._protocol_factory, sock=sock)
+            self._server = await loop.create_server(front, sock=sock)
         else:
             self._server = await loop.create_server(
-                self._protocol_factory,
+                front,
                 sock=sock,
                 ssl=self.ssl_context,
                 ssl_handshake_timeout=self.limits.handshake_timeout,

@@ -1,0 +1,248 @@
+"""The first bytes of every connection: read one HTTP request head, then either
+hand the connection to the WebSocket layer (a valid upgrade on a user's path)
+or answer like an ordinary web server.
+
+To anyone without a valid user path the server must be indistinguishable from
+a plain web server: a GET of a user's path, a GET of an unknown path, an
+upgrade on an unknown path and any other method all get the same 404 page;
+malformed requests get nginx's 400. The request head is parsed by h11 with a
+size cap, under the handshake deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+from base64 import b64decode
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+import h11
+
+from mtt.address import quote
+from mtt.server.users import UserTable
+
+log = logging.getLogger("mtt.server")
+
+MAX_REQUEST_HEAD = 16 * 1024  # nginx's large_client_header_buffers is 4 x 8 KiB
+MAX_KEEPALIVE_REQUESTS = 100  # then close, like nginx's keepalive_requests
+
+
+def _page(status: int, reason: str) -> bytes:
+    return (
+        f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        "</body>\r\n</html>\r\n"
+    ).encode()
+
+
+PAGES = {
+    404: ("Not Found", _page(404, "Not Found")),
+    400: ("Bad Request", _page(400, "Bad Request")),
+}
+
+
+def http_response(status: int, head_only: bool = False, keep_alive: bool = False) -> bytes:
+    """What nginx (server_tokens off) answers, byte for byte but for the date."""
+    reason, body = PAGES[status]
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        "Server: nginx\r\n"
+        f"Date: {formatdate(usegmt=True)}\r\n"
+        "Content-Type: text/html\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode()
+    return head if head_only else head + body
+
+
+def upgrade_problem(request: h11.Request) -> str | None:
+    """Why this is not a WebSocket upgrade we accept (RFC 6455 §4.2.1), or None."""
+    if request.method != b"GET":
+        return f"method {request.method.decode('latin-1')}"
+    headers: dict[bytes, list[bytes]] = {}
+    for name, value in request.headers:
+        headers.setdefault(name, []).append(value)
+    upgrade = b",".join(headers.get(b"upgrade", [])).lower()
+    if b"websocket" not in [v.strip() for v in upgrade.split(b",")]:
+        return "no Upgrade: websocket"
+    connection = b",".join(headers.get(b"connection", [])).lower()
+    if b"upgrade" not in [v.strip() for v in connection.split(b",")]:
+        return "no Connection: upgrade"
+    if headers.get(b"sec-websocket-version") != [b"13"]:
+        return "Sec-WebSocket-Version is not 13"
+    keys = headers.get(b"sec-websocket-key", [])
+    try:
+        if len(keys) != 1 or len(b64decode(keys[0], validate=True)) != 16:
+            return "bad Sec-WebSocket-Key"
+    except (binascii.Error, ValueError):
+        return "bad Sec-WebSocket-Key"
+    return None
+
+
+def canonical_upgrade(request: h11.Request) -> bytes:
+    """The request as the WebSocket layer gets it: only what the tunnel needs,
+    in the one spelling its parser accepts."""
+    headers = {name: value for name, value in request.headers}
+    lines = [
+        b"GET " + request.target + b" HTTP/1.1",
+        b"Host: " + headers.get(b"host", b"localhost"),
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Key: " + headers[b"sec-websocket-key"],
+        b"Sec-WebSocket-Version: 13",
+    ]
+    protocols = [value for name, value in request.headers if name == b"sec-websocket-protocol"]
+    if protocols:
+        lines.append(b"Sec-WebSocket-Protocol: " + b", ".join(protocols))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class FrontProtocol(asyncio.Protocol):
+    """Reads the request head; hands tunnels over, answers everything else."""
+
+    def __init__(
+        self,
+        table: UserTable,
+        routing_key: Callable[[bytes], str | None],
+        make_ws_protocol: Callable[[], Any],
+        handshake_timeout: float,
+    ) -> None:
+        self._table = table
+        self._routing_key = routing_key
+        self._make_ws_protocol = make_ws_protocol
+        self._handshake_timeout = handshake_timeout
+        self._transport: asyncio.Transport | None = None
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+        self._requests = 0
+        self.peer = "unix"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = peer[0]
+            self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._handshake_timeout, self._on_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            self._http.receive_data(data)
+            self._process()
+        except h11.RemoteProtocolError as exc:
+            self._reject(400, f"bad request: {exc}")
+
+    def _process(self) -> None:
+        """Handle every complete request buffered (keep-alive clients may pipeline)."""
+        while not self._done:
+            event = self._http.next_event()
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.Request):
+                self._on_request(event)
+            elif isinstance(event, h11.EndOfMessage) and self._http.our_state is h11.DONE:
+                self._next_request()
+            elif isinstance(event, h11.Data):
+                continue  # a body sent to a 404: read and dropped, as nginx does
+            else:
+                self._close()
+
+    def eof_received(self) -> bool:
+        if not self._done:
+            log.info("%s: closed before sending a request", self.peer)
+            self._close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done = True
+        self._cancel_timer()
+
+    def _on_timeout(self) -> None:
+        if not self._done:
+            log.info("%s: no complete request within %.0f s", self.peer, self._handshake_timeout)
+            self._close(abort=True)
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._requests += 1
+        key = self._routing_key(request.target)
+        if key is None or self._table.lookup(key) is None:
+            reason = f"no user for path {quote(request.target.decode('latin-1'), 200)}"
+        elif (problem := upgrade_problem(request)) is not None:
+            reason = f"{key}: not a WebSocket upgrade ({problem})"
+        else:
+            self._hand_over(canonical_upgrade(request))
+            return
+        log.warning("%s: %s", self.peer, reason)
+        keep_alive = (
+            self._requests < MAX_KEEPALIVE_REQUESTS
+            and request.http_version == b"1.1"
+            and not any(
+                name == b"connection" and b"close" in value.lower()
+                for name, value in request.headers
+            )
+        )
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(http_response(404, request.method == b"HEAD", keep_alive))
+        if not keep_alive:
+            self._close()
+            return
+        # h11 must see our side of the exchange to allow the next request.
+        self._http.send(h11.Response(status_code=404, headers=[("content-length", "0")]))
+        self._http.send(h11.EndOfMessage())
+
+    def _next_request(self) -> None:
+        self._http.start_next_cycle()
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(
+            self._handshake_timeout, self._on_timeout
+        )
+
+    def _hand_over(self, head: bytes) -> None:
+        """Give the connection to the WebSocket layer, replaying the request."""
+        self._done = True
+        self._cancel_timer()
+        transport = self._transport
+        assert transport is not None
+        trailing, _ = self._http.trailing_data
+        data = head + bytes(trailing)
+        ws_protocol = self._make_ws_protocol()
+        transport.set_protocol(ws_protocol)
+        ws_protocol.connection_made(transport)
+        view = memoryview(data)
+        while view:
+            buffer = ws_protocol.get_buffer(len(view))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            ws_protocol.buffer_updated(n)
+            view = view[n:]
+
+    def _reject(self, status: int, reason: str) -> None:
+        log.warning("%s: %s", self.peer, reason)
+        self._done = True
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(http_response(status))
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        self._done = True
+        self._cancel_timer()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
