@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,19 +38,31 @@ class ServerProcess:
     controller: str
     lines: list[str] = field(default_factory=list)
 
+    token: str = ""
+
     def control(
-        self, doc: Any, *, method: str = "POST", raw: bytes | None = None
+        self,
+        doc: Any,
+        *,
+        method: str = "POST",
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Send one controller request; returns (HTTP status, reply JSON)."""
         body = raw if raw is not None else json.dumps(doc).encode()
-        req = urllib.request.Request(
-            f"http://{self.controller}/", data=body if method != "GET" else None, method=method
-        )
+        all_headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        all_headers.update(headers or {})
+        if "/" in self.controller:
+            conn: http.client.HTTPConnection = _UnixHTTPConnection(self.controller)
+        else:
+            host, port = self.controller.rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            conn.request(method, "/", body=body if method != "GET" else None, headers=all_headers)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
 
     def add(self, path: str, dst: str) -> None:
         status, reply = self.control({"opt": 1, "args_bunch": [{"path": path, "dst": dst}]})
@@ -87,16 +100,34 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_server(*args: str, bind: str = "127.0.0.1:0", timeout: float = 20.0) -> ServerProcess:
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=30)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def start_server(
+    *args: str,
+    bind: str = "127.0.0.1:0",
+    controller: str = "127.0.0.1:0",
+    timeout: float = 20.0,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
     """Start the server on free loopback ports and wait until it listens."""
-    argv = [*server_command(), "-b", bind, "-c", "127.0.0.1:0", *args]
+    argv = [*server_command(), "-b", bind, "-c", controller, *args]
     proc = subprocess.Popen(
         argv,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     lines: list[str] = []
     deadline = time.monotonic() + timeout
@@ -128,8 +159,8 @@ def _drain_in_background(server: ServerProcess) -> None:
 
 
 @contextlib.contextmanager
-def running_server(*args: str) -> Iterator[ServerProcess]:
-    server = start_server(*args)
+def running_server(*args: str, **kwargs: Any) -> Iterator[ServerProcess]:
+    server = start_server(*args, **kwargs)
     try:
         yield server
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mtt.controller.policy import DstPolicy
 from mtt.smux.session import SmuxConfig
 
 KiB = 1024
@@ -52,4 +53,6 @@ class ServerConfig:
     fast_open: bool = False
     verbose: bool = False
     workers: int = 1
+    controller_token: str = field(default="", repr=False)
+    allow_dst: DstPolicy = field(default_factory=DstPolicy)
     limits: Limits = field(default_factory=Limits)

@@ -15,11 +15,13 @@ from enum import IntEnum
 from typing import Any
 
 from mtt.address import Destination, parse_destination, quote
+from mtt.controller.policy import DstPolicy
 from mtt.errors import ControlError
 from mtt.server.users import UserTable
 
 MAX_PATH_LENGTH = 4096
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_ALLOW_ALL = DstPolicy()
 RES_OK = 1
 RES_ERR = 2
 
@@ -45,7 +47,7 @@ def reply(res: int, current_users: int, err_string: str = "") -> dict[str, Any]:
     return {"res": res, "err_string": err_string, "current_users": current_users}
 
 
-def parse_command(body: bytes) -> Command:
+def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
     """Decode and validate a request body; raise ControlError naming the problem."""
     try:
         doc = json.loads(body)
@@ -78,7 +80,9 @@ def parse_command(body: bytes) -> Command:
     if not bunch:
         raise ControlError("args_bunch is empty")
     if opt is Opt.ADD:
-        return Command(opt, entries=tuple(_parse_add(i, arg) for i, arg in enumerate(bunch)))
+        return Command(
+            opt, entries=tuple(_parse_add(i, arg, policy) for i, arg in enumerate(bunch))
+        )
     return Command(opt, paths=tuple(_parse_delete(i, arg) for i, arg in enumerate(bunch)))
 
 
@@ -93,7 +97,7 @@ def apply_command(table: UserTable, command: Command) -> dict[str, Any]:
     return reply(RES_OK, len(table))
 
 
-def _parse_add(index: int, arg: Any) -> tuple[str, Destination]:
+def _parse_add(index: int, arg: Any, policy: DstPolicy) -> tuple[str, Destination]:
     if not isinstance(arg, dict):
         raise ControlError(f"args_bunch[{index}] must be an object, got {_json_type(arg)}")
     path = _parse_path(index, arg)
@@ -103,9 +107,13 @@ def _parse_add(index: int, arg: Any) -> tuple[str, Destination]:
     if not isinstance(dst, str):
         raise ControlError(f"args_bunch[{index}].dst must be a string, got {_json_type(dst)}")
     try:
-        return path, parse_destination(dst)
+        destination = parse_destination(dst)
     except ValueError as exc:
         raise ControlError(f"args_bunch[{index}].dst {quote(dst)}: {exc}") from None
+    problem = policy.problem(destination)
+    if problem is not None:
+        raise ControlError(f"args_bunch[{index}].dst {quote(dst)} {problem}")
+    return path, destination
 
 
 def _parse_delete(index: int, arg: Any) -> str:

@@ -7,13 +7,20 @@ original reply shape, so panels written for the Go server, which read only
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import stat
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from mtt.controller.api import RES_ERR, RES_OK, parse_command, reply
+from mtt.controller.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError
 from mtt.server.listen import split_host_port
 from mtt.server.store import UserStore
@@ -21,7 +28,50 @@ from mtt.server.store import UserStore
 log = logging.getLogger("mtt.controller")
 
 _STORE: web.AppKey[UserStore] = web.AppKey("store")
-_MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
+TOKEN_ENV = "MTT_CONTROLLER_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerSettings:
+    """How the controller guards itself."""
+
+    max_body: int = 2 * 1024 * 1024
+    token: str = ""
+    policy: DstPolicy = field(default_factory=DstPolicy)
+
+
+_SETTINGS: web.AppKey[ControllerSettings] = web.AppKey("settings", ControllerSettings)
+
+
+def is_loopback_only(address: str) -> bool:
+    """True for a Unix socket path or a host:port bound to loopback only."""
+    if "/" in address:
+        return True
+    host, _ = split_host_port(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "" (every address) or a host name
+
+
+def check_exposure(address: str, token: str, insecure: bool) -> None:
+    """Refuse an open controller reachable from the network (it can route tunnels anywhere)."""
+    if token or insecure or is_loopback_only(address):
+        return
+    raise ConfigError(
+        f"the controller on {address} is reachable from the network without a token: "
+        f"add -c-token TOKEN (or set {TOKEN_ENV}), or -c-insecure to accept the risk"
+    )
+
+
+def _authorized(request: web.Request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode(), token.encode())
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
@@ -50,7 +100,13 @@ async def _read_capped(request: web.Request, cap: int) -> bytes | None:
 
 async def _handle(request: web.Request) -> web.Response:
     store = request.app[_STORE]
+    settings = request.app[_SETTINGS]
     peer = request.remote or "unix"
+    if settings.token and not _authorized(request, settings.token):
+        log.warning("controller: %s: missing or wrong bearer token", peer)
+        response = _json(401, reply(RES_ERR, store.count(), "missing or wrong bearer token"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
     if request.method != "POST":
         log.warning("controller: %s: method %s not allowed", peer, request.method)
         response = _json(
@@ -58,13 +114,13 @@ async def _handle(request: web.Request) -> web.Response:
         )
         response.headers["Allow"] = "POST"
         return response
-    cap = request.app[_MAX_BODY]
+    cap = settings.max_body
     body = await _read_capped(request, cap)
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
         return _json(413, reply(RES_ERR, store.count(), f"body larger than {cap} bytes"))
     try:
-        command = parse_command(body)
+        command = parse_command(body, settings.policy)
     except ControlError as exc:
         log.warning("controller: %s: rejected: %s", peer, exc)
         return _json(400, reply(RES_ERR, store.count(), str(exc)))
@@ -73,23 +129,30 @@ async def _handle(request: web.Request) -> web.Response:
     return _json(200, reply(RES_OK, store.count()))
 
 
-def make_app(store: UserStore, max_body: int) -> web.Application:
+def make_app(store: UserStore, settings: ControllerSettings) -> web.Application:
     """The controller application; every path answers the same command endpoint."""
-    app = web.Application(client_max_size=max_body)
+    app = web.Application(client_max_size=settings.max_body)
     app[_STORE] = store
-    app[_MAX_BODY] = max_body
+    app[_SETTINGS] = settings
     app.router.add_route("*", "/{tail:.*}", _handle)
     return app
 
 
 async def start_controller(
-    address: str, store: UserStore, max_body: int
+    address: str, store: UserStore, settings: ControllerSettings
 ) -> tuple[web.AppRunner, str]:
-    """Listen on host:port; returns the runner and the bound address."""
-    host, port = split_host_port(address)
-    runner = web.AppRunner(make_app(store, max_body), access_log=None, handle_signals=False)
+    """Listen on host:port, or on a Unix socket when address is a path."""
+    runner = web.AppRunner(make_app(store, settings), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host or None, port, reuse_address=True)
+    site: web.BaseSite
+    if "/" in address:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(address).st_mode):
+                os.unlink(address)
+        site = web.UnixSite(runner, address)
+    else:
+        host, port = split_host_port(address)
+        site = web.TCPSite(runner, host or None, port, reuse_address=True)
     try:
         await site.start()
     except OSError as exc:
@@ -97,5 +160,8 @@ async def start_controller(
         raise ConfigError(
             f"cannot listen on controller address {address}: {exc.strerror or exc}"
         ) from None
-    bound = runner.addresses[0] if runner.addresses else (host, port)
+    if "/" in address:
+        os.chmod(address, 0o660)  # the panel's group may use it, nobody else
+        return runner, address
+    bound = runner.addresses[0]
     return runner, f"{bound[0]}:{bound[1]}"

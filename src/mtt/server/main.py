@@ -15,7 +15,13 @@ import uvloop
 
 from mtt.cli import FlagSet, run_cli
 from mtt.config import Limits, ServerConfig
-from mtt.controller.http import start_controller
+from mtt.controller.http import (
+    TOKEN_ENV,
+    ControllerSettings,
+    check_exposure,
+    start_controller,
+)
+from mtt.controller.policy import DstPolicy, parse_rule
 from mtt.errors import ConfigError
 from mtt.logs import setup_logging
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
@@ -46,6 +52,18 @@ def build_flags() -> FlagSet:
     fs.add("n", "string", "", "Server name for the self-signed certificate")
     fs.add("fast-open", "bool", False, "(Linux kernel 4.11+ only) Enable TCP fast open")
     fs.add("verbose", "bool", False, "Log every connection")
+    fs.add("c-token", "string", "", f"Bearer token the controller requires (or ${TOKEN_ENV})")
+    fs.add(
+        "c-insecure", "bool", False, "Allow a controller reachable from the network without a token"
+    )
+    fs.add(
+        "allow-dst",
+        "string",
+        [],
+        "Allowed user destinations: CIDR[:port[-port]] (repeatable); default: any",
+        repeatable=True,
+    )
+    fs.add("dial-timeout", "duration", 10.0, "Timeout for connecting to a user's dst")
     fs.add(
         "workers",
         "int",
@@ -60,6 +78,11 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     timeout = values["timeout"]
     if timeout <= 0:
         raise ConfigError("-timeout must be positive")
+    if values["dial-timeout"] <= 0:
+        raise ConfigError("-dial-timeout must be positive")
+    token = values["c-token"] or os.environ.get(TOKEN_ENV, "")
+    check_exposure(values["c"], token, values["c-insecure"])
+    policy = DstPolicy(tuple(parse_rule(rule) for rule in values["allow-dst"]))
     if not 1 <= values["workers"] <= 256:
         raise ConfigError("-workers must be from 1 to 256")
     if bool(values["cert"]) != bool(values["key"]):
@@ -77,7 +100,9 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         fast_open=values["fast-open"],
         verbose=values["verbose"],
         workers=values["workers"],
-        limits=Limits(idle_timeout=timeout),
+        controller_token=token,
+        allow_dst=policy,
+        limits=Limits(idle_timeout=timeout, connect_timeout=values["dial-timeout"]),
     )
 
 
@@ -110,7 +135,11 @@ async def serve(config: ServerConfig) -> None:
         store = LocalStore(table)
     try:
         runner, controller_at = await start_controller(
-            config.controller, store, config.limits.max_control_body
+            config.controller,
+            store,
+            ControllerSettings(
+                config.limits.max_control_body, config.controller_token, config.allow_dst
+            ),
         )
     except ConfigError:
         await (pool.stop() if config.workers > 1 else asyncio.sleep(0))

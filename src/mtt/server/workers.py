@@ -37,7 +37,10 @@ RESTART_DELAY = 1.0
 
 
 def config_to_wire(config: ServerConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """What a worker needs; the controller's token and policy stay with the supervisor."""
+    data = dataclasses.asdict(config)
+    del data["controller_token"], data["allow_dst"]
+    return data
 
 
 class Worker:
