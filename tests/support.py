@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-_LISTENING = re.compile(r"tunnel listener on (\S+) \(.*\), controller on (\S+)")
+_LISTENING = re.compile(r"tunnel listener on (\S+) \(.*\), controller on ([^\s\"]+)")
 
 
 def server_command() -> list[str]:

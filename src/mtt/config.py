@@ -53,6 +53,8 @@ class ServerConfig:
     fast_open: bool = False
     verbose: bool = False
     workers: int = 1
+    grace: float = 10.0
+    log_json: bool = False
     controller_token: str = field(default="", repr=False)
     allow_dst: DstPolicy = field(default_factory=DstPolicy)
     limits: Limits = field(default_factory=Limits)

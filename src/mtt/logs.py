@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 
 
-def setup_logging(verbose: bool, tag: str = "") -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self._tag = tag
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if self._tag:
+            entry["process"] = self._tag
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(verbose: bool, tag: str = "", json_format: bool = False) -> None:
     """INFO by default (start-up lines, failed connections); DEBUG with -verbose."""
-    prefix = f"{tag} " if tag else ""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if json_format:
+        handler.setFormatter(JsonFormatter(tag))
+    else:
+        prefix = f"{tag} " if tag else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("mtt.ws", "aiohttp", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)

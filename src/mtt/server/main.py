@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import uvloop
@@ -30,6 +30,7 @@ from mtt.server.tls_setup import resolve_tls, tls_context
 from mtt.server.tunnel_server import TunnelServer
 from mtt.server.users import UserTable
 from mtt.server.workers import WorkerPool
+from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.server")
 
@@ -64,6 +65,8 @@ def build_flags() -> FlagSet:
         repeatable=True,
     )
     fs.add("dial-timeout", "duration", 10.0, "Timeout for connecting to a user's dst")
+    fs.add("grace", "duration", 10.0, "On SIGTERM/SIGINT, time given to open tunnels to finish")
+    fs.add("log-format", "string", "text", "Log format: text or json")
     fs.add(
         "workers",
         "int",
@@ -78,6 +81,10 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     timeout = values["timeout"]
     if timeout <= 0:
         raise ConfigError("-timeout must be positive")
+    if values["log-format"] not in ("text", "json"):
+        raise ConfigError("-log-format must be text or json")
+    if values["grace"] < 0:
+        raise ConfigError("-grace must not be negative")
     if values["dial-timeout"] <= 0:
         raise ConfigError("-dial-timeout must be positive")
     token = values["c-token"] or os.environ.get(TOKEN_ENV, "")
@@ -100,6 +107,8 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         fast_open=values["fast-open"],
         verbose=values["verbose"],
         workers=values["workers"],
+        grace=values["grace"],
+        log_json=values["log-format"] == "json",
         controller_token=token,
         allow_dst=policy,
         limits=Limits(idle_timeout=timeout, connect_timeout=values["dial-timeout"]),
@@ -150,24 +159,72 @@ async def serve(config: ServerConfig) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+
+    async def reload_tls(why: str) -> None:
+        try:
+            spec, _ = resolve_tls(config)
+        except ConfigError as exc:
+            log.error("certificate reload (%s) failed, keeping the old one: %s", why, exc)
+            return
+        if spec is None:
+            return
+        if config.workers > 1:
+            await pool.reload_tls(spec)
+        else:
+            server.reload_tls(spec)
+        log.info("certificate reloaded (%s)", why)
+
+    watcher = None
+    if config.cert and not config.disable_tls:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: spawn(reload_tls("SIGHUP"), name="reload certificate")
+        )
+        watcher = spawn(_watch_files((config.cert, config.key), reload_tls), name="cert watch")
     try:
         await stop.wait()
     finally:
-        log.info("shutting down")
+        log.info("shutting down: no new tunnels; open ones get %.0f s", config.grace)
+        if watcher is not None:
+            watcher.cancel()
         await runner.cleanup()
         if config.workers > 1:
-            await pool.stop()
+            await pool.stop(config.grace)
         else:
-            server.close()
-            await asyncio.sleep(0)
+            await server.drain(config.grace)
         if config.bind_unix:
             with contextlib.suppress(OSError):
                 os.unlink(config.bind)
+        log.info("stopped")
+
+
+CERT_POLL_INTERVAL = 5.0
+
+
+async def _watch_files(paths: Sequence[str], on_change: Callable[[str], Awaitable[None]]) -> None:
+    """Call on_change when a file's mtime or size changes (certbot renewals)."""
+
+    def stamp() -> list[tuple[float, int] | None]:
+        out: list[tuple[float, int] | None] = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+                out.append((st.st_mtime, st.st_size))
+            except OSError:
+                out.append(None)
+        return out
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(CERT_POLL_INTERVAL)
+        now = stamp()
+        if now != last and None not in now:
+            last = now
+            await on_change("certificate files changed")
 
 
 def _start(values: dict[str, Any]) -> int:
     config = config_from_flags(values)
-    setup_logging(config.verbose)
+    setup_logging(config.verbose, json_format=config.log_json)
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(serve(config))
     return 0

@@ -24,9 +24,11 @@ from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-de
 
 from mtt.config import Limits
 from mtt.server.front import PAGES, FrontProtocol
+from mtt.server.tls_setup import TlsSpec
 from mtt.server.users import UserTable
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
+from mtt.transport.tls import load_pem_into
 
 log = logging.getLogger("mtt.server")
 
@@ -127,7 +129,7 @@ class TunnelServer:
         self.limits = limits
         self.default_mux = default_mux
         self.ssl_context = ssl_context
-        self.registry = TunnelRegistry()
+        self.registry: TunnelRegistry = TunnelRegistry()
         self._server: asyncio.Server | None = None
         self.unix = False
         self._ws_logger = logging.getLogger("mtt.ws")
@@ -206,14 +208,34 @@ class TunnelServer:
             )
 
     def close(self) -> None:
-        """Stop accepting and close every established tunnel."""
+        """Stop accepting and close every established tunnel now."""
         if self._server is not None:
             self._server.close()
         for tunnel in list(self.registry.active):
-            closer = getattr(tunnel, "shutdown", None)
-            if closer is not None:
-                closer()
+            tunnel.shutdown()
 
-    async def wait_closed(self) -> None:
+    async def drain(self, grace: float) -> None:
+        """Stop accepting; let established tunnels finish for up to `grace` seconds."""
         if self._server is not None:
-            await self._server.wait_closed()
+            self._server.close()
+        if self.registry.active:
+            log.info("waiting up to %.0f s for %d tunnels", grace, len(self.registry.active))
+            try:
+                async with asyncio.timeout(grace):
+                    await self.registry.wait_idle()
+            except TimeoutError:
+                log.info("closing %d tunnels still open", len(self.registry.active))
+        self.close()
+        # Let the close frames reach the transports before the loop stops.
+        await asyncio.sleep(0.1)
+
+    def reload_tls(self, spec: TlsSpec) -> None:
+        """New handshakes use the new certificate; established tunnels keep theirs."""
+        if self.ssl_context is None:
+            return
+        load_pem_into(
+            self.ssl_context,
+            spec["cert_pem"].encode("latin-1"),
+            spec["key_pem"].encode("latin-1"),
+            spec["origin"],
+        )

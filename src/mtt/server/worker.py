@@ -15,6 +15,7 @@ import uvloop
 
 from mtt.config import Limits, ServerConfig
 from mtt.controller.api import apply_command
+from mtt.errors import ConfigError
 from mtt.logs import setup_logging
 from mtt.server import channel
 from mtt.server.store import command_from_wire
@@ -39,7 +40,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     if init is None:
         return
     config = config_from_wire(init["config"])
-    setup_logging(config.verbose, tag=f"w{index}")
+    setup_logging(config.verbose, tag=f"w{index}", json_format=config.log_json)
     table = UserTable()
     apply_command(table, command_from_wire(init["users"]))
     server = TunnelServer(
@@ -50,24 +51,36 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    reading = asyncio.ensure_future(_apply_changes(reader, writer, table))
+    reading = asyncio.ensure_future(_apply_changes(reader, writer, table, server))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait((reading, stopped), return_when=asyncio.FIRST_COMPLETED)
+    grace = reading.result() if reading.done() and not reading.exception() else 0.0
     for task in (reading, stopped):
         task.cancel()
-    server.close()
-    await asyncio.sleep(0)
+    await server.drain(grace)
 
 
 async def _apply_changes(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, table: UserTable
-) -> None:
-    """Apply each change, then acknowledge it; end on stop or when the supervisor goes."""
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    table: UserTable,
+    server: TunnelServer,
+) -> float:
+    """Apply each change, then acknowledge it. Returns the grace period to stop
+    with (0 when the supervisor went away without a word)."""
     while (message := await channel.read_message(reader)) is not None:
-        if message.get("op") == "stop":
-            return
-        apply_command(table, command_from_wire(message))
+        op = message.get("op")
+        if op == "stop":
+            return float(message.get("grace", 0.0))
+        if op == "tls":
+            try:
+                server.reload_tls(message["tls"])
+            except ConfigError as exc:
+                log.error("certificate reload failed: %s", exc)
+        else:
+            apply_command(table, command_from_wire(message))
         writer.write(channel.encode({"id": message["id"]}))
+    return 0.0
 
 
 def main() -> None:

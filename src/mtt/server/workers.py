@@ -107,10 +107,10 @@ class Worker:
         await self.writer.drain()
         await future
 
-    def stop(self) -> None:
+    def stop(self, grace: float) -> None:
         if self.writer is not None:
             with contextlib.suppress(Exception):
-                self.writer.write(channel.encode({"op": "stop"}))
+                self.writer.write(channel.encode({"op": "stop", "grace": grace}))
                 self.writer.close()
         self.ready = False
 
@@ -203,13 +203,14 @@ class WorkerPool:
             except (OSError, ProtocolError, TimeoutError) as exc:
                 log.error("worker %d failed to restart: %s", worker.index, exc)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Workers stop accepting, let tunnels finish for `grace` seconds, then exit."""
         self._stopping = True
         for worker in self.workers:
-            worker.stop()
+            worker.stop(grace)
         procs = [w.proc for w in self.workers if w.proc is not None]
         try:
-            async with asyncio.timeout(15):
+            async with asyncio.timeout(grace + 15):
                 await asyncio.gather(*(p.wait() for p in procs))
         except TimeoutError:
             for worker in self.workers:
@@ -227,19 +228,29 @@ class WorkerPool:
         """Apply here, then in every running worker; returns once all have it."""
         async with self._apply_lock:
             apply_command(self.table, command)
-            # Encode once: json.dumps of 40,000 entries is the expensive part.
-            body = json.dumps(command_to_wire(command), separators=(",", ":")).encode()
-            running = [w for w in self.workers if w.ready]
-            results = await asyncio.gather(
-                *(asyncio.wait_for(w.request(body), APPLY_TIMEOUT) for w in running),
-                return_exceptions=True,
-            )
-            for worker, result in zip(running, results, strict=True):
-                if isinstance(result, BaseException):
-                    # It restarts from a snapshot that already holds this change.
-                    log.error(
-                        "worker %d failed to apply a change (%r); restarting it",
-                        worker.index,
-                        result,
-                    )
-                    worker.kill()
+            await self._broadcast(command_to_wire(command))
+
+    async def reload_tls(self, tls: dict[str, str]) -> None:
+        """Every worker (and any restarted later) serves the new certificate."""
+        async with self._apply_lock:
+            self.tls = tls
+            await self._broadcast({"op": "tls", "tls": tls})
+
+    async def _broadcast(self, message: dict[str, Any]) -> None:
+        """Send to every running worker and wait for each to acknowledge."""
+        # Encode once: json.dumps of 40,000 entries is the expensive part.
+        body = json.dumps(message, separators=(",", ":")).encode()
+        running = [w for w in self.workers if w.ready]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(w.request(body), APPLY_TIMEOUT) for w in running),
+            return_exceptions=True,
+        )
+        for worker, result in zip(running, results, strict=True):
+            if isinstance(result, BaseException):
+                # It restarts from a snapshot that already holds this change.
+                log.error(
+                    "worker %d failed to apply a change (%r); restarting it",
+                    worker.index,
+                    result,
+                )
+                worker.kill()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
@@ -42,19 +42,35 @@ class _State(enum.Enum):
     CLOSED = 4
 
 
+class Tunnel(Protocol):
+    """What the registry needs of a tunnel (plain or smux)."""
+
+    def shutdown(self) -> None: ...
+
+
 class TunnelRegistry:
     """The live tunnels of a server, so shutdown can close them all."""
 
     def __init__(self) -> None:
-        self.active: set[WSListener] = set()
+        self.active: set[Tunnel] = set()
         self.total = 0
+        self._idle: asyncio.Event | None = None
 
-    def opened(self, tunnel: WSListener) -> None:
+    def opened(self, tunnel: Tunnel) -> None:
         self.active.add(tunnel)
         self.total += 1
 
-    def closed(self, tunnel: WSListener) -> None:
+    def closed(self, tunnel: Tunnel) -> None:
         self.active.discard(tunnel)
+        if not self.active and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no tunnel is open."""
+        if not self.active:
+            return
+        self._idle = asyncio.Event()
+        await self._idle.wait()
 
 
 class PlainTunnel(WSListener):

@@ -94,6 +94,13 @@ def context_from_pem(
 ) -> ssl.SSLContext:
     """A server context from PEM bytes; ConfigError if they do not form a usable pair."""
     ctx = _base_server_context()
+    load_pem_into(ctx, cert_pem, key_pem, origin)
+    return ctx
+
+
+def load_pem_into(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, origin: str) -> None:
+    """(Re)load a certificate into a live context: new handshakes use it, and
+    established connections are untouched (certificate renewals)."""
     # ssl can only load a chain from files; keep them private and short-lived.
     with tempfile.TemporaryDirectory(prefix="mtt-tls-") as tmp:
         cert_path = os.path.join(tmp, "cert.pem")
@@ -107,4 +114,3 @@ def context_from_pem(
             ctx.load_cert_chain(cert_path, key_path)
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(f"cannot load {origin}: {exc.strerror or exc}") from None
-    return ctx
