@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mtt.controller.api import RES_ERR, RES_OK, parse_command, reply
+from mtt.controller.api import RES_ERR, RES_OK, Opt, parse_command, reply
 from mtt.controller.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError
 from mtt.server.listen import split_host_port
@@ -125,7 +125,13 @@ async def _handle(request: web.Request) -> web.Response:
         log.warning("controller: %s: rejected: %s", peer, exc)
         return _json(400, reply(RES_ERR, store.count(), str(exc)))
     await store.apply(command)
-    log.info("controller: %s: opt %d applied, %d users", peer, command.opt, store.count())
+    log.log(
+        logging.DEBUG if command.opt is Opt.PING else logging.INFO,
+        "controller: %s: opt %d applied, %d users",
+        peer,
+        command.opt,
+        store.count(),
+    )
     return _json(200, reply(RES_OK, store.count()))
 
 
