@@ -118,9 +118,13 @@ def start_server(
     controller: str = "127.0.0.1:0",
     timeout: float = 20.0,
     env: dict[str, str] | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> ServerProcess:
-    """Start the server on free loopback ports and wait until it listens."""
-    argv = [*server_command(), "-b", bind, "-c", controller, *args]
+    """Start the server on free loopback ports and wait until it listens.
+
+    prefix goes before the command (e.g. `prlimit --nofile=...`).
+    """
+    argv = [*prefix, *server_command(), "-b", bind, "-c", controller, *args]
     proc = subprocess.Popen(
         argv,
         stderr=subprocess.PIPE,
