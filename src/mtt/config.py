@@ -54,6 +54,7 @@ class ServerConfig:
     verbose: bool = False
     workers: int = 1
     grace: float = 10.0
+    fallback: str = ""
     log_json: bool = False
     controller_token: str = field(default="", repr=False)
     allow_dst: DstPolicy = field(default_factory=DstPolicy)

@@ -22,6 +22,8 @@ from typing import Any
 import h11
 
 from mtt.address import quote
+from mtt.config import Limits
+from mtt.server.fallback import Fallback, FallbackRelay
 from mtt.server.users import UserTable
 
 log = logging.getLogger("mtt.server")
@@ -108,12 +110,16 @@ class FrontProtocol(asyncio.Protocol):
         table: UserTable,
         routing_key: Callable[[bytes], str | None],
         make_ws_protocol: Callable[[], Any],
-        handshake_timeout: float,
+        limits: Limits,
+        fallback: Fallback | None = None,
     ) -> None:
         self._table = table
         self._routing_key = routing_key
         self._make_ws_protocol = make_ws_protocol
-        self._handshake_timeout = handshake_timeout
+        self._handshake_timeout = limits.handshake_timeout
+        self._limits = limits
+        self._fallback = fallback
+        self._raw = bytearray()  # what the client sent, replayed to a fallback site
         self._transport: asyncio.Transport | None = None
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self._timer: asyncio.TimerHandle | None = None
@@ -133,6 +139,8 @@ class FrontProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._done:
             return
+        if self._fallback is not None and self._requests == 0:
+            self._raw += data
         try:
             self._http.receive_data(data)
             self._process()
@@ -179,6 +187,9 @@ class FrontProtocol(asyncio.Protocol):
         else:
             self._hand_over(canonical_upgrade(request))
             return
+        if self._fallback is not None:
+            self._to_fallback(self._fallback)
+            return
         log.warning("%s: %s", self.peer, reason)
         keep_alive = (
             self._requests < MAX_KEEPALIVE_REQUESTS
@@ -223,6 +234,23 @@ class FrontProtocol(asyncio.Protocol):
             buffer[:n] = view[:n]
             ws_protocol.buffer_updated(n)
             view = view[n:]
+
+    def _to_fallback(self, fallback: Fallback) -> None:
+        """Pipe this connection, from its first byte, to the decoy site."""
+        self._done = True
+        self._cancel_timer()
+        assert self._transport is not None
+        limits = self._limits
+        FallbackRelay(
+            self._transport,
+            bytes(self._raw),
+            fallback,
+            peer=self.peer,
+            connect_timeout=limits.connect_timeout,
+            idle_timeout=limits.idle_timeout,
+            high_water=limits.write_high_water,
+        ).start()
+        self._raw = bytearray()
 
     def _reject(self, status: int, reason: str) -> None:
         log.warning("%s: %s", self.peer, reason)

@@ -24,6 +24,7 @@ from mtt.controller.http import (
 from mtt.controller.policy import DstPolicy, parse_rule
 from mtt.errors import ConfigError
 from mtt.logs import setup_logging
+from mtt.server.fallback import Fallback
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
 from mtt.server.store import LocalStore, UserStore
 from mtt.server.tls_setup import resolve_tls, tls_context
@@ -68,6 +69,12 @@ def build_flags() -> FlagSet:
     fs.add("grace", "duration", 10.0, "On SIGTERM/SIGINT, time given to open tunnels to finish")
     fs.add("log-format", "string", "text", "Log format: text or json")
     fs.add(
+        "fallback",
+        "string",
+        "",
+        "Relay every non-tunnel request to this site (http[s]://host[:port]) instead of a 404",
+    )
+    fs.add(
         "workers",
         "int",
         os.cpu_count() or 1,
@@ -81,6 +88,8 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     timeout = values["timeout"]
     if timeout <= 0:
         raise ConfigError("-timeout must be positive")
+    if values["fallback"]:
+        Fallback.parse(values["fallback"])
     if values["log-format"] not in ("text", "json"):
         raise ConfigError("-log-format must be text or json")
     if values["grace"] < 0:
@@ -109,6 +118,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         workers=values["workers"],
         grace=values["grace"],
         log_json=values["log-format"] == "json",
+        fallback=values["fallback"],
         controller_token=token,
         allow_dst=policy,
         limits=Limits(idle_timeout=timeout, connect_timeout=values["dial-timeout"]),
@@ -136,7 +146,11 @@ async def serve(config: ServerConfig) -> None:
         )
         table = UserTable()
         server = TunnelServer(
-            table, config.limits, default_mux=config.mux, ssl_context=tls_context(tls)
+            table,
+            config.limits,
+            default_mux=config.mux,
+            ssl_context=tls_context(tls),
+            fallback=Fallback.parse(config.fallback) if config.fallback else None,
         )
         await server.start(sock)
         bound = sock.getsockname()

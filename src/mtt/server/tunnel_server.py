@@ -23,6 +23,7 @@ from picows import (
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from mtt.config import Limits
+from mtt.server.fallback import Fallback
 from mtt.server.front import PAGES, FrontProtocol
 from mtt.server.tls_setup import TlsSpec
 from mtt.server.users import UserTable
@@ -124,11 +125,13 @@ class TunnelServer:
         *,
         default_mux: bool,
         ssl_context: ssl.SSLContext | None,
+        fallback: Fallback | None = None,
     ) -> None:
         self.table = table
         self.limits = limits
         self.default_mux = default_mux
         self.ssl_context = ssl_context
+        self.fallback = fallback
         self.registry: TunnelRegistry = TunnelRegistry()
         self._server: asyncio.Server | None = None
         self.unix = False
@@ -194,7 +197,7 @@ class TunnelServer:
 
         def front() -> FrontProtocol:
             return FrontProtocol(
-                self.table, routing_key, self._protocol_factory, self.limits.handshake_timeout
+                self.table, routing_key, self._protocol_factory, self.limits, self.fallback
             )
 
         if self.ssl_context is None:

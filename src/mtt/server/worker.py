@@ -18,6 +18,7 @@ from mtt.controller.api import apply_command
 from mtt.errors import ConfigError
 from mtt.logs import setup_logging
 from mtt.server import channel
+from mtt.server.fallback import Fallback
 from mtt.server.store import command_from_wire
 from mtt.server.tls_setup import tls_context
 from mtt.server.tunnel_server import TunnelServer
@@ -44,7 +45,11 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     table = UserTable()
     apply_command(table, command_from_wire(init["users"]))
     server = TunnelServer(
-        table, config.limits, default_mux=config.mux, ssl_context=tls_context(init["tls"])
+        table,
+        config.limits,
+        default_mux=config.mux,
+        ssl_context=tls_context(init["tls"]),
+        fallback=Fallback.parse(config.fallback) if config.fallback else None,
     )
     await server.start(listen_sock)
     writer.write(channel.encode({"ready": True}))
