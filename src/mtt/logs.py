@@ -43,5 +43,9 @@ def setup_logging(verbose: bool, tag: str = "", json_format: bool = False) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("mtt.ws", "aiohttp", "asyncio"):
+    for noisy in ("aiohttp", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    # picows' own lines lack the peer; the tunnels log one line of their own instead.
+    logging.getLogger("mtt.ws").setLevel(logging.INFO if verbose else logging.CRITICAL)
+    # aiohttp logs a traceback for each malformed controller request it rejects itself.
+    logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose else logging.CRITICAL)

@@ -50,7 +50,7 @@ def reply(res: int, current_users: int, err_string: str = "") -> dict[str, Any]:
 def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
     """Decode and validate a request body; raise ControlError naming the problem."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise ControlError("body is not valid UTF-8") from None
     except RecursionError:
@@ -84,6 +84,16 @@ def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
             opt, entries=tuple(_parse_add(i, arg, policy) for i, arg in enumerate(bunch))
         )
     return Command(opt, paths=tuple(_parse_delete(i, arg) for i, arg in enumerate(bunch)))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Reject duplicate keys: `{"opt": 9, "opt": 3}` must not quietly reset."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ControlError(f"duplicate key {quote(key)} in a JSON object")
+        seen.add(key)
+    return dict(pairs)
 
 
 def apply_command(table: UserTable, command: Command) -> dict[str, Any]:
@@ -134,6 +144,10 @@ def _parse_path(index: int, arg: dict[str, Any]) -> str:
         raise ControlError(f"args_bunch[{index}].path is longer than {MAX_PATH_LENGTH} characters")
     if _CONTROL_CHARS.search(path):
         raise ControlError(f"args_bunch[{index}].path contains control characters")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ControlError(f"args_bunch[{index}].path is not valid Unicode") from None
     return path
 
 

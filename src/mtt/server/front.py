@@ -84,6 +84,12 @@ def upgrade_problem(request: h11.Request) -> str | None:
     return None
 
 
+def head_size(request: h11.Request) -> int:
+    """The size of the request head as sent (request line, headers, CRLFs)."""
+    size = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n\r\n")
+    return size + sum(len(name) + len(value) + 4 for name, value in request.headers)
+
+
 def canonical_upgrade(request: h11.Request) -> bytes:
     """The request as the WebSocket layer gets it: only what the tunnel needs,
     in the one spelling its parser accepts."""
@@ -179,6 +185,11 @@ class FrontProtocol(asyncio.Protocol):
 
     def _on_request(self, request: h11.Request) -> None:
         self._requests += 1
+        if head_size(request) > MAX_REQUEST_HEAD:
+            # h11 caps only a head still incomplete; one that arrived whole is
+            # checked here, before routing, so its size tells nothing about paths.
+            self._reject(400, "request head larger than 16 KiB")
+            return
         key = self._routing_key(request.target)
         if key is None or self._table.lookup(key) is None:
             reason = f"no user for path {quote(request.target.decode('latin-1'), 200)}"

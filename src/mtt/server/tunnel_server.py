@@ -157,7 +157,7 @@ class TunnelServer:
             auto_ping_idle_timeout=20,
             auto_ping_reply_timeout=20,
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            enable_auto_pong=True,
+            enable_auto_pong=False,  # CheckedListener answers pings, with back-pressure
             max_frame_size=limits.max_ws_frame,
             extra_headers=None,
             read_buffer_init_size=64 * 1024,

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
 from mtt.errors import SmuxProtocolError
@@ -31,14 +31,13 @@ from mtt.smux import (
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.plain import TunnelRegistry
 from mtt.transport.tasks import spawn
+from mtt.transport.wsbase import CheckedListener
 from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
     from mtt.address import Destination
 
 log = logging.getLogger("mtt.tunnel")
-
-_DATA_TYPES = (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT)
 
 
 class MuxStream:
@@ -187,7 +186,7 @@ class MuxStream:
         t.stream_closed(self)
 
 
-class MuxTunnel(WSListener):
+class MuxTunnel(CheckedListener):
     """Drives an SmuxSession over one WebSocket."""
 
     def __init__(
@@ -210,6 +209,7 @@ class MuxTunnel(WSListener):
         self._timer_at = 0.0
         self._next_sweep = 0.0
         self._closed = False
+        self._refused = 0
 
     # -- WebSocket side -------------------------------------------------------
 
@@ -221,8 +221,10 @@ class MuxTunnel(WSListener):
         self._rearm()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        msg_type = frame.msg_type
-        if msg_type in _DATA_TYPES:
+        msg_type = self.screen(transport, frame)
+        if msg_type is None:
+            return
+        if msg_type is not WSMsgType.CLOSE:
             if self._closed:
                 return
             self.now = now = self._loop.time()
@@ -236,20 +238,28 @@ class MuxTunnel(WSListener):
                 self._handle(event)
             self.flush()
             self.after_consume()
-        elif msg_type is WSMsgType.CLOSE:
+        else:
             self._finish(WSCloseCode.OK)
 
+    def violation(self, reason: str) -> None:
+        log.warning("%s %s: WebSocket protocol error: %s", self.peer, self.path, reason)
+        self._finish(WSCloseCode.PROTOCOL_ERROR)
+
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self._closed:
+            reason = self.picows_close_reason(transport)
+            if reason is not None:
+                log.warning("%s %s: WebSocket %s", self.peer, self.path, reason)
         self._finish(WSCloseCode.OK)
         self._registry.closed(self)
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
+        self.ws_writing_paused = self.writing_paused = True
         for stream in self.streams.values():
             stream.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writing_paused = False
+        self.ws_writing_paused = self.writing_paused = False
         for stream in self.streams.values():
             stream.resume_reading()
 
@@ -279,13 +289,16 @@ class MuxTunnel(WSListener):
             if stream is not None:
                 stream.writable()
         elif isinstance(event, StreamRefused):
-            log.info(
-                "%s %s: stream %d refused: %d streams open",
-                self.peer,
-                self.path,
-                event.stream_id,
-                self.session.stream_count,
-            )
+            # One line for the first; a flood of SYNs must not become a flood of lines.
+            self._refused += 1
+            if self._refused == 1:
+                log.info(
+                    "%s %s: stream %d refused: %d streams open",
+                    self.peer,
+                    self.path,
+                    event.stream_id,
+                    self.session.stream_count,
+                )
         elif isinstance(event, SessionEnded):
             log.info("%s %s: smux session ended: %s", self.peer, self.path, event.reason)
             self._finish(WSCloseCode.OK)
@@ -377,4 +390,6 @@ class MuxTunnel(WSListener):
                 ws.send_close(code)
             ws.disconnect()
             self._loop.call_later(self.limits.idle_timeout, ws.disconnect, False)
+        if self._refused > 1:
+            log.info("%s %s: %d streams refused in all", self.peer, self.path, self._refused)
         log.debug("%s %s: smux session closed", self.peer, self.path)

@@ -20,19 +20,18 @@ import enum
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.tasks import spawn
+from mtt.transport.wsbase import CheckedListener
 from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
     from mtt.address import Destination
 
 log = logging.getLogger("mtt.tunnel")
-
-_DATA_TYPES = (WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.TEXT)
 
 
 class _State(enum.Enum):
@@ -73,7 +72,7 @@ class TunnelRegistry:
         await self._idle.wait()
 
 
-class PlainTunnel(WSListener):
+class PlainTunnel(CheckedListener):
     """Relays one WebSocket to one dst connection."""
 
     def __init__(
@@ -111,8 +110,10 @@ class PlainTunnel(WSListener):
         self._dial_task = spawn(self._dial(), name=f"dial {self._dst_addr} for {self._peer}")
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        msg_type = frame.msg_type
-        if msg_type in _DATA_TYPES:
+        msg_type = self.screen(transport, frame)
+        if msg_type is None:
+            return
+        if msg_type is not WSMsgType.CLOSE:
             state = self._state
             if state is _State.RELAYING:
                 data = frame.get_payload_as_bytes()
@@ -129,22 +130,31 @@ class PlainTunnel(WSListener):
                     self._block_reading("dial")
             elif state is _State.DRAINING:
                 self._last_client_data = self._loop.time()
-        elif msg_type is WSMsgType.CLOSE:
+        else:
             self._finish("client closed", reply_code=frame.get_close_code())
+
+    def violation(self, reason: str) -> None:
+        log.warning("%s %s: WebSocket protocol error: %s", self._peer, self._path, reason)
+        self._finish(reason, reply_code=WSCloseCode.PROTOCOL_ERROR)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._state is not _State.CLOSED:
-            self._finish("client disconnected")
+            reason = self.picows_close_reason(transport)
+            if reason is not None:
+                log.warning("%s %s: WebSocket %s", self._peer, self._path, reason)
+            self._finish(reason or "client disconnected")
         if self._dst is not None:
             self._dst.close()
         self._cancel_timer()
         self._registry.closed(self)
 
     def pause_writing(self) -> None:
+        self.ws_writing_paused = True
         if self._dst is not None:
             self._dst.pause_reading()
 
     def resume_writing(self) -> None:
+        self.ws_writing_paused = False
         if self._dst is not None:
             self._dst.resume_reading()
 
