@@ -39,6 +39,7 @@ from mtt.smux import (
     StreamWritable,
 )
 from mtt.transport.dst import DstConnection
+from mtt.transport.session_timer import SessionTimer
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.client")
@@ -278,9 +279,7 @@ class ClientSession(WSListener):
         self._dial_task: asyncio.Task[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._next_sweep = 0.0
+        self._timer = SessionTimer(self.loop, pool.idle_timeout, self._on_timer)
         self._linger: asyncio.TimerHandle | None = None
         self._message_limit = self.limits.max_message + HEADER_SIZE
 
@@ -343,8 +342,7 @@ class ClientSession(WSListener):
                 self.streams[sid] = stream
                 stream.opened(sid)
         self.flush()
-        self._next_sweep = now + self._sweep_interval()
-        self._rearm()
+        self._timer.rearm(smux.get_timer())
         log.debug("smux session %d open to %s", self.number, self._pool.dialer.target)
         if not self.streams:
             self._finish(WSCloseCode.OK)
@@ -457,39 +455,21 @@ class ClientSession(WSListener):
 
     # -- timers ----------------------------------------------------------------------------
 
-    def _sweep_interval(self) -> float:
-        return max(0.05, min(self._pool.idle_timeout / 4, 15.0))
-
-    def _rearm(self) -> None:
-        if self.state is not _State.OPEN or self.smux is None:
-            return
-        deadline = self._next_sweep
-        smux_timer = self.smux.get_timer()
-        if smux_timer is not None:
-            deadline = min(deadline, smux_timer)
-        if self._timer is not None:
-            if deadline == self._timer_at:
-                return
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self.loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_timer(self, now: float, sweep: bool) -> None:
         smux = self.smux
         if self.state is not _State.OPEN or smux is None:
             return
-        self.now = now = self.loop.time()
+        self.now = now
         for event in smux.handle_timer(now):
             self._handle(event)
-        if now >= self._next_sweep and self.state is _State.OPEN:
+        if sweep and self.state is _State.OPEN:
             timeout = self._pool.idle_timeout
             for stream in [s for s in self.streams.values() if now - s.last_activity >= timeout]:
                 log.debug("%s: idle for %.0f s, closing", stream.peer, now - stream.last_activity)
                 stream.close("idle timeout")
-            self._next_sweep = now + self._sweep_interval()
         self.flush()
-        self._rearm()
+        if self.state is _State.OPEN:
+            self._timer.rearm(smux.get_timer())
 
     # -- ending ------------------------------------------------------------------------------
 
@@ -508,9 +488,7 @@ class ClientSession(WSListener):
             return
         self.state = _State.CLOSED
         self._pool.removed(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         if self._dial_task is not None and not self._dial_task.done():
             self._dial_task.cancel()
         for stream in list(self.streams.values()):

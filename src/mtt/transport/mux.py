@@ -30,6 +30,7 @@ from mtt.smux import (
 )
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.plain import TunnelRegistry
+from mtt.transport.session_timer import SessionTimer
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
 from mtt.transport.wsframe import write_binary
@@ -205,9 +206,7 @@ class MuxTunnel(CheckedListener):
         self.writing_paused = False
         self._ws: WSTransport | None = None
         self._reading_paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._next_sweep = 0.0
+        self._timer = SessionTimer(self._loop, limits.idle_timeout, self._on_timer)
         self._closed = False
         self._refused = 0
 
@@ -217,8 +216,7 @@ class MuxTunnel(CheckedListener):
         self._ws = transport
         transport.underlying_transport.set_write_buffer_limits(high=self.limits.write_high_water)
         self._registry.opened(self)
-        self._next_sweep = self.now + self._sweep_interval()
-        self._rearm()
+        self._timer.rearm(self.session.get_timer())
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = self.screen(transport, frame)
@@ -335,35 +333,17 @@ class MuxTunnel(CheckedListener):
 
     # -- timers ---------------------------------------------------------------
 
-    def _sweep_interval(self) -> float:
-        return max(0.05, min(self.limits.idle_timeout / 4, 15.0))
-
-    def _rearm(self) -> None:
+    def _on_timer(self, now: float, sweep: bool) -> None:
         if self._closed:
             return
-        deadline = self._next_sweep
-        smux_timer = self.session.get_timer()
-        if smux_timer is not None:
-            deadline = min(deadline, smux_timer)
-        if self._timer is not None:
-            if deadline == self._timer_at:
-                return
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self._loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._closed:
-            return
-        self.now = now = self._loop.time()
+        self.now = now
         for event in self.session.handle_timer(now):
             self._handle(event)
-        if now >= self._next_sweep:
+        if sweep:
             self._sweep_idle(now)
-            self._next_sweep = now + self._sweep_interval()
         self.flush()
-        self._rearm()
+        if not self._closed:
+            self._timer.rearm(self.session.get_timer())
 
     def _sweep_idle(self, now: float) -> None:
         timeout = self.limits.idle_timeout
@@ -377,9 +357,7 @@ class MuxTunnel(CheckedListener):
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         for stream in list(self.streams.values()):
             stream.close()
         self.flush()
