@@ -31,15 +31,20 @@ async def test_changes_reach_every_worker_before_the_reply(cert_files: tuple[Pat
         assert served_by == {"w1", "w2"}, "the kernel spreads connections over both workers"
 
 
-async def test_ping_counts_users_once(cert_files: tuple[Path, Path]) -> None:
-    with running_server("-workers", "2") as server:
-        server.control(
-            {
-                "opt": 1,
-                "args_bunch": [{"path": f"/u{i}", "dst": "127.0.0.1:9"} for i in range(1000)],
-            }
-        )
-        assert server.control({"opt": 9})[1] == {"res": 1, "err_string": "", "current_users": 1000}
+async def test_ping_counts_users_once_and_changes_nothing(cert_files: tuple[Path, Path]) -> None:
+    ctx = ssl.create_default_context(cafile=str(cert_files[0]))
+    args = ("-cert", str(cert_files[0]), "-key", str(cert_files[1]), "-workers", "2")
+    with running_server(*args) as server:
+        async with tagged_server(b"T") as dst:
+            bunch = [{"path": f"/u{i}", "dst": dst} for i in range(1000)]
+            server.control({"opt": 1, "args_bunch": bunch})
+            for _ in range(3):  # panels ping every few seconds
+                reply = server.control({"opt": 9})[1]
+                assert reply == {"res": 1, "err_string": "", "current_users": 1000}
+            # Every worker still routes every user (a ping once reset the workers).
+            for i in range(16):
+                async with opener(server, ctx, f"/u{i}") as ws:
+                    assert await asyncio.wait_for(ws.recv(), 10) == b"T"
 
 
 async def test_a_dead_worker_is_replaced_with_the_full_table(cert_files: tuple[Path, Path]) -> None:

@@ -39,7 +39,9 @@ def command_to_wire(command: Command) -> dict[str, Any]:
         return {"op": "add", "entries": [[p, d.host, d.port] for p, d in command.entries]}
     if command.opt is Opt.DELETE:
         return {"op": "delete", "paths": list(command.paths)}
-    return {"op": "reset"}
+    if command.opt is Opt.RESET:
+        return {"op": "reset"}
+    raise ValueError(f"opt {command.opt} changes nothing and is never sent")
 
 
 def command_from_wire(message: dict[str, Any]) -> Command:

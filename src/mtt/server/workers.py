@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from mtt.config import ServerConfig
-from mtt.controller.api import Command, apply_command
+from mtt.controller.api import Command, Opt, apply_command
 from mtt.errors import ProtocolError
 from mtt.server import channel
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
@@ -226,6 +226,8 @@ class WorkerPool:
 
     async def apply(self, command: Command) -> None:
         """Apply here, then in every running worker; returns once all have it."""
+        if command.opt is Opt.PING:
+            return  # changes nothing (it once reached workers as a reset)
         async with self._apply_lock:
             apply_command(self.table, command)
             await self._broadcast(command_to_wire(command))
