@@ -99,9 +99,10 @@ def _file_lock(path: pathlib.Path, timeout: float) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def go_binary(name: str) -> pathlib.Path:
-    """Build tests/interop/go/<name> (cached by a hash of its sources); return the binary."""
-    src = GO_SRC_DIR / name
+def go_binary(name: str, src_root: pathlib.Path | None = None) -> pathlib.Path:
+    """Build <src_root>/<name> (default tests/interop/go; the benchmarks pass bench/go),
+    cached by a hash of its sources; return the binary."""
+    src = (src_root or GO_SRC_DIR) / name
     if not (src / "main.go").is_file():
         raise RuntimeError(f"no Go program at {src}")
     out = BUILD_DIR / f"{name}-{_source_digest(src)}"
