@@ -27,6 +27,7 @@ SNI = "tunnel.test"
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample nonce: a valid 16-byte key
 KiB = 1024
 MiB = 1024 * KiB
+GiB = 1024 * MiB
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 

@@ -36,6 +36,7 @@ from tests.integration.hostile_helpers import (
     OP_PONG,
     OP_TEXT,
     SNI,
+    GiB,
     HttpReply,
     KiB,
     MiB,
@@ -1350,8 +1351,8 @@ async def test_vanished_clients_are_cleaned_up_by_the_idle_timeout() -> None:
 async def test_client_that_stops_reading_does_not_grow_the_server(
     hostile_tls: ServerProcess, canary: Canary
 ) -> None:
-    """dst pushes as fast as it can for 10 s (256 MiB offered); the client reads nothing."""
-    async with dst_server(pusher(256 * MiB, 10)) as dst:
+    """dst tries to push 1 GiB for 10 s; the client reads nothing."""
+    async with dst_server(pusher(GiB, 10)) as dst:
         hostile_tls.add("/push", dst.addr)
         ws = await RawWebSocket.open(hostile_tls, "/push", tls=True)
         try:
@@ -1362,7 +1363,7 @@ async def test_client_that_stops_reading_does_not_grow_the_server(
             ws.abort()
         pushed = dst.conns[0].sent
     note(
-        f"dst got {pushed / MiB:.0f} MiB of 256 MiB into the server; RSS +{rss.growth / MiB:.1f} MiB"
+        f"dst got {pushed / MiB:.0f} MiB of 1 GiB into the server; RSS +{rss.growth / MiB:.1f} MiB"
     )
     assert rss.growth < 32 * MiB, rss.growth
     assert pushed < 128 * MiB, "no back-pressure reached dst"
@@ -1373,7 +1374,7 @@ async def test_client_that_stops_reading_does_not_grow_the_server(
 async def test_slow_dst_does_not_grow_the_server(
     hostile_tls: ServerProcess, canary: Canary
 ) -> None:
-    """The client pushes as fast as it can for 10 s (256 MiB offered); dst reads 1 MiB/s."""
+    """The client tries to push 1 GiB for 10 s at a dst reading 1 MiB/s."""
     frame = ws_frame(OP_BINARY, os.urandom(64 * KiB))
     async with dst_server(slow_reader(MiB), keep=0) as dst:
         hostile_tls.add("/slow-dst", dst.addr)
@@ -1383,7 +1384,7 @@ async def test_slow_dst_does_not_grow_the_server(
             async with RssWatch(hostile_tls) as rss:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(10):
-                        while offered < 256 * MiB:
+                        while offered < GiB:
                             ws.send(frame)
                             await ws.writer.drain()
                             offered += 64 * KiB
@@ -1391,7 +1392,7 @@ async def test_slow_dst_does_not_grow_the_server(
             ws.abort()
         got = dst.conns[0].received_total if dst.conns else 0
     note(
-        f"client got {offered / MiB:.0f} MiB of 256 MiB into the server, dst read "
+        f"client got {offered / MiB:.0f} MiB of 1 GiB into the server, dst read "
         f"{got / MiB:.1f} MiB; RSS +{rss.growth / MiB:.1f} MiB"
     )
     assert rss.growth < 32 * MiB, rss.growth
