@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import ssl
 import sys
 import time
+from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,3 +52,18 @@ def setup_logging(verbose: bool, tag: str = "", json_format: bool = False) -> No
     logging.getLogger("mtt.ws").setLevel(logging.INFO if verbose else logging.CRITICAL)
     # aiohttp logs a traceback for each malformed controller request it rejects itself.
     logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+def log_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """One line, no traceback, for what the event loop reports (a failed TLS
+    handshake, accept() out of descriptors): a peer's bytes or a full fd
+    table are events to log, not crashes to dump."""
+    log = logging.getLogger("mtt.loop")
+
+    def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = str(context.get("message", "event loop error")).splitlines()[0]
+        level = logging.INFO if isinstance(exc, (OSError, ssl.SSLError)) else logging.WARNING
+        log.log(level, "%s: %s", message, repr(exc) if exc is not None else "")
+
+    loop.set_exception_handler(handler)

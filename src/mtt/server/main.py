@@ -23,7 +23,7 @@ from mtt.controller.http import (
 )
 from mtt.controller.policy import DstPolicy, parse_rule
 from mtt.errors import ConfigError
-from mtt.logs import setup_logging
+from mtt.logs import log_loop_errors, setup_logging
 from mtt.server.fallback import Fallback
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
 from mtt.server.store import LocalStore, UserStore
@@ -127,6 +127,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
 
 async def serve(config: ServerConfig) -> None:
     """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
+    log_loop_errors(asyncio.get_running_loop())
     tls, mode = resolve_tls(config)
     store: UserStore
     if config.workers > 1:

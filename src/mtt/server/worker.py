@@ -16,7 +16,7 @@ import uvloop
 from mtt.config import Limits, ServerConfig
 from mtt.controller.api import apply_command
 from mtt.errors import ConfigError
-from mtt.logs import setup_logging
+from mtt.logs import log_loop_errors, setup_logging
 from mtt.server import channel
 from mtt.server.fallback import Fallback
 from mtt.server.store import command_from_wire
@@ -42,6 +42,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         return
     config = config_from_wire(init["config"])
     setup_logging(config.verbose, tag=f"w{index}", json_format=config.log_json)
+    log_loop_errors(asyncio.get_running_loop())
     table = UserTable()
     apply_command(table, command_from_wire(init["users"]))
     server = TunnelServer(
