@@ -15,7 +15,7 @@ import hashlib
 import random
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,12 +29,7 @@ from .gopeers import (
     Peer,
     go_binary,
     run_wsload,
-    start_download_source,
-    start_echo_server,
     start_peer,
-    start_upload_sink,
-    stop_peer,
-    stop_server,
 )
 
 pytestmark = pytest.mark.interop
@@ -45,41 +40,9 @@ CHUNK = 64 * 1024
 StartPeer = Callable[[list[str]], tuple[Peer, str]]
 
 
-@pytest.fixture(scope="module")
-def binaries() -> dict[str, Path]:
-    # Built synchronously, before any event loop work; a missing Go fails here, loudly.
-    return {name: go_binary(name) for name in ("gorelay", "wsload", "mttclient")}
-
-
-@pytest.fixture
-def peers() -> Iterator[StartPeer]:
-    started: list[Peer] = []
-
-    def start(args: list[str]) -> tuple[Peer, str]:
-        proc, addr = start_peer(args)
-        started.append(proc)
-        return proc, addr
-
-    yield start
-    for proc in started:
-        stop_peer(proc)
-
-
-@pytest.fixture
-async def dst_ports() -> AsyncIterator[dict[str, int]]:
-    servers = {
-        "echo": await start_echo_server(),
-        "upload": await start_upload_sink(),
-        "download": await start_download_source(),
-    }
-    yield {name: port for name, (_, port) in servers.items()}
-    for server, _ in servers.values():
-        await stop_server(server)
-
-
-def _routes(dst_ports: dict[str, int]) -> list[str]:
+def _routes(dsts: dict[str, int]) -> list[str]:
     args = []
-    for name, port in dst_ports.items():
+    for name, port in dsts.items():
         args += ["-route", f"/{name}=127.0.0.1:{port}"]
     return args
 
@@ -104,18 +67,18 @@ PATTERNS = {
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("mode", MODES)
 async def test_wsload_through_gorelay(
-    binaries: dict[str, Path],
-    peers: StartPeer,
-    dst_ports: dict[str, int],
+    go_bins: dict[str, Path],
+    go_peer: StartPeer,
+    dsts: dict[str, int],
     mode: str,
     pattern: str,
 ) -> None:
     version = "2" if mode == "mux-v2" else "1"
-    relay, addr = peers(
+    relay, addr = go_peer(
         [
-            str(binaries["gorelay"]),
+            str(go_bins["gorelay"]),
             *("-b", "127.0.0.1:0", "-self-signed", "-smux-version", version),
-            *_routes(dst_ports),
+            *_routes(dsts),
         ]
     )
     plain_conns, mux_conns, streams, size = PATTERNS[pattern]
@@ -152,9 +115,9 @@ async def test_wsload_through_gorelay(
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 async def test_wsload_idle_then_transfer(
-    binaries: dict[str, Path], peers: StartPeer, dst_ports: dict[str, int], pattern: str
+    go_bins: dict[str, Path], go_peer: StartPeer, dsts: dict[str, int], pattern: str
 ) -> None:
-    _, addr = peers([str(binaries["gorelay"]), "-b", "127.0.0.1:0", *_routes(dst_ports)])
+    _, addr = go_peer([str(go_bins["gorelay"]), "-b", "127.0.0.1:0", *_routes(dsts)])
     result = await run_wsload(
         [
             *("-url", f"ws://{addr}/{pattern}", "-mode", "mux", "-conns", "2", "-streams", "2"),
@@ -167,9 +130,9 @@ async def test_wsload_idle_then_transfer(
 
 
 async def test_wsload_plain_http_no_subprotocol_uses_server_mux(
-    binaries: dict[str, Path], peers: StartPeer, dst_ports: dict[str, int]
+    go_bins: dict[str, Path], go_peer: StartPeer, dsts: dict[str, int]
 ) -> None:
-    _, addr = peers([str(binaries["gorelay"]), "-b", "127.0.0.1:0", "-mux", *_routes(dst_ports)])
+    _, addr = go_peer([str(go_bins["gorelay"]), "-b", "127.0.0.1:0", "-mux", *_routes(dsts)])
     base = ["-url", f"ws://{addr}/echo", "-pattern", "echo", "-bytes", str(256 * 1024)]
     muxed = await run_wsload(
         [*base, "-mode", "mux", "-subprotocol", "none", "-streams", "3"], limit_s=30
@@ -183,9 +146,9 @@ async def test_wsload_plain_http_no_subprotocol_uses_server_mux(
 
 
 async def test_wsload_unknown_path_is_404(
-    binaries: dict[str, Path], peers: StartPeer, dst_ports: dict[str, int]
+    go_bins: dict[str, Path], go_peer: StartPeer, dsts: dict[str, int]
 ) -> None:
-    _, addr = peers([str(binaries["gorelay"]), "-b", "127.0.0.1:0", *_routes(dst_ports)])
+    _, addr = go_peer([str(go_bins["gorelay"]), "-b", "127.0.0.1:0", *_routes(dsts)])
     for path in ("/nope", "/echo/"):
         result = await run_wsload(["-url", f"ws://{addr}{path}", "-bytes", "10"], limit_s=30)
         assert not result["ok"]
@@ -223,14 +186,14 @@ def _make_cert(tmp_path: Path) -> tuple[Path, Path]:
 
 
 async def test_wsload_verifies_certificate_with_ca(
-    binaries: dict[str, Path], peers: StartPeer, dst_ports: dict[str, int], tmp_path: Path
+    go_bins: dict[str, Path], go_peer: StartPeer, dsts: dict[str, int], tmp_path: Path
 ) -> None:
     cert, key = _make_cert(tmp_path)
-    _, addr = peers(
+    _, addr = go_peer(
         [
-            str(binaries["gorelay"]),
+            str(go_bins["gorelay"]),
             *("-b", "127.0.0.1:0", "-cert", str(cert), "-key", str(key)),
-            *_routes(dst_ports),
+            *_routes(dsts),
         ]
     )
     base = ["-url", "wss://tunnel.test/echo", "-connect", addr, "-bytes", "100000"]
@@ -271,13 +234,13 @@ async def _echo_through(host: str, port: int, size: int, seed: int) -> None:
 
 @pytest.mark.parametrize("mux", [False, True], ids=["plain", "mux"])
 async def test_mttclient_through_gorelay(
-    binaries: dict[str, Path], peers: StartPeer, dst_ports: dict[str, int], mux: bool
+    go_bins: dict[str, Path], go_peer: StartPeer, dsts: dict[str, int], mux: bool
 ) -> None:
-    relay, relay_addr = peers(
-        [str(binaries["gorelay"]), "-b", "127.0.0.1:0", "-self-signed", *_routes(dst_ports)]
+    relay, relay_addr = go_peer(
+        [str(go_bins["gorelay"]), "-b", "127.0.0.1:0", "-self-signed", *_routes(dsts)]
     )
     client_args = [
-        str(binaries["mttclient"]),
+        str(go_bins["mttclient"]),
         "-b",
         "127.0.0.1:0",
         "-s",
@@ -290,7 +253,7 @@ async def test_mttclient_through_gorelay(
     ]
     if mux:
         client_args += ["-mux", "-mux-max-stream", "2"]
-    client, local = peers(client_args)
+    client, local = go_peer(client_args)
     host, port = local.rsplit(":", 1)
 
     await _echo_through(host, int(port), 2 * MiB, seed=1)
@@ -340,7 +303,7 @@ async def _naive_wss_server(
 
 
 async def test_mttclient_panics_like_the_original_when_closed_under_upload(
-    binaries: dict[str, Path], peers: StartPeer, tmp_path: Path
+    go_bins: dict[str, Path], go_peer: StartPeer, tmp_path: Path
 ) -> None:
     """The stand-in keeps the real client's hazard: a server that closes the WebSocket
     while the client is blocked uploading makes it panic with "concurrent write to
@@ -349,9 +312,9 @@ async def test_mttclient_panics_like_the_original_when_closed_under_upload(
     cert, key = _make_cert(tmp_path)
     server, port, writers = await _naive_wss_server(cert, key)
     try:
-        client, local = peers(
+        client, local = go_peer(
             [
-                str(binaries["mttclient"]),
+                str(go_bins["mttclient"]),
                 *("-s", f"127.0.0.1:{port}", "-n", "tunnel.test", "-ca", str(cert)),
             ]
         )
@@ -379,15 +342,15 @@ async def test_mttclient_panics_like_the_original_when_closed_under_upload(
             await asyncio.wait_for(server.wait_closed(), 5)
 
 
-def test_start_peer_reports_early_exit(binaries: dict[str, Path]) -> None:
+def test_start_peer_reports_early_exit(go_bins: dict[str, Path]) -> None:
     with pytest.raises(RuntimeError, match="before listening"):
-        start_peer([str(binaries["mttclient"])])  # no -s: exits with an error
+        start_peer([str(go_bins["mttclient"])])  # no -s: exits with an error
 
 
-def test_go_binary_is_cached(binaries: dict[str, Path]) -> None:
-    assert go_binary("wsload") == binaries["wsload"]
+def test_go_binary_is_cached(go_bins: dict[str, Path]) -> None:
+    assert go_binary("wsload") == go_bins["wsload"]
     out = subprocess.run(
-        [str(binaries["wsload"]), "-mode", "bogus"], capture_output=True, timeout=10, check=False
+        [str(go_bins["wsload"]), "-mode", "bogus"], capture_output=True, timeout=10, check=False
     )
     assert out.returncode == 1
     assert b'"ok":false' in out.stdout
