@@ -9,21 +9,19 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import ROOT, ServerProcess, pattern
+from tests.support import ROOT, ServerProcess, console_command, pattern
 
 _LISTENING = re.compile(r"listening on (\S+)")
 
 
 def client_command() -> list[str]:
-    exe = Path(sys.executable).parent / "mtt-client"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mtt.client.main"]
+    return console_command("mtt-client", "mtt.client.main")
 
 
 @dataclass

@@ -24,9 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 _LISTENING = re.compile(r"tunnel listener on (\S+) \(.*\), controller on ([^\s\"]+)")
 
 
+def console_command(script: str, module: str) -> list[str]:
+    """The installed console script, or `python -m module` where it is not installed."""
+    exe = Path(sys.executable).parent / script
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
+
+
 def server_command() -> list[str]:
-    exe = Path(sys.executable).parent / "mtt-mu-server"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mtt.server.main"]
+    return console_command("mtt-mu-server", "mtt.server.main")
 
 
 @dataclass
@@ -203,20 +208,6 @@ class EchoServer:
         finally:
             self.open -= 1
             writer.close()
-
-    def children(self) -> list[int]:
-        """Pids of the worker processes."""
-        path = f"/proc/{self.proc.pid}/task/{self.proc.pid}/children"
-        with open(path) as fh:
-            return [int(pid) for pid in fh.read().split()]
-
-    def rss(self) -> int:
-        """Resident memory of the server and its workers, in bytes."""
-        total = 0
-        for pid in [self.proc.pid, *self.children()]:
-            with open(f"/proc/{pid}/status") as fh:
-                total += next(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS:")) * 1024
-        return total
 
     @property
     def port(self) -> int:
