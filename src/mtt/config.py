@@ -53,6 +53,7 @@ class ServerConfig:
     fast_open: bool = False
     verbose: bool = False
     workers: int = 1
+    kick_on_delete: bool = False
     grace: float = 10.0
     fallback: str = ""
     log_json: bool = False

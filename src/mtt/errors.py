@@ -29,3 +29,7 @@ class SmuxProtocolError(ProtocolError):
 
 class ControlError(MttError):
     """A controller request is invalid; the message is the err_string."""
+
+
+class StoreError(MttError):
+    """The user store (SQLite, Redis) cannot take a change now; nothing was applied."""

@@ -18,22 +18,30 @@ def server() -> ServerProcess:  # type: ignore[misc]
 
 
 def test_ping_on_a_fresh_server_reports_zero_users(server: ServerProcess) -> None:
-    server.control({"opt": 3})
-    assert server.control({"opt": 9}) == (200, {"res": 1, "err_string": "", "current_users": 0})
+    revision = server.control({"opt": 3})[1]["revision"]
+    assert server.control({"opt": 9}) == (
+        200,
+        {"res": 1, "err_string": "", "current_users": 0, "revision": revision},
+    )
 
 
 def test_every_reply_carries_the_live_count(server: ServerProcess) -> None:
-    server.control({"opt": 3})
+    revision = server.control({"opt": 3})[1]["revision"]
     status, reply = server.control(
         {"opt": 1, "args_bunch": [{"path": f"/c{i}", "dst": "127.0.0.1:9"} for i in range(5)]}
     )
-    assert (status, reply) == (200, {"res": 1, "err_string": "", "current_users": 5})
+    assert (status, reply) == (
+        200,
+        {"res": 1, "err_string": "", "current_users": 5, "revision": revision + 1},
+    )
     status, reply = server.control({"opt": 7})
     assert status == 400
     assert reply == {
         "res": 2,
-        "err_string": "unknown opt 7 (valid: 1 add, 2 delete, 3 reset, 9 ping)",
+        "err_string": "unknown opt 7 (valid: 1 add, 2 delete, 3 reset, 4 replace, 5 list, "
+        "6 kick, 9 ping)",
         "current_users": 5,
+        "revision": revision + 1,
     }
 
 
@@ -41,7 +49,7 @@ def test_bad_json_is_400_with_json_body(server: ServerProcess) -> None:
     status, reply = server.control(None, raw=b"{not json")
     assert status == 400
     assert reply["res"] == 2 and reply["err_string"].startswith("body is not valid JSON")
-    assert set(reply) == {"res", "err_string", "current_users"}
+    assert set(reply) == {"res", "err_string", "current_users", "revision"}
 
 
 def test_invalid_utf8_is_rejected(server: ServerProcess) -> None:
@@ -99,12 +107,15 @@ def test_body_of_exactly_the_limit_is_read(server: ServerProcess) -> None:
 
 
 def test_bulk_add_40000_is_applied_atomically_and_fast(server: ServerProcess) -> None:
-    server.control({"opt": 3})
+    revision = server.control({"opt": 3})[1]["revision"]
     bunch = [{"path": f"/bulk/{i}", "dst": f"127.0.0.1:{1 + i % 60000}"} for i in range(40_000)]
     started = time.monotonic()
     status, reply = server.control({"opt": 1, "args_bunch": bunch})
     elapsed = time.monotonic() - started
-    assert (status, reply) == (200, {"res": 1, "err_string": "", "current_users": 40_000})
+    assert (status, reply) == (
+        200,
+        {"res": 1, "err_string": "", "current_users": 40_000, "revision": revision + 1},
+    )
     assert elapsed < 5  # generous bound for a shared CI box; the benchmark measures it
     bunch.append({"path": "/bulk/bad", "dst": "127.0.0.1:99999"})
     status, reply = server.control({"opt": 1, "args_bunch": [{"path": "/x", "dst": "h:1"}, *bunch]})

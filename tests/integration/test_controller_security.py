@@ -13,7 +13,12 @@ def test_token_is_required_and_checked() -> None:
         status, reply = server.control({"opt": 9})
         assert (status, reply) == (
             401,
-            {"res": 2, "err_string": "missing or wrong bearer token", "current_users": 0},
+            {
+                "res": 2,
+                "err_string": "missing or wrong bearer token",
+                "current_users": 0,
+                "revision": 0,
+            },
         )
         status, _ = server.control({"opt": 9}, headers={"Authorization": "Bearer wrong"})
         assert status == 401
@@ -21,7 +26,10 @@ def test_token_is_required_and_checked() -> None:
         assert status == 401
         server.token = "s3cret"
         server.add("/u", "127.0.0.1:9")
-        assert server.control({"opt": 9}) == (200, {"res": 1, "err_string": "", "current_users": 1})
+        assert server.control({"opt": 9}) == (
+            200,
+            {"res": 1, "err_string": "", "current_users": 1, "revision": 1},
+        )
         assert "missing or wrong bearer token" in server.log_text()
 
 

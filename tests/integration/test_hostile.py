@@ -1051,7 +1051,7 @@ async def test_controller_rejects_bad_bodies(
     doc = first_json(reply)
     note(f"{len(body)}-byte body: {reply.status} {doc}")
     assert reply.status == status, reply.raw[:300]
-    assert set(doc) == {"res", "err_string", "current_users"}, doc
+    assert set(doc) == {"res", "err_string", "current_users", "revision"}, doc
     assert doc["res"] == 2
     assert isinstance(doc["err_string"], str) and hint in doc["err_string"].lower(), doc
     assert user_count(server) == before, "a rejected request changed the users"
@@ -1075,6 +1075,7 @@ async def test_controller_chunked_bodies(hostile_tls: ServerProcess) -> None:
     server = hostile_tls
     server.add("/ctl-keep", "127.0.0.1:9")
     before = user_count(server)
+    revision = server.control({"opt": 9})[1]["revision"]
     reply = await raw_tcp_exchange(
         server.controller,
         http_post(chunked(b'{"opt":9}', 3), headers="Transfer-Encoding: chunked\r\n"),
@@ -1083,6 +1084,7 @@ async def test_controller_chunked_bodies(hostile_tls: ServerProcess) -> None:
         "res": 1,
         "err_string": "",
         "current_users": before,
+        "revision": revision,
     }
     huge = b'{"opt":3,"pad":"' + b"a" * (2 * MiB) + b'"}'
     reply = await raw_tcp_exchange(

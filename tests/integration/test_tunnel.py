@@ -107,14 +107,23 @@ async def test_overwrite_delete_and_reset(
         tls_server.add("/u", second)
         async with opener(tls_server, client_tls, "/u") as ws:
             assert await ws.recv() == b"second"
+        revision = tls_server.control({"opt": 9})[1]["revision"]
         status, reply = tls_server.control({"opt": 2, "args_bunch": [{"path": "/u"}]})
-        assert (status, reply) == (200, {"res": 1, "err_string": "", "current_users": 0})
+        assert (status, reply) == (
+            200,
+            {"res": 1, "err_string": "", "current_users": 0, "revision": revision + 1},
+        )
         with pytest.raises(InvalidStatus):
             async with opener(tls_server, client_tls, "/u"):
                 pass
         tls_server.add("/a", first)
         tls_server.add("/b", second)
-        assert tls_server.control({"opt": 3})[1] == {"res": 1, "err_string": "", "current_users": 0}
+        assert tls_server.control({"opt": 3})[1] == {
+            "res": 1,
+            "err_string": "",
+            "current_users": 0,
+            "revision": revision + 4,
+        }
         for path in ("/a", "/b"):
             with pytest.raises(InvalidStatus):
                 async with opener(tls_server, client_tls, path):

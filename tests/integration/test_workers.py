@@ -40,7 +40,12 @@ async def test_ping_counts_users_once_and_changes_nothing(cert_files: tuple[Path
             server.control({"opt": 1, "args_bunch": bunch})
             for _ in range(3):  # panels ping every few seconds
                 reply = server.control({"opt": 9})[1]
-                assert reply == {"res": 1, "err_string": "", "current_users": 1000}
+                assert reply == {
+                    "res": 1,
+                    "err_string": "",
+                    "current_users": 1000,
+                    "revision": 1,
+                }
             # Every worker still routes every user (a ping once reset the workers).
             for i in range(16):
                 async with opener(server, ctx, f"/u{i}") as ws:

@@ -4,6 +4,11 @@ Wire shape (PROTOCOL.md §6): `{"opt": 1|2|3|9, "args_bunch": [{"path", "dst"}]}
 in, `{"res": 1|2, "err_string": str, "current_users": int}` out. Unlike the
 original, which answers an empty 200 to what it cannot parse, every reply is
 JSON, every error names its cause, and one bad entry rejects the whole request.
+
+Beyond the original, in the same style: per-user limits on add entries,
+opt 4 replace (the panel's desired state, atomically), opt 5 list (settings and
+counters, optionally read-and-reset), opt 6 kick; every reply carries the
+table's revision (docs/controller.md).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from typing import Any
 from mtt.address import Destination, parse_destination, quote
 from mtt.controller.policy import DstPolicy
 from mtt.errors import ControlError
-from mtt.server.users import UserTable
+from mtt.server.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits, UserTable
 
 MAX_PATH_LENGTH = 4096
+MAX_NUMBER = 2**53  # what every JSON implementation a panel may use holds exactly
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ALLOW_ALL = DstPolicy()
 RES_OK = 1
@@ -30,7 +36,23 @@ class Opt(IntEnum):
     ADD = 1
     DELETE = 2
     RESET = 3
+    REPLACE = 4
+    LIST = 5
+    KICK = 6
     PING = 9
+
+
+CHANGES = frozenset({Opt.ADD, Opt.DELETE, Opt.RESET, Opt.REPLACE})  # these bump the revision
+_OPT_NAMES = "1 add, 2 delete, 3 reset, 4 replace, 5 list, 6 kick, 9 ping"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One user of an add or replace; quota_used None keeps the current count."""
+
+    path: str
+    user: User
+    quota_used: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +60,51 @@ class Command:
     """A validated request: nothing in it can fail to apply."""
 
     opt: Opt
-    entries: tuple[tuple[str, Destination], ...] = ()
+    entries: tuple[Entry, ...] = ()
     paths: tuple[str, ...] = ()
+    reset: bool = False  # list: read-and-reset the counters
+
+    def to_wire(self) -> dict[str, Any]:
+        """As JSON for a worker, a store or another node (trusted: already validated)."""
+        out: dict[str, Any] = {"opt": int(self.opt)}
+        if self.entries:
+            out["entries"] = [_entry_to_wire(e) for e in self.entries]
+        if self.paths:
+            out["paths"] = list(self.paths)
+        if self.reset:
+            out["reset"] = True
+        return out
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Command:
+        return cls(
+            Opt(data["opt"]),
+            entries=tuple(_entry_from_wire(e) for e in data.get("entries", ())),
+            paths=tuple(data.get("paths", ())),
+            reset=bool(data.get("reset", False)),
+        )
 
 
-def reply(res: int, current_users: int, err_string: str = "") -> dict[str, Any]:
-    """The reply object; all three fields always present."""
-    return {"res": res, "err_string": err_string, "current_users": current_users}
+def _entry_to_wire(entry: Entry) -> list[Any]:
+    user = entry.user
+    limits = [getattr(user.limits, name) for name in LIMIT_FIELDS]
+    return [entry.path, user.dst.host, user.dst.port, limits, entry.quota_used]
+
+
+def _entry_from_wire(item: list[Any]) -> Entry:
+    path, host, port, limits, quota_used = item
+    user_limits = UserLimits(*limits) if any(limits) else NO_LIMITS
+    return Entry(path, User(Destination(host, port), user_limits), quota_used)
+
+
+def reply(res: int, current_users: int, err_string: str = "", revision: int = 0) -> dict[str, Any]:
+    """The reply object; every field always present."""
+    return {
+        "res": res,
+        "err_string": err_string,
+        "current_users": current_users,
+        "revision": revision,
+    }
 
 
 def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
@@ -67,23 +127,48 @@ def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
     try:
         opt = Opt(raw_opt)
     except ValueError:
-        raise ControlError(
-            f"unknown opt {raw_opt} (valid: 1 add, 2 delete, 3 reset, 9 ping)"
-        ) from None
+        raise ControlError(f"unknown opt {raw_opt} (valid: {_OPT_NAMES})") from None
     if opt in (Opt.RESET, Opt.PING):
         return Command(opt)
+    if opt is Opt.LIST:
+        return _parse_list(doc)
     bunch = doc.get("args_bunch")
     if bunch is None:
+        if opt is Opt.REPLACE:
+            raise ControlError("missing args_bunch (send [] to remove every user)")
         raise ControlError("missing args_bunch")
     if not isinstance(bunch, list):
         raise ControlError(f"args_bunch must be an array, got {_json_type(bunch)}")
-    if not bunch:
+    if not bunch and opt is not Opt.REPLACE:
         raise ControlError("args_bunch is empty")
-    if opt is Opt.ADD:
-        return Command(
-            opt, entries=tuple(_parse_add(i, arg, policy) for i, arg in enumerate(bunch))
-        )
+    if opt in (Opt.ADD, Opt.REPLACE):
+        entries = tuple(_parse_add(i, arg, policy) for i, arg in enumerate(bunch))
+        if opt is Opt.REPLACE:
+            _check_unique(entries)
+        return Command(opt, entries=entries)
     return Command(opt, paths=tuple(_parse_delete(i, arg) for i, arg in enumerate(bunch)))
+
+
+def _parse_list(doc: dict[str, Any]) -> Command:
+    reset = doc.get("reset", False)
+    if not isinstance(reset, bool):
+        raise ControlError(f"reset must be a boolean, got {_json_type(reset)}")
+    bunch = doc.get("args_bunch")
+    if bunch is None:
+        return Command(Opt.LIST, reset=reset)
+    if not isinstance(bunch, list):
+        raise ControlError(f"args_bunch must be an array, got {_json_type(bunch)}")
+    paths = tuple(_parse_delete(i, arg) for i, arg in enumerate(bunch))
+    return Command(Opt.LIST, paths=paths, reset=reset)
+
+
+def _check_unique(entries: tuple[Entry, ...]) -> None:
+    """A desired state names each user once; two entries for one path is a panel bug."""
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        if entry.path in seen:
+            raise ControlError(f"args_bunch[{index}].path {quote(entry.path)} appears twice")
+        seen.add(entry.path)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -96,18 +181,19 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def apply_command(table: UserTable, command: Command) -> dict[str, Any]:
-    """Apply a validated command and build the reply."""
+def apply_command(table: UserTable, command: Command) -> None:
+    """Apply a validated change to a table (list, kick and ping change nothing)."""
     if command.opt is Opt.ADD:
-        table.add(command.entries)
+        table.add((e.path, e.user) for e in command.entries)
     elif command.opt is Opt.DELETE:
         table.delete(command.paths)
     elif command.opt is Opt.RESET:
         table.reset()
-    return reply(RES_OK, len(table))
+    elif command.opt is Opt.REPLACE:
+        table.replace((e.path, e.user) for e in command.entries)
 
 
-def _parse_add(index: int, arg: Any, policy: DstPolicy) -> tuple[str, Destination]:
+def _parse_add(index: int, arg: Any, policy: DstPolicy) -> Entry:
     if not isinstance(arg, dict):
         raise ControlError(f"args_bunch[{index}] must be an object, got {_json_type(arg)}")
     path = _parse_path(index, arg)
@@ -123,7 +209,23 @@ def _parse_add(index: int, arg: Any, policy: DstPolicy) -> tuple[str, Destinatio
     problem = policy.problem(destination)
     if problem is not None:
         raise ControlError(f"args_bunch[{index}].dst {quote(dst)} {problem}")
-    return path, destination
+    values = [_parse_count(index, arg, name) for name in LIMIT_FIELDS]
+    limits = UserLimits(*values) if any(values) else NO_LIMITS
+    quota_used = _parse_count(index, arg, "quota_used") if "quota_used" in arg else None
+    return Entry(path, User(destination, limits), quota_used)
+
+
+def _parse_count(index: int, arg: dict[str, Any], name: str) -> int:
+    value = arg.get(name, 0)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ControlError(
+            f"args_bunch[{index}].{name} must be an integer, got {_json_type(value)}"
+        )
+    if not 0 <= value <= MAX_NUMBER:
+        raise ControlError(f"args_bunch[{index}].{name} must be from 0 to 2^53")
+    return value
 
 
 def _parse_delete(index: int, arg: Any) -> str:

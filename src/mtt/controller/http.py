@@ -19,15 +19,15 @@ from typing import Any
 
 from aiohttp import web
 
-from mtt.controller.api import RES_ERR, RES_OK, Opt, parse_command, reply
+from mtt.controller.api import CHANGES, RES_ERR, Opt, parse_command
 from mtt.controller.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError
 from mtt.server.listen import split_host_port
-from mtt.server.store import UserStore
+from mtt.server.service import UserService
 
 log = logging.getLogger("mtt.controller")
 
-_STORE: web.AppKey[UserStore] = web.AppKey("store")
+_SERVICE: web.AppKey[UserService] = web.AppKey("service")
 TOKEN_ENV = "MTT_CONTROLLER_TOKEN"
 
 
@@ -99,18 +99,18 @@ async def _read_capped(request: web.Request, cap: int) -> bytes | None:
 
 
 async def _handle(request: web.Request) -> web.Response:
-    store = request.app[_STORE]
+    service = request.app[_SERVICE]
     settings = request.app[_SETTINGS]
     peer = request.remote or "unix"
     if settings.token and not _authorized(request, settings.token):
         log.warning("controller: %s: missing or wrong bearer token", peer)
-        response = _json(401, reply(RES_ERR, store.count(), "missing or wrong bearer token"))
+        response = _json(401, service.reply(RES_ERR, "missing or wrong bearer token"))
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
     if request.method != "POST":
         log.warning("controller: %s: method %s not allowed", peer, request.method)
         response = _json(
-            405, reply(RES_ERR, store.count(), f"method {request.method} not allowed, use POST")
+            405, service.reply(RES_ERR, f"method {request.method} not allowed, use POST")
         )
         response.headers["Allow"] = "POST"
         return response
@@ -118,37 +118,39 @@ async def _handle(request: web.Request) -> web.Response:
     body = await _read_capped(request, cap)
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
-        return _json(413, reply(RES_ERR, store.count(), f"body larger than {cap} bytes"))
+        return _json(413, service.reply(RES_ERR, f"body larger than {cap} bytes"))
     try:
         command = parse_command(body, settings.policy)
     except ControlError as exc:
         log.warning("controller: %s: rejected: %s", peer, exc)
-        return _json(400, reply(RES_ERR, store.count(), str(exc)))
-    await store.apply(command)
+        return _json(400, service.reply(RES_ERR, str(exc)))
+    status, answer = await service.execute(command)
     log.log(
-        logging.DEBUG if command.opt is Opt.PING else logging.INFO,
-        "controller: %s: opt %d applied, %d users",
+        logging.INFO if command.opt in CHANGES or command.opt is Opt.KICK else logging.DEBUG,
+        "controller: %s: opt %d: res %d, %d users, revision %d",
         peer,
         command.opt,
-        store.count(),
+        answer["res"],
+        service.count(),
+        service.revision,
     )
-    return _json(200, reply(RES_OK, store.count()))
+    return _json(status, answer)
 
 
-def make_app(store: UserStore, settings: ControllerSettings) -> web.Application:
+def make_app(service: UserService, settings: ControllerSettings) -> web.Application:
     """The controller application; every path answers the same command endpoint."""
     app = web.Application(client_max_size=settings.max_body)
-    app[_STORE] = store
+    app[_SERVICE] = service
     app[_SETTINGS] = settings
     app.router.add_route("*", "/{tail:.*}", _handle)
     return app
 
 
 async def start_controller(
-    address: str, store: UserStore, settings: ControllerSettings
+    address: str, service: UserService, settings: ControllerSettings
 ) -> tuple[web.AppRunner, str]:
     """Listen on host:port, or on a Unix socket when address is a path."""
-    runner = web.AppRunner(make_app(store, settings), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(service, settings), access_log=None, handle_signals=False)
     await runner.setup()
     site: web.BaseSite
     if "/" in address:

@@ -15,7 +15,7 @@ import asyncio
 import binascii
 import logging
 from base64 import b64decode
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -23,8 +23,9 @@ import h11
 
 from mtt.address import quote
 from mtt.config import Limits
+from mtt.server.agent import Agent
 from mtt.server.fallback import Fallback, FallbackRelay
-from mtt.server.users import UserTable
+from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.server")
 
@@ -41,6 +42,7 @@ def _page(status: int, reason: str) -> bytes:
 
 
 PAGES = {
+    403: ("Forbidden", _page(403, "Forbidden")),
     404: ("Not Found", _page(404, "Not Found")),
     400: ("Bad Request", _page(400, "Bad Request")),
 }
@@ -113,13 +115,14 @@ class FrontProtocol(asyncio.Protocol):
 
     def __init__(
         self,
-        table: UserTable,
+        agent: Agent,
         routing_key: Callable[[bytes], str | None],
-        make_ws_protocol: Callable[[], Any],
+        make_ws_protocol: Callable[[str, bool], Any],
         limits: Limits,
         fallback: Fallback | None = None,
     ) -> None:
-        self._table = table
+        self._agent = agent
+        self._table = agent.table
         self._routing_key = routing_key
         self._make_ws_protocol = make_ws_protocol
         self._handshake_timeout = limits.handshake_timeout
@@ -132,17 +135,25 @@ class FrontProtocol(asyncio.Protocol):
         self._done = False
         self._requests = 0
         self.peer = "unix"
+        self.client_ip = ""  # the real client's address: for limits and counters
+        self._early: bytearray | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             host = peer[0]
+            self.client_ip = host
             self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._handshake_timeout, self._on_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._early is not None:  # admission pending: keep what the client sends early
+            self._early += data
+            if len(self._early) > self._limits.dial_buffer:
+                self._close(abort=True)
+            return
         if self._done:
             return
         if self._fallback is not None and self._requests == 0:
@@ -191,12 +202,22 @@ class FrontProtocol(asyncio.Protocol):
             self._reject(400, "request head larger than 16 KiB")
             return
         key = self._routing_key(request.target)
-        if key is None or self._table.lookup(key) is None:
+        user = self._table.lookup(key) if key is not None else None
+        if key is None or user is None:
             reason = f"no user for path {quote(request.target.decode('latin-1'), 200)}"
         elif (problem := upgrade_problem(request)) is not None:
             reason = f"{key}: not a WebSocket upgrade ({problem})"
         else:
-            self._hand_over(canonical_upgrade(request))
+            head = canonical_upgrade(request)
+            verdict = self._agent.admission(key, user, self.client_ip)
+            if verdict is None:
+                self._hand_over(head, admitted=False)
+            else:
+                self._done = True
+                self._early = bytearray()
+                assert self._transport is not None
+                self._transport.pause_reading()
+                spawn(self._admit(key, head, verdict), name=f"admit {self.peer}")
             return
         if self._fallback is not None:
             self._to_fallback(self._fallback)
@@ -227,15 +248,36 @@ class FrontProtocol(asyncio.Protocol):
             self._handshake_timeout, self._on_timeout
         )
 
-    def _hand_over(self, head: bytes) -> None:
+    async def _admit(self, key: str, head: bytes, verdict: Awaitable[str | None]) -> None:
+        """Ask the user service about server-wide limits, then open or refuse."""
+        try:
+            refused = await verdict
+        except ConnectionError:
+            refused = "user service unreachable"
+        self._cancel_timer()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            if refused is None:
+                self._agent.abandon(key, self.client_ip)
+            return
+        if refused is not None:
+            log.warning("%s %s: refused: %s", self.peer, key, refused)
+            transport.write(http_response(403))
+            transport.close()
+            return
+        transport.resume_reading()
+        self._hand_over(head, admitted=True)
+
+    def _hand_over(self, head: bytes, admitted: bool) -> None:
         """Give the connection to the WebSocket layer, replaying the request."""
         self._done = True
         self._cancel_timer()
         transport = self._transport
         assert transport is not None
         trailing, _ = self._http.trailing_data
-        data = head + bytes(trailing)
-        ws_protocol = self._make_ws_protocol()
+        data = head + bytes(trailing) + (self._early or b"")
+        self._early = None
+        ws_protocol = self._make_ws_protocol(self.client_ip, admitted)
         transport.set_protocol(ws_protocol)
         ws_protocol.connection_made(transport)
         view = memoryview(data)

@@ -24,13 +24,15 @@ from mtt.controller.http import (
 from mtt.controller.policy import DstPolicy, parse_rule
 from mtt.errors import ConfigError
 from mtt.logs import log_loop_errors, setup_logging
+from mtt.server.agent import Agent
 from mtt.server.fallback import Fallback
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
-from mtt.server.store import LocalStore, UserStore
+from mtt.server.planes import LocalLink, LocalPlane
+from mtt.server.service import UserService
 from mtt.server.tls_setup import resolve_tls, tls_context
 from mtt.server.tunnel_server import TunnelServer
-from mtt.server.users import UserTable
 from mtt.server.workers import WorkerPool
+from mtt.store.memory import MemoryStore
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.server")
@@ -75,6 +77,12 @@ def build_flags() -> FlagSet:
         "Relay every non-tunnel request to this site (http[s]://host[:port]) instead of a 404",
     )
     fs.add(
+        "kick-on-delete",
+        "bool",
+        False,
+        "Deleting users (opt 2, 3, 4) also closes their established tunnels",
+    )
+    fs.add(
         "workers",
         "int",
         os.cpu_count() or 1,
@@ -116,6 +124,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         fast_open=values["fast-open"],
         verbose=values["verbose"],
         workers=values["workers"],
+        kick_on_delete=values["kick-on-delete"],
         grace=values["grace"],
         log_json=values["log-format"] == "json",
         fallback=values["fallback"],
@@ -129,15 +138,16 @@ async def serve(config: ServerConfig) -> None:
     """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
     log_loop_errors(asyncio.get_running_loop())
     tls, mode = resolve_tls(config)
-    store: UserStore
+    service = UserService(MemoryStore(), kick_on_delete=config.kick_on_delete)
+    await service.start()
     if config.workers > 1:
-        pool = WorkerPool(config, tls, config.workers)
+        pool = WorkerPool(config, tls, config.workers, service)
         try:
             where = await pool.start()
         except BaseException:
             await pool.stop()
             raise
-        store = pool
+        service.attach(pool)
         mode += f", {config.workers} workers"
     else:
         sock = (
@@ -145,9 +155,10 @@ async def serve(config: ServerConfig) -> None:
             if config.bind_unix
             else tcp_listen_socket(config.bind, fast_open=config.fast_open)
         )
-        table = UserTable()
+        agent = Agent(LocalLink(service))
+        agent.apply(service.snapshot(), kick=False)
         server = TunnelServer(
-            table,
+            agent,
             config.limits,
             default_mux=config.mux,
             ssl_context=tls_context(tls),
@@ -156,11 +167,11 @@ async def serve(config: ServerConfig) -> None:
         await server.start(sock)
         bound = sock.getsockname()
         where = bound if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
-        store = LocalStore(table)
+        service.attach(LocalPlane(agent))
     try:
         runner, controller_at = await start_controller(
             config.controller,
-            store,
+            service,
             ControllerSettings(
                 config.limits.max_control_body, config.controller_token, config.allow_dst
             ),
@@ -206,6 +217,7 @@ async def serve(config: ServerConfig) -> None:
             await pool.stop(config.grace)
         else:
             await server.drain(config.grace)
+        await service.close()
         if config.bind_unix:
             with contextlib.suppress(OSError):
                 os.unlink(config.bind)

@@ -24,10 +24,10 @@ from picows import (
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from mtt.config import Limits
+from mtt.server.agent import Agent, TunnelAccount
 from mtt.server.fallback import Fallback
 from mtt.server.front import PAGES, FrontProtocol
 from mtt.server.tls_setup import TlsSpec
-from mtt.server.users import UserTable
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
 from mtt.transport.tls import load_pem_into
@@ -121,14 +121,15 @@ class TunnelServer:
 
     def __init__(
         self,
-        table: UserTable,
+        agent: Agent,
         limits: Limits,
         *,
         default_mux: bool,
         ssl_context: ssl.SSLContext | None,
         fallback: Fallback | None = None,
     ) -> None:
-        self.table = table
+        self.agent = agent
+        self.table = agent.table
         self.limits = limits
         self.default_mux = default_mux
         self.ssl_context = ssl_context
@@ -138,12 +139,14 @@ class TunnelServer:
         self.unix = False
         self._ws_logger = logging.getLogger("mtt.ws")
 
-    def _protocol_factory(self) -> WSProtocol:
+    def _protocol_factory(self, client_ip: str, admitted: bool) -> WSProtocol:
+        """The WebSocket layer for a connection whose request head the front
+        layer accepted (and, for users with server-wide limits, admitted)."""
         limits = self.limits
         protocol: WSProtocol
 
         def route(request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
-            return self._route(request, _peer_name(protocol))
+            return self._route(request, _peer_name(protocol), client_ip, admitted)
 
         protocol_class = _UnixWSProtocol if self.unix else WSProtocol
         protocol = protocol_class(
@@ -165,11 +168,15 @@ class TunnelServer:
         )
         return protocol
 
-    def _route(self, request: WSUpgradeRequest, peer: str) -> WSUpgradeResponseWithListener:
+    def _route(
+        self, request: WSUpgradeRequest, peer: str, client_ip: str, admitted: bool
+    ) -> WSUpgradeResponseWithListener:
         key = routing_key(request.path)
-        dst = self.table.lookup(key) if key is not None else None
-        if dst is None:  # deleted since the front layer looked
+        user = self.table.lookup(key) if key is not None else None
+        if user is None:  # deleted since the front layer looked
             log.info("%s: user %s deleted during the upgrade", peer, key)
+            if admitted and key is not None:
+                self.agent.abandon(key, client_ip)
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(
                     404, PAGES[404][1], {"Server": "nginx", "Content-Type": "text/html"}
@@ -180,13 +187,14 @@ class TunnelServer:
         mux, subprotocol = choose_subprotocol(
             request.headers.get("Sec-WebSocket-Protocol"), self.default_mux
         )
+        account = TunnelAccount(self.agent, key, user, client_ip, admitted)
         listener: WSListener
         if mux:
-            listener = MuxTunnel(dst, peer, key, self.limits, self.registry)
+            listener = MuxTunnel(account, peer, self.limits, self.registry)
         else:
-            listener = PlainTunnel(dst, peer, key, self.limits, self.registry)
+            listener = PlainTunnel(account, peer, self.limits, self.registry)
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
-        log.debug("%s %s: upgrade (%s) to %s", peer, key, "smux" if mux else "plain", dst)
+        log.debug("%s %s: upgrade (%s) to %s", peer, key, "smux" if mux else "plain", user.dst)
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(headers), listener
         )
@@ -198,7 +206,7 @@ class TunnelServer:
 
         def front() -> FrontProtocol:
             return FrontProtocol(
-                self.table, routing_key, self._protocol_factory, self.limits, self.fallback
+                self.agent, routing_key, self._protocol_factory, self.limits, self.fallback
             )
 
         # aiofastnet (by picows' author) runs TLS in C with fewer copies than

@@ -14,16 +14,17 @@ from typing import Any
 import uvloop
 
 from mtt.config import Limits, ServerConfig
-from mtt.controller.api import apply_command
+from mtt.controller.api import Command
 from mtt.errors import ConfigError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.server import channel
+from mtt.server.agent import Agent
 from mtt.server.fallback import Fallback
-from mtt.server.store import command_from_wire
+from mtt.server.rpc import Message, RpcChannel
 from mtt.server.tls_setup import tls_context
 from mtt.server.tunnel_server import TunnelServer
-from mtt.server.users import UserTable
 from mtt.smux import SmuxConfig
+from mtt.store.base import Usage
 
 log = logging.getLogger("mtt.worker")
 
@@ -32,6 +33,61 @@ def config_from_wire(data: dict[str, Any]) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
     return ServerConfig(**{**data, "limits": Limits(**limits)})
+
+
+class SupervisorLink:
+    """The agent's way to the user service in the supervisor."""
+
+    def __init__(self) -> None:
+        self.rpc: RpcChannel | None = None
+
+    async def admit(self, path: str, ip: str) -> str | None:
+        assert self.rpc is not None
+        reply = await self.rpc.call({"op": "admit", "path": path, "ip": ip})
+        refused = reply.get("refused")
+        return None if refused is None else str(refused)
+
+    def release(self, path: str, ip: str, delta: Usage) -> None:
+        assert self.rpc is not None
+        self.rpc.notify({"op": "release", "path": path, "ip": ip, "usage": delta.to_wire()})
+
+    async def tokens(self, path: str, direction: int, want: int) -> int:
+        assert self.rpc is not None
+        reply = await self.rpc.call({"op": "tokens", "path": path, "dir": direction, "want": want})
+        return int(reply["grant"])
+
+
+class WorkerControl:
+    """Answers the supervisor: changes, counters, kicks, certificates, stop."""
+
+    def __init__(self, agent: Agent, server: TunnelServer) -> None:
+        self.agent = agent
+        self.server = server
+        self.stop_grace: float | None = None
+        self.stopped = asyncio.Event()
+
+    def handle(self, message: Message) -> Message | None:
+        op = message.get("op")
+        agent = self.agent
+        if op == "change":
+            agent.apply(Command.from_wire(message["command"]), bool(message.get("kick")))
+            return {}
+        if op == "collect":
+            return {"users": agent.collect()}
+        if op == "kick":
+            return {"kicked": agent.kick(message["paths"])}
+        if op == "tls":
+            try:
+                self.server.reload_tls(message["tls"])
+            except ConfigError as exc:
+                log.error("certificate reload failed: %s", exc)
+            return {}
+        if op == "stop":
+            self.stop_grace = float(message.get("grace", 0.0))
+            self.stopped.set()
+            return None
+        log.error("unknown op %r from the supervisor", op)
+        return {}
 
 
 async def run(index: int, listen_fd: int, control_fd: int) -> None:
@@ -43,50 +99,32 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     config = config_from_wire(init["config"])
     setup_logging(config.verbose, tag=f"w{index}", json_format=config.log_json)
     log_loop_errors(asyncio.get_running_loop())
-    table = UserTable()
-    apply_command(table, command_from_wire(init["users"]))
+    link = SupervisorLink()
+    agent = Agent(link)
+    agent.apply(Command.from_wire(init["users"]), kick=False)
     server = TunnelServer(
-        table,
+        agent,
         config.limits,
         default_mux=config.mux,
         ssl_context=tls_context(init["tls"]),
         fallback=Fallback.parse(config.fallback) if config.fallback else None,
     )
     await server.start(listen_sock)
+    control = WorkerControl(agent, server)
+    link.rpc = rpc = RpcChannel(reader, writer, control.handle, f"worker {index}")
     writer.write(channel.encode({"ready": True}))
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    reading = asyncio.ensure_future(_apply_changes(reader, writer, table, server))
+    reading = asyncio.ensure_future(rpc.run())
     stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait((reading, stopped), return_when=asyncio.FIRST_COMPLETED)
-    grace = reading.result() if reading.done() and not reading.exception() else 0.0
-    for task in (reading, stopped):
+    told = asyncio.ensure_future(control.stopped.wait())
+    await asyncio.wait((reading, stopped, told), return_when=asyncio.FIRST_COMPLETED)
+    # Told to stop: take the grace given; the supervisor gone without a word: none.
+    grace = control.stop_grace or 0.0
+    for task in (reading, stopped, told):
         task.cancel()
     await server.drain(grace)
-
-
-async def _apply_changes(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    table: UserTable,
-    server: TunnelServer,
-) -> float:
-    """Apply each change, then acknowledge it. Returns the grace period to stop
-    with (0 when the supervisor went away without a word)."""
-    while (message := await channel.read_message(reader)) is not None:
-        op = message.get("op")
-        if op == "stop":
-            return float(message.get("grace", 0.0))
-        if op == "tls":
-            try:
-                server.reload_tls(message["tls"])
-            except ConfigError as exc:
-                log.error("certificate reload failed: %s", exc)
-        else:
-            apply_command(table, command_from_wire(message))
-        writer.write(channel.encode({"id": message["id"]}))
-    return 0.0
 
 
 def main() -> None:

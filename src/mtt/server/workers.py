@@ -12,21 +12,20 @@ before it listens again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import json
 import logging
 import socket
 import sys
 from typing import Any
 
 from mtt.config import ServerConfig
-from mtt.controller.api import Command, Opt, apply_command
+from mtt.controller.api import Command
 from mtt.errors import ProtocolError
 from mtt.server import channel
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
-from mtt.server.store import command_to_wire, snapshot
-from mtt.server.users import UserTable
+from mtt.server.rpc import Message, RpcChannel, encode_request
+from mtt.server.service import UserService
+from mtt.store.base import Usage
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.workers")
@@ -46,14 +45,12 @@ def config_to_wire(config: ServerConfig) -> dict[str, Any]:
 class Worker:
     """One worker process and its control channel."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, service: UserService) -> None:
         self.index = index
+        self.service = service
         self.proc: asyncio.subprocess.Process | None = None
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+        self.rpc: RpcChannel | None = None
         self.ready = False
-        self._next_id = 0
-        self._waiting: dict[int, asyncio.Future[None]] = {}
 
     async def start(self, listen_sock: socket.socket, init: dict[str, Any]) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -70,48 +67,57 @@ class Worker:
             )
         finally:
             child.close()
-        self.reader, self.writer = await asyncio.open_unix_connection(sock=parent)
-        self.writer.write(channel.encode(init))
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        writer.write(channel.encode(init))
         async with asyncio.timeout(START_TIMEOUT):
-            message = await channel.read_message(self.reader)
+            message = await channel.read_message(reader)
         if message is None or not message.get("ready"):
             raise ProtocolError(f"worker {self.index} did not start: {message}")
+        self.rpc = RpcChannel(reader, writer, self._handle, f"worker {self.index}")
         self.ready = True
-        spawn(self._read_acks(), name=f"worker {self.index} acks")
+        spawn(self._run(self.rpc), name=f"worker {self.index} channel")
 
-    async def _read_acks(self) -> None:
-        assert self.reader is not None
+    async def _run(self, rpc: RpcChannel) -> None:
         try:
-            while (message := await channel.read_message(self.reader)) is not None:
-                future = self._waiting.pop(int(message.get("id", -1)), None)
-                if future is not None and not future.done():
-                    future.set_result(None)
-        except (ProtocolError, ConnectionError, ValueError) as exc:
-            log.error("worker %d: control channel: %s", self.index, exc)
+            await rpc.run()
         finally:
             self.ready = False
-            for future in self._waiting.values():
-                if not future.done():
-                    future.set_exception(ConnectionError("worker channel closed"))
-            self._waiting.clear()
+            self.service.agent_gone(self.index)
 
-    async def request(self, body: bytes) -> None:
-        """Send one change (a JSON object, encoded) and wait until the worker applied it."""
-        if self.writer is None or not self.ready:
+    def _handle(self, message: Message) -> Any:
+        """The worker's questions to the user service."""
+        service = self.service
+        op = message.get("op")
+        if op == "admit":
+            return self._admit(message["path"], message["ip"])
+        if op == "tokens":
+            return self._tokens(message["path"], int(message["dir"]), int(message["want"]))
+        if op == "release":
+            usage = Usage.from_wire(message["usage"])
+            spawn(
+                service.release(self.index, message["path"], message["ip"], usage),
+                name=f"release {message['path']}",
+            )
+            return None
+        log.error("worker %d sent unknown op %r", self.index, op)
+        return None
+
+    async def _admit(self, path: str, ip: str) -> Message:
+        return {"refused": await self.service.admit(self.index, path, ip)}
+
+    async def _tokens(self, path: str, direction: int, want: int) -> Message:
+        return {"grant": await self.service.tokens(path, direction, want)}
+
+    async def request(self, body: bytes) -> Message:
+        """Send one encoded request and wait for the worker's reply."""
+        if self.rpc is None or not self.ready:
             raise ConnectionError(f"worker {self.index} is not running")
-        self._next_id += 1
-        request_id = self._next_id
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        self.writer.write(channel.encode_body(b'{"id":%d,' % request_id + body[1:]))
-        await self.writer.drain()
-        await future
+        return await self.rpc.call_encoded(body)
 
     def stop(self, grace: float) -> None:
-        if self.writer is not None:
-            with contextlib.suppress(Exception):
-                self.writer.write(channel.encode({"op": "stop", "grace": grace}))
-                self.writer.close()
+        if self.rpc is not None:
+            self.rpc.notify({"op": "stop", "grace": grace})
+            self.rpc.close()
         self.ready = False
 
     def kill(self) -> None:
@@ -120,13 +126,19 @@ class Worker:
 
 
 class WorkerPool:
-    """The supervisor: spawns, feeds and restarts workers; a UserStore for the controller."""
+    """The supervisor: spawns, feeds and restarts workers; the user service's data plane."""
 
-    def __init__(self, config: ServerConfig, tls: dict[str, str] | None, count: int) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        tls: dict[str, str] | None,
+        count: int,
+        service: UserService,
+    ) -> None:
         self.config = config
         self.tls = tls
-        self.table = UserTable()
-        self.workers = [Worker(i + 1) for i in range(count)]
+        self.service = service
+        self.workers = [Worker(i + 1, service) for i in range(count)]
         self._placeholder: socket.socket | None = None
         self._shared: socket.socket | None = None
         self._port = 0
@@ -175,7 +187,7 @@ class WorkerPool:
         return {
             "config": config_to_wire(self.config),
             "tls": self.tls,
-            "users": command_to_wire(snapshot(self.table)),
+            "users": self.service.snapshot().to_wire(),
         }
 
     async def _start_worker(self, worker: Worker) -> None:
@@ -219,18 +231,30 @@ class WorkerPool:
             if sock is not None:
                 sock.close()
 
-    # -- UserStore ---------------------------------------------------------------
+    # -- Plane -----------------------------------------------------------------------
 
-    def count(self) -> int:
-        return len(self.table)
-
-    async def apply(self, command: Command) -> None:
-        """Apply here, then in every running worker; returns once all have it."""
-        if command.opt is Opt.PING:
-            return  # changes nothing (it once reached workers as a reset)
+    async def apply(self, command: Command, kick: bool) -> None:
+        """Apply in every running worker; returns once all have it."""
         async with self._apply_lock:
-            apply_command(self.table, command)
-            await self._broadcast(command_to_wire(command))
+            await self._broadcast({"op": "change", "command": command.to_wire(), "kick": kick})
+
+    async def collect(self) -> list[dict[str, Any]]:
+        replies = await self._ask_all({"op": "collect"})
+        return [r["users"] for r in replies]
+
+    async def kick(self, paths: tuple[str, ...]) -> int:
+        replies = await self._ask_all({"op": "kick", "paths": list(paths)})
+        return sum(int(r["kicked"]) for r in replies)
+
+    async def _ask_all(self, message: Message) -> list[Message]:
+        """A question to every running worker; a worker that fails to answer is skipped."""
+        body = encode_request(message)
+        running = [w for w in self.workers if w.ready]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(w.request(body), APPLY_TIMEOUT) for w in running),
+            return_exceptions=True,
+        )
+        return [r for r in results if isinstance(r, dict)]
 
     async def reload_tls(self, tls: dict[str, str]) -> None:
         """Every worker (and any restarted later) serves the new certificate."""
@@ -241,7 +265,7 @@ class WorkerPool:
     async def _broadcast(self, message: dict[str, Any]) -> None:
         """Send to every running worker and wait for each to acknowledge."""
         # Encode once: json.dumps of 40,000 entries is the expensive part.
-        body = json.dumps(message, separators=(",", ":")).encode()
+        body = encode_request(message)
         running = [w for w in self.workers if w.ready]
         results = await asyncio.gather(
             *(asyncio.wait_for(w.request(body), APPLY_TIMEOUT) for w in running),

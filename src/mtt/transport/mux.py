@@ -36,7 +36,9 @@ from mtt.transport.wsbase import CheckedListener
 from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
-    from mtt.address import Destination
+    from mtt.server.agent import TunnelAccount, UserMeter
+
+UP = 0  # throttle directions (mtt.server.throttle)
 
 log = logging.getLogger("mtt.tunnel")
 
@@ -90,7 +92,7 @@ class MuxStream:
             conn.close()
             return
         self._dst = conn
-        if self._tunnel.writing_paused:
+        if self._tunnel.writing_paused or self._tunnel.throttled_down:
             conn.pause_reading()
         self._flush_pending()
         if self._peer_ended:
@@ -126,6 +128,12 @@ class MuxStream:
     def dst_data(self, data: bytes) -> None:
         t = self._tunnel
         self.last_activity = t.now
+        meter = t.meter
+        if meter is not None:
+            meter.down += len(data)
+            throttle = meter.throttles[1]
+            if throttle is not None:
+                throttle.charge(len(data), t)
         taken = t.session.send_data(self.sid, data)
         if taken < len(data):
             self._outbound = data[taken:]
@@ -140,7 +148,12 @@ class MuxStream:
         t = self._tunnel
         taken = t.session.send_data(self.sid, self._outbound)
         self._outbound = self._outbound[taken:]
-        if not self._outbound and self._dst is not None and not t.writing_paused:
+        if (
+            not self._outbound
+            and self._dst is not None
+            and not t.writing_paused
+            and not t.throttled_down
+        ):
             self._dst.resume_reading()
         t.flush()
 
@@ -191,12 +204,16 @@ class MuxTunnel(CheckedListener):
     """Drives an SmuxSession over one WebSocket."""
 
     def __init__(
-        self, dst: Destination, peer: str, path: str, limits: Limits, registry: TunnelRegistry
+        self, account: TunnelAccount, peer: str, limits: Limits, registry: TunnelRegistry
     ) -> None:
         super().__init__()
-        self.dst = dst
+        self._account = account
+        self.meter: UserMeter | None = None
+        self.throttled_down = False
+        self._throttled_up = False
+        self.dst = account.user.dst
         self.peer = peer
-        self.path = path
+        self.path = account.path
         self.limits = limits
         self._registry = registry
         self._loop = asyncio.get_running_loop()
@@ -216,6 +233,7 @@ class MuxTunnel(CheckedListener):
         self._ws = transport
         transport.underlying_transport.set_write_buffer_limits(high=self.limits.write_high_water)
         self._registry.opened(self)
+        self.meter = self._account.open(self)
         self._timer.rearm(self.session.get_timer())
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -250,6 +268,9 @@ class MuxTunnel(CheckedListener):
                 log.warning("%s %s: WebSocket %s", self.peer, self.path, reason)
         self._finish(WSCloseCode.OK)
         self._registry.closed(self)
+        if self.meter is not None:
+            self.meter = None
+            self._account.close(self)
 
     def pause_writing(self) -> None:
         self.ws_writing_paused = self.writing_paused = True
@@ -258,17 +279,48 @@ class MuxTunnel(CheckedListener):
 
     def resume_writing(self) -> None:
         self.ws_writing_paused = self.writing_paused = False
-        for stream in self.streams.values():
-            stream.resume_reading()
+        if not self.throttled_down:
+            for stream in self.streams.values():
+                stream.resume_reading()
 
     def shutdown(self) -> None:
         """Close the session now (server shutdown)."""
         self._finish(WSCloseCode.GOING_AWAY)
 
+    def kick(self) -> None:
+        """Close the session now (the controller said so)."""
+        log.info("%s %s: kicked", self.peer, self.path)
+        self._finish(WSCloseCode.POLICY_VIOLATION)
+
+    def throttle_pause(self, direction: int) -> None:
+        if direction == UP:
+            self._throttled_up = True
+            self.after_consume()
+        else:
+            self.throttled_down = True
+            for stream in self.streams.values():
+                stream.pause_reading()
+
+    def throttle_resume(self, direction: int) -> None:
+        if direction == UP:
+            self._throttled_up = False
+            self.after_consume()
+        else:
+            self.throttled_down = False
+            if not self.writing_paused:
+                for stream in self.streams.values():
+                    stream.resume_reading()
+
     # -- session events -----------------------------------------------------
 
     def _handle(self, event: object) -> None:
         if isinstance(event, StreamData):
+            meter = self.meter
+            if meter is not None:
+                meter.up += len(event.data)
+                throttle = meter.throttles[0]
+                if throttle is not None:
+                    throttle.charge(len(event.data), self)
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.client_data(event.data)
@@ -314,7 +366,7 @@ class MuxTunnel(CheckedListener):
         if ws is None or self._closed:
             return
         transport = ws.underlying_transport
-        paused = self.session.reading_paused()
+        paused = self.session.reading_paused() or self._throttled_up
         if paused and not self._reading_paused:
             self._reading_paused = True
             if not transport.is_closing():

@@ -29,7 +29,9 @@ from mtt.transport.wsbase import CheckedListener
 from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
-    from mtt.address import Destination
+    from mtt.server.agent import TunnelAccount, UserMeter
+
+UP = 0  # throttle directions (mtt.server.throttle)
 
 log = logging.getLogger("mtt.tunnel")
 
@@ -76,12 +78,15 @@ class PlainTunnel(CheckedListener):
     """Relays one WebSocket to one dst connection."""
 
     def __init__(
-        self, dst: Destination, peer: str, path: str, limits: Limits, registry: TunnelRegistry
+        self, account: TunnelAccount, peer: str, limits: Limits, registry: TunnelRegistry
     ) -> None:
         super().__init__()
-        self._dst_addr = dst
+        self._account = account
+        self._meter: UserMeter | None = None
+        self._dst_throttled = False
+        self._dst_addr = account.user.dst
         self._peer = peer
-        self._path = path
+        self._path = account.path
         self._limits = limits
         self._registry = registry
         self._loop = asyncio.get_running_loop()
@@ -105,6 +110,7 @@ class PlainTunnel(CheckedListener):
         self._ws = transport
         transport.underlying_transport.set_write_buffer_limits(high=self._limits.write_high_water)
         self._registry.opened(self)
+        self._meter = self._account.open(self)
         self._last_activity = self._loop.time()
         self._arm_idle_timer(self._limits.idle_timeout)
         self._dial_task = spawn(self._dial(), name=f"dial {self._dst_addr} for {self._peer}")
@@ -117,13 +123,13 @@ class PlainTunnel(CheckedListener):
             state = self._state
             if state is _State.RELAYING:
                 data = frame.get_payload_as_bytes()
-                self.bytes_up += len(data)
+                self._count_up(len(data))
                 self._last_activity = self._loop.time()
                 assert self._dst is not None
                 self._dst.write(data)
             elif state is _State.DIALING:
                 data = frame.get_payload_as_bytes()
-                self.bytes_up += len(data)
+                self._count_up(len(data))
                 self._pending.append(data)
                 self._pending_size += len(data)
                 if self._pending_size >= self._limits.dial_buffer:
@@ -147,6 +153,9 @@ class PlainTunnel(CheckedListener):
             self._dst.close()
         self._cancel_timer()
         self._registry.closed(self)
+        if self._meter is not None:
+            self._meter = None
+            self._account.close(self)
 
     def pause_writing(self) -> None:
         self.ws_writing_paused = True
@@ -155,12 +164,45 @@ class PlainTunnel(CheckedListener):
 
     def resume_writing(self) -> None:
         self.ws_writing_paused = False
-        if self._dst is not None:
+        if self._dst is not None and not self._dst_throttled:
             self._dst.resume_reading()
 
     def shutdown(self) -> None:
         """Close this tunnel now (server shutdown)."""
         self._finish("server shutting down", WSCloseCode.GOING_AWAY)
+
+    def kick(self) -> None:
+        """Close this tunnel now (the controller said so)."""
+        log.info("%s %s: kicked", self._peer, self._path)
+        self._finish("kicked", WSCloseCode.POLICY_VIOLATION)
+
+    # -- accounting and rate limits ---------------------------------------------
+
+    def _count_up(self, size: int) -> None:
+        self.bytes_up += size
+        meter = self._meter
+        if meter is not None:
+            meter.up += size
+            throttle = meter.throttles[0]
+            if throttle is not None:
+                throttle.charge(size, self)
+
+    def throttle_pause(self, direction: int) -> None:
+        if direction == UP:
+            self._block_reading("rate")
+        else:
+            self._dst_throttled = True
+            if self._dst is not None:
+                self._dst.pause_reading()
+
+    def throttle_resume(self, direction: int) -> None:
+        if direction == UP:
+            if self._state in (_State.DIALING, _State.RELAYING):
+                self._unblock_reading("rate")
+        else:
+            self._dst_throttled = False
+            if self._dst is not None and not self.ws_writing_paused:
+                self._dst.resume_reading()
 
     # -- dst side ---------------------------------------------------------
 
@@ -178,6 +220,8 @@ class PlainTunnel(CheckedListener):
             conn.close()  # the client went away while we dialed
             return
         self._dst = conn
+        if self._dst_throttled or self.ws_writing_paused:
+            conn.pause_reading()
         self._state = _State.RELAYING
         for chunk in self._pending:
             conn.write(chunk)
@@ -190,7 +234,14 @@ class PlainTunnel(CheckedListener):
         ws = self._ws
         if ws is None or self._state is not _State.RELAYING:
             return
-        self.bytes_down += len(data)
+        size = len(data)
+        self.bytes_down += size
+        meter = self._meter
+        if meter is not None:
+            meter.down += size
+            throttle = meter.throttles[1]
+            if throttle is not None:
+                throttle.charge(size, self)
         self._last_activity = self._loop.time()
         transport = ws.underlying_transport
         if not transport.is_closing():

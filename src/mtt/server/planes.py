@@ -1,0 +1,46 @@
+"""The user service and a tunnel listener in one process (-workers 1): the
+same requests as between a supervisor and its workers, as direct calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mtt.controller.api import Command
+from mtt.server.agent import Agent
+from mtt.server.service import UserService
+from mtt.store.base import Usage
+from mtt.transport.tasks import spawn
+
+LOCAL_AGENT = 0
+
+
+class LocalLink:
+    """The agent's way to the service in the same process."""
+
+    def __init__(self, service: UserService) -> None:
+        self._service = service
+
+    async def admit(self, path: str, ip: str) -> str | None:
+        return await self._service.admit(LOCAL_AGENT, path, ip)
+
+    def release(self, path: str, ip: str, delta: Usage) -> None:
+        spawn(self._service.release(LOCAL_AGENT, path, ip, delta), name=f"release {path}")
+
+    async def tokens(self, path: str, direction: int, want: int) -> int:
+        return await self._service.tokens(path, direction, want)
+
+
+class LocalPlane:
+    """The service's way to the agent in the same process."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def apply(self, command: Command, kick: bool) -> None:
+        self.agent.apply(command, kick)
+
+    async def collect(self) -> list[dict[str, Any]]:
+        return [self.agent.collect()]
+
+    async def kick(self, paths: tuple[str, ...]) -> int:
+        return self.agent.kick(paths)

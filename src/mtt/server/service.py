@@ -1,0 +1,302 @@
+"""The user service: the one authoritative view of users, their counters and
+their server-wide limits, behind the controller.
+
+Changes go to the store first (durable or shared before res 1), then to every
+data plane (the in-process tunnel listener, or each worker). Admission against
+max_tunnels, max_ips, quota and expire, and rate tokens, are decided here,
+because a user's tunnels may land in any worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mtt.controller.api import (
+    CHANGES,
+    RES_ERR,
+    RES_OK,
+    Command,
+    Entry,
+    Opt,
+    apply_command,
+    reply,
+)
+from mtt.errors import StoreError
+from mtt.server.throttle import TokenSchedule
+from mtt.server.users import LIMIT_FIELDS, User, UserTable
+from mtt.store.base import Store, Usage
+from mtt.transport.tasks import spawn
+
+log = logging.getLogger("mtt.service")
+
+COLLECT_INTERVAL = 1.0  # how stale quota decisions and metrics may be for open tunnels
+
+
+class Plane(Protocol):
+    """Where tunnels are served: this process, or a pool of workers."""
+
+    async def apply(self, command: Command, kick: bool) -> None: ...
+    async def collect(self) -> list[dict[str, Any]]: ...
+    async def kick(self, paths: tuple[str, ...]) -> int: ...
+
+
+@dataclass(slots=True)
+class Live:
+    """A user's open tunnels across every plane, as last reported."""
+
+    active: int = 0
+    ips: frozenset[str] = frozenset()
+
+
+class UserService:
+    def __init__(self, store: Store, *, kick_on_delete: bool = False) -> None:
+        self.store = store
+        self.kick_on_delete = kick_on_delete
+        self.table = UserTable()
+        self.revision = 0
+        self.plane: Plane | None = None
+        self.live: dict[str, Live] = {}
+        # Tunnels admitted against server-wide limits: path -> (agent, ip) -> count.
+        self._admitted: dict[str, Counter[tuple[int, str]]] = {}
+        self._schedules: dict[tuple[str, int], TokenSchedule] = {}
+        self._change_lock = asyncio.Lock()
+        self._usage_lock = asyncio.Lock()
+        self._collector: asyncio.Task[None] | None = None
+
+    async def start(self, plane: Plane | None = None) -> None:
+        snapshot = await self.store.load()
+        self.table.replace(snapshot.users.items())
+        self.revision = snapshot.revision
+        self.store.watch(self._remote_change)
+        if plane is not None:
+            self.attach(plane)
+
+    def attach(self, plane: Plane) -> None:
+        self.plane = plane
+        self._collector = spawn(self._collect_loop(), name="collect counters")
+
+    async def close(self) -> None:
+        """Count what the planes still hold, then let the store flush."""
+        if self._collector is not None:
+            self._collector.cancel()
+        with contextlib.suppress(Exception):
+            await self.collect()
+        await self.store.close()
+
+    def count(self) -> int:
+        return len(self.table)
+
+    def snapshot(self) -> Command:
+        """The whole table, for a worker that starts or restarts."""
+        return Command(Opt.REPLACE, entries=_entries(self.table.items()))
+
+    # -- the controller ------------------------------------------------------------
+
+    async def execute(self, command: Command) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, reply) for a validated command."""
+        opt = command.opt
+        if opt in CHANGES:
+            try:
+                await self.change(command)
+            except StoreError as exc:
+                log.error("controller: opt %d not applied: %s", opt, exc)
+                return 503, self.reply(RES_ERR, f"user store unavailable: {exc}")
+            return 200, self.reply(RES_OK)
+        if opt is Opt.LIST:
+            try:
+                users = await self.list_users(command.paths or None, command.reset)
+            except StoreError as exc:
+                return 503, self.reply(RES_ERR, f"user store unavailable: {exc}")
+            return 200, {**self.reply(RES_OK), "users": users}
+        if opt is Opt.KICK:
+            kicked = await self.plane.kick(command.paths) if self.plane is not None else 0
+            return 200, {**self.reply(RES_OK), "kicked": kicked}
+        return 200, self.reply(RES_OK)
+
+    def reply(self, res: int, err_string: str = "") -> dict[str, Any]:
+        return reply(res, len(self.table), err_string, self.revision)
+
+    async def change(self, command: Command) -> None:
+        async with self._change_lock:
+            revision = await self.store.commit(command)
+            self._apply_local(command, revision)
+            if self.plane is not None:
+                await self.plane.apply(command, self.kick_on_delete)
+
+    def _apply_local(self, command: Command, revision: int) -> None:
+        apply_command(self.table, command)
+        self.revision = revision
+        table = self.table
+        for key in [k for k in self._schedules if k[0] not in table]:
+            del self._schedules[key]
+        for (path, _), schedule in self._schedules.items():
+            user = table.lookup(path)
+            if user is not None:
+                schedule.rate = user.limits.rate
+
+    def _remote_change(self, revision: int, command: Command | None) -> None:
+        """Another node changed the shared table."""
+        spawn(self._follow(revision, command), name="apply a remote change")
+
+    async def _follow(self, revision: int, command: Command | None) -> None:
+        async with self._change_lock:
+            if revision <= self.revision and command is not None:
+                return  # our own change, or one already seen
+            if command is None or revision != self.revision + 1:
+                snapshot = await self.store.load()
+                command = Command(Opt.REPLACE, entries=_entries(snapshot.users.items()))
+                revision = snapshot.revision
+            self._apply_local(command, revision)
+            if self.plane is not None:
+                await self.plane.apply(command, self.kick_on_delete)
+
+    # -- counters ----------------------------------------------------------------------
+
+    async def _collect_loop(self) -> None:
+        while True:
+            await asyncio.sleep(COLLECT_INTERVAL)
+            try:
+                await self.collect()
+            except (StoreError, ConnectionError, OSError) as exc:
+                log.warning("collecting counters: %s", exc)
+
+    async def collect(self) -> None:
+        """Fold every plane's counter deltas into the store; refresh live state."""
+        if self.plane is None:
+            return
+        async with self._usage_lock:
+            await self._collect_locked()
+
+    async def _collect_locked(self) -> None:
+        assert self.plane is not None
+        reports = await self.plane.collect()
+        deltas: dict[str, Usage] = {}
+        live: dict[str, Live] = {}
+        for report in reports:
+            for path, (usage, active, ips) in report.items():
+                delta = Usage.from_wire(usage)
+                if path in deltas:
+                    deltas[path].add(delta)
+                else:
+                    deltas[path] = delta
+                if active:
+                    seen = live.get(path)
+                    if seen is None:
+                        live[path] = Live(active, frozenset(ips))
+                    else:
+                        live[path] = Live(seen.active + active, seen.ips | frozenset(ips))
+        self.live = live
+        if deltas:
+            await self.store.add_usage(deltas)
+
+    async def list_users(self, paths: Iterable[str] | None, reset: bool) -> list[dict[str, Any]]:
+        async with self._usage_lock:
+            if self.plane is not None:
+                await self._collect_locked()
+            wanted = self.table if paths is None else [p for p in paths if p in self.table]
+            usage = await self.store.read_usage(list(wanted), reset)
+        now = time.time()
+        users = []
+        for path in sorted(wanted):
+            user = self.table.lookup(path)
+            if user is None:
+                continue
+            counters = usage.get(path) or Usage()
+            live = self.live.get(path) or Live()
+            users.append(_describe(path, user, counters, live, now))
+        return users
+
+    # -- requests from agents ---------------------------------------------------------
+
+    async def admit(self, agent: int, path: str, ip: str) -> str | None:
+        """None to admit (and count) the tunnel, else why not."""
+        user = self.table.lookup(path)
+        if user is None:
+            return "user deleted"
+        limits = user.limits
+        if limits.expire and time.time() >= limits.expire:
+            return "expired"
+        if limits.quota:
+            usage = await self.store.read_usage([path], False)
+            used = usage[path].quota_used if path in usage else 0
+            if used >= limits.quota:
+                return f"over quota ({used} of {limits.quota} bytes)"
+        admitted = self._admitted.setdefault(path, Counter())
+        if limits.max_tunnels and sum(admitted.values()) >= limits.max_tunnels:
+            return f"at its limit of {limits.max_tunnels} tunnels"
+        if limits.max_ips:
+            ips = {a_ip for (_, a_ip), n in admitted.items() if n > 0}
+            if ip not in ips and len(ips) >= limits.max_ips:
+                return f"at its limit of {limits.max_ips} client addresses"
+        admitted[(agent, ip)] += 1
+        return None
+
+    async def release(self, agent: int, path: str, ip: str, delta: Usage) -> None:
+        async with self._usage_lock:
+            await self.store.add_usage({path: delta})
+        admitted = self._admitted.get(path)
+        if admitted is None:
+            return
+        key = (agent, ip)
+        admitted[key] -= 1
+        if admitted[key] <= 0:
+            del admitted[key]
+        if not admitted:
+            del self._admitted[path]
+
+    def agent_gone(self, agent: int) -> None:
+        """A worker died: its tunnels died with it."""
+        for path in list(self._admitted):
+            admitted = self._admitted[path]
+            for key in [k for k in admitted if k[0] == agent]:
+                del admitted[key]
+            if not admitted:
+                del self._admitted[path]
+
+    async def tokens(self, path: str, direction: int, want: int) -> int:
+        user = self.table.lookup(path)
+        if user is None or not user.limits.rate:
+            return max(want, 1 << 30)  # no limit (any more)
+        key = (path, direction)
+        schedule = self._schedules.get(key)
+        if schedule is None:
+            schedule = self._schedules[key] = TokenSchedule(user.limits.rate)
+        grant, delay = schedule.reserve(want, asyncio.get_running_loop().time())
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return grant
+
+
+def _entries(items: Iterable[tuple[str, User]]) -> tuple[Entry, ...]:
+    return tuple(Entry(path, user) for path, user in items)
+
+
+def _describe(path: str, user: User, usage: Usage, live: Live, now: float) -> dict[str, Any]:
+    limits = user.limits
+    if limits.expire and now >= limits.expire:
+        state = "expired"
+    elif limits.quota and usage.quota_used >= limits.quota:
+        state = "over_quota"
+    else:
+        state = "ok"
+    out: dict[str, Any] = {"path": path, "dst": str(user.dst)}
+    for name in LIMIT_FIELDS:
+        out[name] = getattr(limits, name)
+    out.update(
+        bytes_up=usage.bytes_up,
+        bytes_down=usage.bytes_down,
+        quota_used=usage.quota_used,
+        active_tunnels=live.active,
+        total_tunnels=usage.total_tunnels,
+        last_seen=int(usage.last_seen),
+        client_ips=sorted(live.ips),
+        state=state,
+    )
+    return out

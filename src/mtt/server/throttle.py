@@ -1,0 +1,91 @@
+"""Per-user rate limits shared by every tunnel of the user, in every worker.
+
+The budget lives in one place (the user service, TokenSchedule); each process
+spends from a local allowance (Throttle) and asks for more when it runs out,
+so a user's tunnels spread over several workers still share one rate. Both
+halves are free of I/O: the caller moves the requests and owns the clock.
+
+Bytes are charged after they are read, so a process may overdraw by one read
+per tunnel; the schedule charges the overdraft to the next grant, which keeps
+the long-run rate exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+UP = 0
+DOWN = 1
+BURST = 0.05  # seconds of rate a quiet user may spend at once
+MIN_GRANT = 4096
+
+
+class TokenSchedule:
+    """The service's budget for one user and direction, as a virtual clock:
+    every grant of n bytes occupies n / rate seconds of it."""
+
+    __slots__ = ("next_free", "rate")
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.next_free = 0.0
+
+    def reserve(self, want: int, now: float) -> tuple[int, float]:
+        """(bytes granted, seconds to wait before handing them out)."""
+        rate = self.rate
+        grant = max(want, 0) + max(rate // 20, MIN_GRANT)
+        start = max(self.next_free, now - BURST)
+        self.next_free = start + grant / rate
+        return grant, max(0.0, start - now)
+
+
+class Pausable(Protocol):
+    """A tunnel, as its throttle sees it."""
+
+    def throttle_pause(self, direction: int) -> None: ...
+    def throttle_resume(self, direction: int) -> None: ...
+
+
+class Throttle:
+    """One user's one direction in one process."""
+
+    __slots__ = ("_ask", "_asking", "_paused", "allowance", "direction")
+
+    def __init__(self, direction: int, ask: Callable[[int], None]) -> None:
+        self.direction = direction
+        self.allowance = 0
+        self._ask = ask  # request n more bytes; the answer comes to granted()
+        self._asking = False
+        self._paused: set[Pausable] = set()
+
+    def charge(self, size: int, tunnel: Pausable) -> None:
+        """size bytes were just read for tunnel; pause it if that overdrew."""
+        self.allowance -= size
+        if self.allowance >= 0:
+            return
+        if tunnel not in self._paused:
+            self._paused.add(tunnel)
+            tunnel.throttle_pause(self.direction)
+        if not self._asking:
+            self._asking = True
+            self._ask(-self.allowance)
+
+    def granted(self, size: int) -> None:
+        self._asking = False
+        self.allowance += size
+        if self.allowance >= 0:
+            self.release_all()
+        elif self._paused:
+            self._asking = True
+            self._ask(-self.allowance)
+
+    def forget(self, tunnel: Pausable) -> None:
+        """The tunnel closed."""
+        self._paused.discard(tunnel)
+
+    def release_all(self) -> None:
+        """Resume every paused tunnel (the limit was met, lifted or changed)."""
+        paused, self._paused = self._paused, set()
+        for tunnel in paused:
+            tunnel.throttle_resume(self.direction)

@@ -1,0 +1,1 @@
+"""Where the user table and its counters live between restarts (and between nodes)."""

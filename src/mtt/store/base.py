@@ -1,0 +1,83 @@
+"""The store interface: what the user service needs from memory, SQLite or Redis.
+
+The service keeps the table it serves from in memory; a store makes changes
+durable (or shared) before the controller answers res 1, and holds the
+per-user counters, so billing survives restarts and adds up across nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mtt.controller.api import Command
+from mtt.server.users import User
+
+
+@dataclass(slots=True)
+class Usage:
+    """Counters of one user; as a delta, what happened since the last report."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    quota_used: int = 0  # up + down since the panel last set it; never reset by a read
+    total_tunnels: int = 0
+    last_seen: float = 0.0  # unix time, 0 = never
+
+    def add(self, other: Usage) -> None:
+        self.bytes_up += other.bytes_up
+        self.bytes_down += other.bytes_down
+        self.quota_used += other.quota_used
+        self.total_tunnels += other.total_tunnels
+        self.last_seen = max(self.last_seen, other.last_seen)
+
+    def to_wire(self) -> list[int | float]:
+        return [self.bytes_up, self.bytes_down, self.quota_used, self.total_tunnels, self.last_seen]
+
+    @classmethod
+    def from_wire(cls, item: list[int | float]) -> Usage:
+        up, down, used, total, seen = item
+        return cls(int(up), int(down), int(used), int(total), float(seen))
+
+
+@dataclass(slots=True)
+class StoreSnapshot:
+    revision: int = 0
+    users: dict[str, User] = field(default_factory=dict)
+
+
+# A change made by another node: (its revision, the command), or (revision, None)
+# when the store cannot say what changed and the table must be reloaded.
+RemoteChange = Callable[[int, Command | None], None]
+
+
+class Store(Protocol):
+    async def load(self) -> StoreSnapshot:
+        """The table and its revision, as last committed."""
+        ...
+
+    async def commit(self, command: Command) -> int:
+        """Make a validated change (opt 1-4) durable and return the new revision.
+
+        Entries that carry quota_used set that counter; removed users lose
+        their counters. Raise StoreError, having applied nothing, if it cannot.
+        """
+        ...
+
+    async def add_usage(self, deltas: dict[str, Usage]) -> None:
+        """Fold counter deltas in; paths that are not users are ignored."""
+        ...
+
+    async def read_usage(self, paths: Iterable[str] | None, reset: bool) -> dict[str, Usage]:
+        """Counters of the given users (None: all); with reset, atomically zero
+        bytes_up, bytes_down and total_tunnels (not quota_used) as they are read."""
+        ...
+
+    def watch(self, on_remote: RemoteChange) -> None:
+        """Be told of changes other nodes make (shared stores only)."""
+        ...
+
+    async def close(self) -> None:
+        """Flush what is buffered; later calls are not expected."""
+        ...
