@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.resources
 import ipaddress
 import json
 import logging
@@ -137,6 +138,23 @@ async def _handle(request: web.Request) -> web.Response:
     return _json(200, reply(RES_OK, store.count()))
 
 
+def _openapi_document() -> bytes:
+    """The OpenAPI 3.1 description of this API, shipped inside the package."""
+    return importlib.resources.files("mtt.controller").joinpath("openapi.json").read_bytes()
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: guarded by the token like every other answer."""
+    store = request.app[_STORE]
+    settings = request.app[_SETTINGS]
+    if settings.token and not _authorized(request, settings.token):
+        log.warning("controller: %s: missing or wrong bearer token", request.remote or "unix")
+        response = _json(401, reply(RES_ERR, store.count(), "missing or wrong bearer token"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return web.Response(body=_openapi_document(), content_type="application/json")
+
+
 _ErrorReply = Callable[[int, str], web.Response]
 
 
@@ -215,10 +233,15 @@ class _ControllerRunner(web.AppRunner):
 
 
 def make_app(store: UserStore, settings: ControllerSettings) -> web.Application:
-    """The controller application; every path answers the same command endpoint."""
+    """The controller application; every path answers the same command endpoint.
+
+    GET /openapi.json is the one exception; POST there is still a command, so a
+    Go panel posting to any path keeps working.
+    """
     app = web.Application(client_max_size=settings.max_body)
     app[_STORE] = store
     app[_SETTINGS] = settings
+    app.router.add_get("/openapi.json", _openapi)
     app.router.add_route("*", "/{tail:.*}", _handle)
     return app
 
