@@ -1097,15 +1097,6 @@ async def test_controller_chunked_bodies(hostile_tls: ServerProcess) -> None:
     assert user_count(server) == before
 
 
-_FRAMING_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "aiohttp's HTTP parser rejects the framing before the handler runs: the reply is "
-        "aiohttp's own text/plain 400, not the controller's JSON"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     ("raw", "shut_after"),
     [
@@ -1113,7 +1104,6 @@ _FRAMING_XFAIL = pytest.mark.xfail(
             b'POST / HTTP/1.1\r\nHost: c\r\nContent-Length: 4\r\n\r\n{"opt":3}',
             None,
             id="content-length-shorter",
-            marks=_FRAMING_XFAIL,
         ),
         pytest.param(
             b'POST / HTTP/1.1\r\nHost: c\r\nContent-Length: 100\r\n\r\n{"opt":3}',
@@ -1124,13 +1114,11 @@ _FRAMING_XFAIL = pytest.mark.xfail(
             b'POST / HTTP/1.1\r\nHost: c\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{"opt":3}\r\n0\r\n\r\n',
             None,
             id="content-length-and-chunked",
-            marks=_FRAMING_XFAIL,
         ),
         pytest.param(
             b'POST / HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{"opt":3}\r\n0\r\n\r\n',
             None,
             id="bad-chunk-size",
-            marks=_FRAMING_XFAIL,
         ),
         pytest.param(
             b'POST / HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n{"opt":3}\r\n',

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.resources
 import ipaddress
 import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mtt.controller.api import CHANGES, RES_ERR, Opt, parse_command
 from mtt.controller.policy import DstPolicy
@@ -137,11 +140,110 @@ async def _handle(request: web.Request) -> web.Response:
     return _json(status, answer)
 
 
+def _openapi_document() -> bytes:
+    """The OpenAPI 3.1 description of this API, shipped inside the package."""
+    return importlib.resources.files("mtt.controller").joinpath("openapi.json").read_bytes()
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: guarded by the token like every other answer."""
+    service = request.app[_SERVICE]
+    settings = request.app[_SETTINGS]
+    if settings.token and not _authorized(request, settings.token):
+        log.warning("controller: %s: missing or wrong bearer token", request.remote or "unix")
+        response = _json(401, service.reply(RES_ERR, "missing or wrong bearer token"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return web.Response(body=_openapi_document(), content_type="application/json")
+
+
+_ErrorReply = Callable[[int, str], web.Response]
+
+
+class _JsonErrorHandler(web.RequestHandler):
+    """Answers what aiohttp rejects itself in the controller's JSON shape.
+
+    A request its parser refuses (a lying Content-Length, broken chunking, a
+    bad request line) never reaches a route or a middleware: aiohttp answers it
+    from RequestHandler.handle_error with a text/plain page and logs a
+    traceback. That method is the only hook, hence this subclass.
+    """
+
+    __slots__ = ("_error_reply",)
+
+    def __init__(self, manager: web.Server, *, error_reply: _ErrorReply, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._error_reply = error_reply
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        peer = request.remote or "unix"
+        if isinstance(exc, ConnectionError):  # the body was cut short: nobody to answer
+            log.debug("controller: %s: connection lost mid-request: %r", peer, exc)
+            text = "connection lost"
+        elif status == 500:
+            log.error("controller: %s: internal error", peer, exc_info=exc)
+            text = "internal error"
+        else:
+            detail = message or (exc.message if isinstance(exc, HttpProcessingError) else "")
+            first = (detail or "").splitlines()[0].strip().rstrip(":") if detail else ""
+            text = f"malformed HTTP request: {first or status}"
+            log.warning("controller: %s: %s", peer, text)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a reply was already being sent")
+        response = self._error_reply(status, text)
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    """Builds _JsonErrorHandler connections instead of aiohttp's own."""
+
+    def __init__(self, *args: Any, error_reply: _ErrorReply, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._error_reply = error_reply
+
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrorHandler(
+            self, loop=self._loop, error_reply=self._error_reply, **self._kwargs
+        )
+
+
+class _ControllerRunner(web.AppRunner):
+    """An AppRunner whose server is a _JsonErrorServer (same app, same settings)."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        service = self.app[_SERVICE]
+
+        def error_reply(status: int, text: str) -> web.Response:
+            return _json(status, service.reply(RES_ERR, text))
+
+        return _JsonErrorServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            error_reply=error_reply,
+            **plain._kwargs,
+        )
+
+
 def make_app(service: UserService, settings: ControllerSettings) -> web.Application:
-    """The controller application; every path answers the same command endpoint."""
+    """The controller application; every path answers the same command endpoint.
+
+    GET /openapi.json is the one exception; POST there is still a command, so a
+    Go panel posting to any path keeps working.
+    """
     app = web.Application(client_max_size=settings.max_body)
     app[_SERVICE] = service
     app[_SETTINGS] = settings
+    app.router.add_get("/openapi.json", _openapi)
     app.router.add_route("*", "/{tail:.*}", _handle)
     return app
 
@@ -150,7 +252,7 @@ async def start_controller(
     address: str, service: UserService, settings: ControllerSettings
 ) -> tuple[web.AppRunner, str]:
     """Listen on host:port, or on a Unix socket when address is a path."""
-    runner = web.AppRunner(make_app(service, settings), access_log=None, handle_signals=False)
+    runner = _ControllerRunner(make_app(service, settings), access_log=None, handle_signals=False)
     await runner.setup()
     site: web.BaseSite
     if "/" in address:
