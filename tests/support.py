@@ -129,7 +129,9 @@ def start_server(
 
     prefix goes before the command (e.g. `prlimit --nofile=...`).
     """
-    argv = [*prefix, *server_command(), "-b", bind, "-c", controller, *args]
+    # Each test server keeps its own users unless a test names a store itself.
+    store = () if {"-db", "-store"} & set(args) else ("-db", "memory")
+    argv = [*prefix, *server_command(), "-b", bind, "-c", controller, *store, *args]
     proc = subprocess.Popen(
         argv,
         stderr=subprocess.PIPE,

@@ -32,7 +32,7 @@ from mtt.server.service import UserService
 from mtt.server.tls_setup import resolve_tls, tls_context
 from mtt.server.tunnel_server import TunnelServer
 from mtt.server.workers import WorkerPool
-from mtt.store.memory import MemoryStore
+from mtt.store.factory import default_db_path, open_store
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.server")
@@ -83,6 +83,24 @@ def build_flags() -> FlagSet:
         "Deleting users (opt 2, 3, 4) also closes their established tunnels",
     )
     fs.add(
+        "db",
+        "string",
+        default_db_path(),
+        "SQLite file keeping users and counters across restarts, or 'memory' (lost on exit)",
+    )
+    fs.add(
+        "store",
+        "string",
+        "",
+        "redis://[:password@]host:port/db (rediss:// for TLS): users shared by several nodes",
+    )
+    fs.add(
+        "flush-interval",
+        "duration",
+        10.0,
+        "How often traffic counters are written to the store (and on shutdown)",
+    )
+    fs.add(
         "workers",
         "int",
         os.cpu_count() or 1,
@@ -102,6 +120,8 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         raise ConfigError("-log-format must be text or json")
     if values["grace"] < 0:
         raise ConfigError("-grace must not be negative")
+    if values["flush-interval"] <= 0:
+        raise ConfigError("-flush-interval must be positive")
     if values["dial-timeout"] <= 0:
         raise ConfigError("-dial-timeout must be positive")
     token = values["c-token"] or os.environ.get(TOKEN_ENV, "")
@@ -125,6 +145,9 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         verbose=values["verbose"],
         workers=values["workers"],
         kick_on_delete=values["kick-on-delete"],
+        db=values["db"],
+        store=values["store"],
+        flush_interval=values["flush-interval"],
         grace=values["grace"],
         log_json=values["log-format"] == "json",
         fallback=values["fallback"],
@@ -138,7 +161,7 @@ async def serve(config: ServerConfig) -> None:
     """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
     log_loop_errors(asyncio.get_running_loop())
     tls, mode = resolve_tls(config)
-    service = UserService(MemoryStore(), kick_on_delete=config.kick_on_delete)
+    service = UserService(await open_store(config), kick_on_delete=config.kick_on_delete)
     await service.start()
     if config.workers > 1:
         pool = WorkerPool(config, tls, config.workers, service)
