@@ -18,6 +18,7 @@ from mtt.controller.api import apply_command
 from mtt.errors import ConfigError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.server import channel
+from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
 from mtt.server.store import command_from_wire
 from mtt.server.tls_setup import tls_context
@@ -31,7 +32,8 @@ log = logging.getLogger("mtt.worker")
 def config_from_wire(data: dict[str, Any]) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
-    return ServerConfig(**{**data, "limits": Limits(**limits)})
+    trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
+    return ServerConfig(**{**data, "limits": Limits(**limits), "trusted_proxies": trusted})
 
 
 async def run(index: int, listen_fd: int, control_fd: int) -> None:
@@ -51,6 +53,8 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         default_mux=config.mux,
         ssl_context=tls_context(init["tls"]),
         fallback=Fallback.parse(config.fallback) if config.fallback else None,
+        trusted=TrustedProxies(config.trusted_proxies),
+        proxy_protocol=config.proxy_protocol,
     )
     await server.start(listen_sock)
     writer.write(channel.encode({"ready": True}))
