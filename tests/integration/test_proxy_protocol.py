@@ -10,6 +10,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from websockets.asyncio.client import connect
@@ -41,7 +42,16 @@ def v2(src: str, sport: int, *, local: bool = False, tlv: bytes = b"") -> bytes:
     )
 
 
-def connected(server: ServerProcess, source: str = "127.0.0.1") -> socket.socket:
+class Reachable(Protocol):
+    """The server, or a proxy in front of it: a port to connect to, users to add."""
+
+    @property
+    def port(self) -> int: ...
+
+    def add(self, path: str, dst: str) -> None: ...
+
+
+def connected(server: Reachable, source: str = "127.0.0.1") -> socket.socket:
     """A socket to the tunnel port from a chosen loopback source address."""
     sock = socket.socket()
     sock.bind((source, 0))
@@ -52,7 +62,7 @@ def connected(server: ServerProcess, source: str = "127.0.0.1") -> socket.socket
 
 
 async def tunnel_through(
-    server: ServerProcess,
+    server: Reachable,
     sock: socket.socket,
     ctx: ssl.SSLContext | None,
     path: str,
