@@ -288,3 +288,28 @@ async def test_no_flags_keeps_the_direct_peer() -> None:
         await tunnel_through(server, connected(server, "127.0.0.10"), None, "/d", headers)
         assert "127.0.0.10:" in wait_for_log(server, "/d: upgrade")
         assert "6.6.6" not in server.log_text()
+
+
+async def test_unix_socket_listener_takes_the_header(tmp_path: Path) -> None:
+    """nginx can proxy_pass to unix:/path with proxy_protocol on."""
+    path = tmp_path / "mtt.sock"
+    with running_server("-bind-unix", "-proxy-protocol", "-verbose", bind=str(path)) as server:
+
+        class Unix:
+            port = 0
+
+            def add(self, route: str, dst: str) -> None:
+                server.add(route, dst)
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        sock.send(v2("192.0.2.77", 7777))
+        sock.setblocking(False)
+        await tunnel_through(Unix(), sock, None, "/ux")
+        wait_for_log(server, "192.0.2.77:7777 /ux: upgrade")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        sock.send(v2("192.0.2.78", 1, local=True))  # LOCAL: the peer is the socket
+        sock.setblocking(False)
+        await tunnel_through(Unix(), sock, None, "/ux2")
+        assert " unix /ux2: upgrade" in wait_for_log(server, "/ux2: upgrade")
