@@ -60,6 +60,9 @@ class ServerConfig:
     grace: float = 10.0
     fallback: str = ""
     log_json: bool = False
+    # -trusted-proxy CIDRs (or "unix:") and -proxy-protocol: where client addresses come from.
+    trusted_proxies: tuple[str, ...] = ()
+    proxy_protocol: bool = False
     controller_token: str = field(default="", repr=False)
     allow_dst: DstPolicy = field(default_factory=DstPolicy)
     limits: Limits = field(default_factory=Limits)

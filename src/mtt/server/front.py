@@ -24,6 +24,7 @@ import h11
 from mtt.address import quote
 from mtt.config import Limits
 from mtt.server.agent import Agent
+from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback, FallbackRelay
 from mtt.transport.tasks import spawn
 
@@ -110,16 +111,34 @@ def canonical_upgrade(request: h11.Request) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+def format_peer(ip: str, port: int | None) -> str:
+    """The `peer` of log lines: ip:port, [v6]:port, just the ip when the port
+    is unknown (X-Forwarded-For), "unix" for a Unix-socket peer."""
+    if not ip:
+        return "unix"
+    if port is None:
+        return ip
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 class FrontProtocol(asyncio.Protocol):
-    """Reads the request head; hands tunnels over, answers everything else."""
+    """Reads the request head; hands tunnels over, answers everything else.
+
+    client_ip is the client's address ("" for a Unix-socket peer): the
+    connection's peer, or the one a PROXY protocol header named (`client`),
+    or, for each request from a trusted proxy, the one its headers name.
+    """
 
     def __init__(
         self,
         agent: Agent,
         routing_key: Callable[[bytes], str | None],
-        make_ws_protocol: Callable[[str, bool], Any],
+        make_ws_protocol: Callable[[FrontProtocol, bool], Any],
         limits: Limits,
         fallback: Fallback | None = None,
+        *,
+        trusted: TrustedProxies | None = None,
+        client: tuple[str, int] | None = None,
     ) -> None:
         self._agent = agent
         self._table = agent.table
@@ -134,17 +153,23 @@ class FrontProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
         self._requests = 0
+        self._trusted = trusted if trusted else None
+        self._client = client  # the connection's client: (ip, port), ("", 0) for a Unix socket
+        self.client_ip = ""
         self.peer = "unix"
         self.client_ip = ""  # the real client's address: for limits and counters
         self._early: bytearray | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            host = peer[0]
-            self.client_ip = host
-            self.peer = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        if self._client is None:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and len(peer) >= 2:
+                self._client = (str(peer[0]), int(peer[1]))
+            else:
+                self._client = ("", 0)
+        self.client_ip = self._client[0]
+        self.peer = format_peer(*self._client)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._handshake_timeout, self._on_timeout)
 
@@ -196,6 +221,13 @@ class FrontProtocol(asyncio.Protocol):
 
     def _on_request(self, request: h11.Request) -> None:
         self._requests += 1
+        if self._trusted is not None and self._client is not None:
+            conn_ip = self._client[0]
+            self.client_ip = self._trusted.real_client(conn_ip, request.headers)
+            if self.client_ip == conn_ip:
+                self.peer = format_peer(*self._client)
+            else:  # X-Forwarded-For names no port
+                self.peer = format_peer(self.client_ip, None)
         if head_size(request) > MAX_REQUEST_HEAD:
             # h11 caps only a head still incomplete; one that arrived whole is
             # checked here, before routing, so its size tells nothing about paths.
@@ -277,7 +309,7 @@ class FrontProtocol(asyncio.Protocol):
         trailing, _ = self._http.trailing_data
         data = head + bytes(trailing) + (self._early or b"")
         self._early = None
-        ws_protocol = self._make_ws_protocol(self.client_ip, admitted)
+        ws_protocol = self._make_ws_protocol(self, admitted)
         transport.set_protocol(ws_protocol)
         ws_protocol.connection_made(transport)
         view = memoryview(data)

@@ -25,6 +25,7 @@ from mtt.controller.policy import DstPolicy, parse_rule
 from mtt.errors import ConfigError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.server.agent import Agent
+from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
 from mtt.server.planes import LocalLink, LocalPlane
@@ -101,6 +102,20 @@ def build_flags() -> FlagSet:
         "How often traffic counters are written to the store (and on shutdown)",
     )
     fs.add(
+        "trusted-proxy",
+        "string",
+        [],
+        "Take the client address from X-Forwarded-For/X-Real-IP (and PROXY headers)"
+        " only from peers in this CIDR, or unix: (repeatable)",
+        repeatable=True,
+    )
+    fs.add(
+        "proxy-protocol",
+        "bool",
+        False,
+        "Every connection starts with a PROXY protocol v1/v2 header (nginx, haproxy in front)",
+    )
+    fs.add(
         "workers",
         "int",
         os.cpu_count() or 1,
@@ -127,6 +142,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     token = values["c-token"] or os.environ.get(TOKEN_ENV, "")
     check_exposure(values["c"], token, values["c-insecure"])
     policy = DstPolicy(tuple(parse_rule(rule) for rule in values["allow-dst"]))
+    TrustedProxies(values["trusted-proxy"])  # raises ConfigError naming a bad CIDR
     if not 1 <= values["workers"] <= 256:
         raise ConfigError("-workers must be from 1 to 256")
     if bool(values["cert"]) != bool(values["key"]):
@@ -153,6 +169,8 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         fallback=values["fallback"],
         controller_token=token,
         allow_dst=policy,
+        trusted_proxies=tuple(values["trusted-proxy"]),
+        proxy_protocol=values["proxy-protocol"],
         limits=Limits(idle_timeout=timeout, connect_timeout=values["dial-timeout"]),
     )
 
@@ -186,6 +204,8 @@ async def serve(config: ServerConfig) -> None:
             default_mux=config.mux,
             ssl_context=tls_context(tls),
             fallback=Fallback.parse(config.fallback) if config.fallback else None,
+            trusted=TrustedProxies(config.trusted_proxies),
+            proxy_protocol=config.proxy_protocol,
         )
         await server.start(sock)
         bound = sock.getsockname()

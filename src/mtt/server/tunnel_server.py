@@ -25,8 +25,10 @@ from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-de
 
 from mtt.config import Limits
 from mtt.server.agent import Agent, TunnelAccount
+from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
 from mtt.server.front import PAGES, FrontProtocol
+from mtt.server.prelude import ProxyPrelude
 from mtt.server.tls_setup import TlsSpec
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
@@ -107,15 +109,6 @@ class _UnixWSProtocol(WSProtocol):  # type: ignore[misc]
         super().connection_made(_UnixTransport(transport))
 
 
-def _peer_name(protocol: WSProtocol) -> str:
-    transport = protocol.transport
-    peer = transport.underlying_transport.get_extra_info("peername") if transport else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return "unix"
-
-
 class TunnelServer:
     """Accepts connections, upgrades them and starts a tunnel per WebSocket."""
 
@@ -127,9 +120,13 @@ class TunnelServer:
         default_mux: bool,
         ssl_context: ssl.SSLContext | None,
         fallback: Fallback | None = None,
+        trusted: TrustedProxies | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         self.agent = agent
         self.table = agent.table
+        self.trusted = trusted
+        self.proxy_protocol = proxy_protocol
         self.limits = limits
         self.default_mux = default_mux
         self.ssl_context = ssl_context
@@ -139,17 +136,18 @@ class TunnelServer:
         self.unix = False
         self._ws_logger = logging.getLogger("mtt.ws")
 
-    def _protocol_factory(self, client_ip: str, admitted: bool) -> WSProtocol:
+    def _protocol_factory(self, front: FrontProtocol, admitted: bool) -> WSProtocol:
         """The WebSocket layer for a connection whose request head the front
         layer accepted (and, for users with server-wide limits, admitted)."""
         limits = self.limits
-        protocol: WSProtocol
+        peer = front.peer  # the client's, as the front layer settled it
+        client_ip = front.client_ip
 
         def route(request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
-            return self._route(request, _peer_name(protocol), client_ip, admitted)
+            return self._route(request, peer, client_ip, admitted)
 
         protocol_class = _UnixWSProtocol if self.unix else WSProtocol
-        protocol = protocol_class(
+        return protocol_class(
             host_port=None,
             ws_path=None,
             is_client_side=False,
@@ -166,7 +164,6 @@ class TunnelServer:
             extra_headers=None,
             read_buffer_init_size=16 * 1024,  # grows when needed; memory per idle tunnel
         )
-        return protocol
 
     def _route(
         self, request: WSUpgradeRequest, peer: str, client_ip: str, admitted: bool
@@ -204,10 +201,27 @@ class TunnelServer:
         loop = asyncio.get_running_loop()
         self.unix = sock.family == socket.AF_UNIX
 
-        def front() -> FrontProtocol:
+        def front(client: tuple[str, int] | None = None) -> FrontProtocol:
             return FrontProtocol(
-                self.agent, routing_key, self._protocol_factory, self.limits, self.fallback
+                self.agent,
+                routing_key,
+                self._protocol_factory,
+                self.limits,
+                self.fallback,
+                trusted=self.trusted,
+                client=client,
             )
+
+        if self.proxy_protocol:  # the PROXY header comes first, then TLS (prelude.py)
+            self._server = await aiofastnet.create_server(
+                loop,
+                lambda: ProxyPrelude(
+                    front, self.ssl_context, self.limits.handshake_timeout, self.trusted
+                ),
+                sock=sock,
+                backlog=4096,
+            )
+            return
 
         # aiofastnet (by picows' author) runs TLS in C with fewer copies than
         # asyncio's or uvloop's SSL transports: the tunnel data plane's biggest cost.

@@ -19,6 +19,7 @@ from mtt.errors import ConfigError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.server import channel
 from mtt.server.agent import Agent
+from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
 from mtt.server.rpc import Message, RpcChannel
 from mtt.server.tls_setup import tls_context
@@ -32,7 +33,8 @@ log = logging.getLogger("mtt.worker")
 def config_from_wire(data: dict[str, Any]) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
-    return ServerConfig(**{**data, "limits": Limits(**limits)})
+    trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
+    return ServerConfig(**{**data, "limits": Limits(**limits), "trusted_proxies": trusted})
 
 
 class SupervisorLink:
@@ -108,6 +110,8 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         default_mux=config.mux,
         ssl_context=tls_context(init["tls"]),
         fallback=Fallback.parse(config.fallback) if config.fallback else None,
+        trusted=TrustedProxies(config.trusted_proxies),
+        proxy_protocol=config.proxy_protocol,
     )
     await server.start(listen_sock)
     control = WorkerControl(agent, server)
