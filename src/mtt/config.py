@@ -54,6 +54,7 @@ class ServerConfig:
     verbose: bool = False
     workers: int = 1
     kick_on_delete: bool = False
+    metrics_per_user: bool = False
     db: str = "memory"  # SQLite file for users and counters, or "memory"
     store: str = ""  # redis://... : a user table shared by several nodes (instead of db)
     flush_interval: float = 10.0  # counters reach the store at least this often

@@ -21,8 +21,10 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mtt.controller.api import CHANGES, RES_ERR, Opt, parse_command
+from mtt.controller.metrics import render_metrics
 from mtt.controller.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError
 from mtt.server.listen import split_host_port
@@ -41,6 +43,7 @@ class ControllerSettings:
     max_body: int = 2 * 1024 * 1024
     token: str = ""
     policy: DstPolicy = field(default_factory=DstPolicy)
+    metrics_per_user: bool = False
 
 
 _SETTINGS: web.AppKey[ControllerSettings] = web.AppKey("settings", ControllerSettings)
@@ -145,16 +148,34 @@ def _openapi_document() -> bytes:
     return importlib.resources.files("mtt.controller").joinpath("openapi.json").read_bytes()
 
 
+def _unauthorized(request: web.Request) -> web.Response | None:
+    """The 401 reply when a token is set and the request lacks it, else None."""
+    settings = request.app[_SETTINGS]
+    if not settings.token or _authorized(request, settings.token):
+        return None
+    log.warning("controller: %s: missing or wrong bearer token", request.remote or "unix")
+    service = request.app[_SERVICE]
+    response = _json(401, service.reply(RES_ERR, "missing or wrong bearer token"))
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 async def _openapi(request: web.Request) -> web.Response:
     """GET /openapi.json: guarded by the token like every other answer."""
-    service = request.app[_SERVICE]
-    settings = request.app[_SETTINGS]
-    if settings.token and not _authorized(request, settings.token):
-        log.warning("controller: %s: missing or wrong bearer token", request.remote or "unix")
-        response = _json(401, service.reply(RES_ERR, "missing or wrong bearer token"))
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+    refusal = _unauthorized(request)
+    if refusal is not None:
+        return refusal
     return web.Response(body=_openapi_document(), content_type="application/json")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format, behind the token when one is set."""
+    refusal = _unauthorized(request)
+    if refusal is not None:
+        return refusal
+    settings = request.app[_SETTINGS]
+    body = await render_metrics(request.app[_SERVICE], settings.metrics_per_user)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 _ErrorReply = Callable[[int, str], web.Response]
@@ -244,6 +265,7 @@ def make_app(service: UserService, settings: ControllerSettings) -> web.Applicat
     app[_SERVICE] = service
     app[_SETTINGS] = settings
     app.router.add_get("/openapi.json", _openapi)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_route("*", "/{tail:.*}", _handle)
     return app
 

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from mtt.controller.api import Command, apply_command
 from mtt.server.throttle import DOWN, UP, Pausable, Throttle
 from mtt.server.users import User, UserTable
+from mtt.stats import STATS
 from mtt.store.base import Usage
 from mtt.transport.tasks import spawn
 
@@ -38,6 +39,12 @@ class ServiceLink(Protocol):
 
 class MeteredTunnel(Pausable, Protocol):
     def kick(self) -> None: ...
+
+
+class Gauges(Protocol):
+    def __call__(self) -> dict[str, int]:
+        """Live counts (tunnels by mode, streams) for metrics."""
+        ...
 
 
 class UserMeter:
@@ -107,6 +114,7 @@ class Agent:
         self.table = UserTable()
         self.meters: dict[str, UserMeter] = {}
         self._link = link
+        self.gauges: Gauges | None = None  # set by the tunnel listener
 
     # -- for the tunnel listener -------------------------------------------------
 
@@ -210,13 +218,15 @@ class Agent:
         return kicked
 
     def collect(self) -> dict[str, Any]:
-        """Counter deltas (then zeroed) and live state of every user with any."""
+        """Counter deltas (then zeroed) and live state of every user with any,
+        and this process's event counts and gauges."""
         now = time.time()
-        report: dict[str, Any] = {}
+        users: dict[str, Any] = {}
         for path, meter in list(self.meters.items()):
             if meter.active:
                 meter.last_seen = now
-            report[path] = [meter.take_delta().to_wire(), meter.active, list(meter.ips)]
+            users[path] = [meter.take_delta().to_wire(), meter.active, list(meter.ips)]
             if not meter.active:
                 self._drop(meter)
-        return report
+        gauges = self.gauges() if self.gauges is not None else {}
+        return {"users": users, "stats": STATS.take(), "gauges": gauges}

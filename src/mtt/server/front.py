@@ -26,6 +26,7 @@ from mtt.config import Limits
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback, FallbackRelay
+from mtt.stats import STATS
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.server")
@@ -155,13 +156,21 @@ class FrontProtocol(asyncio.Protocol):
         self._requests = 0
         self._trusted = trusted if trusted else None
         self._client = client  # the connection's client: (ip, port), ("", 0) for a Unix socket
-        self.client_ip = ""
         self.peer = "unix"
         self.client_ip = ""  # the real client's address: for limits and counters
         self._early: bytearray | None = None
+        # Made at accept, before TLS: the handshake latency starts here, and a
+        # protocol that never saw connection_made failed its TLS handshake.
+        self._accepted = asyncio.get_running_loop().time()
+        self._made = False
+
+    def __del__(self) -> None:
+        if not self._made:
+            STATS.handshake_failed("tls")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._made = True
         if self._client is None:
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and len(peer) >= 2:
@@ -207,6 +216,7 @@ class FrontProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         if not self._done:
             log.info("%s: closed before sending a request", self.peer)
+            STATS.handshake_failed("closed")
             self._close()
         return False
 
@@ -217,6 +227,7 @@ class FrontProtocol(asyncio.Protocol):
     def _on_timeout(self) -> None:
         if not self._done:
             log.info("%s: no complete request within %.0f s", self.peer, self._handshake_timeout)
+            STATS.handshake_failed("timeout")
             self._close(abort=True)
 
     def _on_request(self, request: h11.Request) -> None:
@@ -237,8 +248,10 @@ class FrontProtocol(asyncio.Protocol):
         user = self._table.lookup(key) if key is not None else None
         if key is None or user is None:
             reason = f"no user for path {quote(request.target.decode('latin-1'), 200)}"
+            STATS.handshake_failed("unknown_path")
         elif (problem := upgrade_problem(request)) is not None:
             reason = f"{key}: not a WebSocket upgrade ({problem})"
+            STATS.handshake_failed("not_websocket")
         else:
             head = canonical_upgrade(request)
             verdict = self._agent.admission(key, user, self.client_ip)
@@ -294,6 +307,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         if refused is not None:
             log.warning("%s %s: refused: %s", self.peer, key, refused)
+            STATS.handshake_failed("refused")
             transport.write(http_response(403))
             transport.close()
             return
@@ -309,6 +323,7 @@ class FrontProtocol(asyncio.Protocol):
         trailing, _ = self._http.trailing_data
         data = head + bytes(trailing) + (self._early or b"")
         self._early = None
+        STATS.handshake_done(asyncio.get_running_loop().time() - self._accepted)
         ws_protocol = self._make_ws_protocol(self, admitted)
         transport.set_protocol(ws_protocol)
         ws_protocol.connection_made(transport)
@@ -339,6 +354,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _reject(self, status: int, reason: str) -> None:
         log.warning("%s: %s", self.peer, reason)
+        STATS.handshake_failed("bad_request")
         self._done = True
         transport = self._transport
         if transport is not None and not transport.is_closing():

@@ -84,6 +84,12 @@ def build_flags() -> FlagSet:
         "Deleting users (opt 2, 3, 4) also closes their established tunnels",
     )
     fs.add(
+        "metrics-per-user",
+        "bool",
+        False,
+        "GET /metrics also gives series per user (labelled by path: keep the scrape private)",
+    )
+    fs.add(
         "db",
         "string",
         default_db_path(),
@@ -161,6 +167,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         verbose=values["verbose"],
         workers=values["workers"],
         kick_on_delete=values["kick-on-delete"],
+        metrics_per_user=values["metrics-per-user"],
         db=values["db"],
         store=values["store"],
         flush_interval=values["flush-interval"],
@@ -216,7 +223,10 @@ async def serve(config: ServerConfig) -> None:
             config.controller,
             service,
             ControllerSettings(
-                config.limits.max_control_body, config.controller_token, config.allow_dst
+                config.limits.max_control_body,
+                config.controller_token,
+                config.allow_dst,
+                config.metrics_per_user,
             ),
         )
     except ConfigError:

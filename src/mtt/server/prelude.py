@@ -30,6 +30,7 @@ from mtt.errors import ProtocolError
 from mtt.server.client_address import TrustedProxies
 from mtt.server.front import FrontProtocol, format_peer
 from mtt.server.proxy_protocol import ProxyHeader, ProxyHeaderReader
+from mtt.stats import STATS
 
 log = logging.getLogger("mtt.server")
 
@@ -134,6 +135,7 @@ class ProxyPrelude(asyncio.Protocol):
 
     def _refuse(self, reason: str, abort: bool = True) -> None:
         log.warning("%s: %s", format_peer(*self._peer), reason)
+        STATS.handshake_failed("proxy_header")
         self._done = True
         self._cancel_timer()
         transport = self._transport

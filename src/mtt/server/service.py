@@ -31,6 +31,7 @@ from mtt.controller.api import (
 from mtt.errors import StoreError
 from mtt.server.throttle import TokenSchedule
 from mtt.server.users import LIMIT_FIELDS, User, UserTable
+from mtt.stats import StatsTotals
 from mtt.store.base import Store, Usage
 from mtt.transport.tasks import spawn
 
@@ -69,6 +70,8 @@ class UserService:
         self._change_lock = asyncio.Lock()
         self._usage_lock = asyncio.Lock()
         self._collector: asyncio.Task[None] | None = None
+        self.totals = StatsTotals()
+        self.gauges: dict[str, int] = {}
 
     async def start(self, plane: Plane | None = None) -> None:
         snapshot = await self.store.load()
@@ -179,9 +182,16 @@ class UserService:
         reports = await self.plane.collect()
         deltas: dict[str, Usage] = {}
         live: dict[str, Live] = {}
+        gauges: dict[str, int] = {}
+        totals = self.totals
         for report in reports:
-            for path, (usage, active, ips) in report.items():
+            totals.add(report["stats"])
+            for name, value in report["gauges"].items():
+                gauges[name] = gauges.get(name, 0) + value
+            for path, (usage, active, ips) in report["users"].items():
                 delta = Usage.from_wire(usage)
+                totals.bytes_up += delta.bytes_up
+                totals.bytes_down += delta.bytes_down
                 if path in deltas:
                     deltas[path].add(delta)
                 else:
@@ -193,6 +203,7 @@ class UserService:
                     else:
                         live[path] = Live(seen.active + active, seen.ips | frozenset(ips))
         self.live = live
+        self.gauges = gauges
         if deltas:
             await self.store.add_usage(deltas)
 
@@ -239,6 +250,8 @@ class UserService:
         return None
 
     async def release(self, agent: int, path: str, ip: str, delta: Usage) -> None:
+        self.totals.bytes_up += delta.bytes_up
+        self.totals.bytes_down += delta.bytes_down
         async with self._usage_lock:
             await self.store.add_usage({path: delta})
         admitted = self._admitted.get(path)

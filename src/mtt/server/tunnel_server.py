@@ -125,6 +125,7 @@ class TunnelServer:
     ) -> None:
         self.agent = agent
         self.table = agent.table
+        agent.gauges = self.gauges
         self.trusted = trusted
         self.proxy_protocol = proxy_protocol
         self.limits = limits
@@ -195,6 +196,17 @@ class TunnelServer:
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(headers), listener
         )
+
+    def gauges(self) -> dict[str, int]:
+        """Open tunnels by mode and smux streams, for metrics."""
+        plain = smux = streams = 0
+        for tunnel in self.registry.active:
+            if isinstance(tunnel, MuxTunnel):
+                smux += 1
+                streams += len(tunnel.streams)
+            else:
+                plain += 1
+        return {"plain": plain, "smux": smux, "stream": streams}
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound, listening socket."""

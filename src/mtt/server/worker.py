@@ -75,7 +75,7 @@ class WorkerControl:
             agent.apply(Command.from_wire(message["command"]), bool(message.get("kick")))
             return {}
         if op == "collect":
-            return {"users": agent.collect()}
+            return {"report": agent.collect()}
         if op == "kick":
             return {"kicked": agent.kick(message["paths"])}
         if op == "tls":

@@ -240,7 +240,7 @@ class WorkerPool:
 
     async def collect(self) -> list[dict[str, Any]]:
         replies = await self._ask_all({"op": "collect"})
-        return [r["users"] for r in replies]
+        return [r["report"] for r in replies]
 
     async def kick(self, paths: tuple[str, ...]) -> int:
         replies = await self._ask_all({"op": "kick", "paths": list(paths)})

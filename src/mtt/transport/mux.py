@@ -28,6 +28,7 @@ from mtt.smux import (
     StreamRefused,
     StreamWritable,
 )
+from mtt.stats import STATS
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.plain import TunnelRegistry
 from mtt.transport.session_timer import SessionTimer
@@ -81,6 +82,7 @@ class MuxStream:
         try:
             await dial(self, t.dst, limits.connect_timeout, limits.smux.stream_window)
         except (OSError, TimeoutError) as exc:
+            STATS.dial_failed(exc)
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
             log.warning(
                 "%s %s: stream %d: dial %s failed: %s", t.peer, t.path, self.sid, t.dst, reason
@@ -233,6 +235,7 @@ class MuxTunnel(CheckedListener):
         self._ws = transport
         transport.underlying_transport.set_write_buffer_limits(high=self.limits.write_high_water)
         self._registry.opened(self)
+        STATS.opened["smux"] += 1
         self.meter = self._account.open(self)
         self._timer.rearm(self.session.get_timer())
 
@@ -329,6 +332,7 @@ class MuxTunnel(CheckedListener):
         elif isinstance(event, StreamOpened):
             stream = MuxStream(self, event.stream_id, self.now)
             self.streams[event.stream_id] = stream
+            STATS.opened["stream"] += 1
             stream.start()
         elif isinstance(event, StreamEnded):
             stream = self.streams.get(event.stream_id)

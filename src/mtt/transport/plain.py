@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
+from mtt.stats import STATS
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
@@ -110,6 +111,7 @@ class PlainTunnel(CheckedListener):
         self._ws = transport
         transport.underlying_transport.set_write_buffer_limits(high=self._limits.write_high_water)
         self._registry.opened(self)
+        STATS.opened["plain"] += 1
         self._meter = self._account.open(self)
         self._last_activity = self._loop.time()
         self._arm_idle_timer(self._limits.idle_timeout)
@@ -211,6 +213,7 @@ class PlainTunnel(CheckedListener):
         try:
             await dial(self, self._dst_addr, limits.connect_timeout, limits.write_high_water)
         except (OSError, TimeoutError) as exc:
+            STATS.dial_failed(exc)
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
             log.warning("%s %s: dial %s failed: %s", self._peer, self._path, self._dst_addr, reason)
             self._start_draining()
