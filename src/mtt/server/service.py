@@ -71,6 +71,7 @@ class UserService:
         self._usage_lock = asyncio.Lock()
         self._collector: asyncio.Task[None] | None = None
         self.totals = StatsTotals()
+        self._late: list[dict[str, Any]] = []  # reports of workers that exited
         self.gauges: dict[str, int] = {}
 
     async def start(self, plane: Plane | None = None) -> None:
@@ -89,9 +90,13 @@ class UserService:
         """Count what the planes still hold, then let the store flush."""
         if self._collector is not None:
             self._collector.cancel()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(StoreError, ConnectionError, OSError):
             await self.collect()
         await self.store.close()
+
+    def absorb(self, report: dict[str, Any]) -> None:
+        """A worker's last report, sent as it exits; folded in by the next collect."""
+        self._late.append(report)
 
     def count(self) -> int:
         return len(self.table)
@@ -180,6 +185,8 @@ class UserService:
     async def _collect_locked(self) -> None:
         assert self.plane is not None
         reports = await self.plane.collect()
+        reports += self._late
+        self._late = []
         deltas: dict[str, Usage] = {}
         live: dict[str, Live] = {}
         gauges: dict[str, int] = {}

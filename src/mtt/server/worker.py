@@ -126,9 +126,16 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     await asyncio.wait((reading, stopped, told), return_when=asyncio.FIRST_COMPLETED)
     # Told to stop: take the grace given; the supervisor gone without a word: none.
     grace = control.stop_grace or 0.0
-    for task in (reading, stopped, told):
+    for task in (stopped, told):
         task.cancel()
+    # The channel stays up while tunnels drain: their counts still go to the
+    # supervisor, and the last of them in one final report.
     await server.drain(grace)
+    rpc.notify({"op": "final", "report": agent.collect()})
+    with contextlib.suppress(OSError):
+        await writer.drain()
+    reading.cancel()
+    rpc.close()
 
 
 def main() -> None:

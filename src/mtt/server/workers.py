@@ -50,6 +50,7 @@ class Worker:
         self.service = service
         self.proc: asyncio.subprocess.Process | None = None
         self.rpc: RpcChannel | None = None
+        self.channel_task: asyncio.Task[None] | None = None
         self.ready = False
 
     async def start(self, listen_sock: socket.socket, init: dict[str, Any]) -> None:
@@ -75,7 +76,7 @@ class Worker:
             raise ProtocolError(f"worker {self.index} did not start: {message}")
         self.rpc = RpcChannel(reader, writer, self._handle, f"worker {self.index}")
         self.ready = True
-        spawn(self._run(self.rpc), name=f"worker {self.index} channel")
+        self.channel_task = spawn(self._run(self.rpc), name=f"worker {self.index} channel")
 
     async def _run(self, rpc: RpcChannel) -> None:
         try:
@@ -99,6 +100,9 @@ class Worker:
                 name=f"release {message['path']}",
             )
             return None
+        if op == "final":
+            service.absorb(message["report"])
+            return None
         log.error("worker %d sent unknown op %r", self.index, op)
         return None
 
@@ -115,9 +119,9 @@ class Worker:
         return await self.rpc.call_encoded(body)
 
     def stop(self, grace: float) -> None:
+        """Ask the worker to drain and exit; its final report still comes in."""
         if self.rpc is not None:
             self.rpc.notify({"op": "stop", "grace": grace})
-            self.rpc.close()
         self.ready = False
 
     def kill(self) -> None:
@@ -227,6 +231,13 @@ class WorkerPool:
         except TimeoutError:
             for worker in self.workers:
                 worker.kill()
+        # Their final reports are read before the channels end.
+        channels = [w.channel_task for w in self.workers if w.channel_task is not None]
+        if channels:
+            await asyncio.wait(channels, timeout=5)
+        for worker in self.workers:
+            if worker.rpc is not None:
+                worker.rpc.close()
         for sock in (self._placeholder, self._shared):
             if sock is not None:
                 sock.close()
