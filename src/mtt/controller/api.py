@@ -46,7 +46,7 @@ CHANGES = frozenset({Opt.ADD, Opt.DELETE, Opt.RESET, Opt.REPLACE})  # these bump
 _OPT_NAMES = "1 add, 2 delete, 3 reset, 4 replace, 5 list, 6 kick, 9 ping"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
     """One user of an add or replace; quota_used None keeps the current count."""
 
@@ -87,11 +87,16 @@ class Command:
 
 def _entry_to_wire(entry: Entry) -> list[Any]:
     user = entry.user
+    dst = user.dst
+    if user.limits is NO_LIMITS and entry.quota_used is None:
+        return [entry.path, dst.host, dst.port]  # most users: a third of the bytes
     limits = [getattr(user.limits, name) for name in LIMIT_FIELDS]
-    return [entry.path, user.dst.host, user.dst.port, limits, entry.quota_used]
+    return [entry.path, dst.host, dst.port, limits, entry.quota_used]
 
 
 def _entry_from_wire(item: list[Any]) -> Entry:
+    if len(item) == 3:
+        return Entry(item[0], User(Destination(item[1], item[2])))
     path, host, port, limits, quota_used = item
     user_limits = UserLimits(*limits) if any(limits) else NO_LIMITS
     return Entry(path, User(Destination(host, port), user_limits), quota_used)
@@ -209,6 +214,8 @@ def _parse_add(index: int, arg: Any, policy: DstPolicy) -> Entry:
     problem = policy.problem(destination)
     if problem is not None:
         raise ControlError(f"args_bunch[{index}].dst {quote(dst)} {problem}")
+    if len(arg) == 2:  # path and dst only: what Go-era panels send, 40,000 at a time
+        return Entry(path, User(destination))
     values = [_parse_count(index, arg, name) for name in LIMIT_FIELDS]
     limits = UserLimits(*values) if any(values) else NO_LIMITS
     quota_used = _parse_count(index, arg, "quota_used") if "quota_used" in arg else None

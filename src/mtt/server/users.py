@@ -33,7 +33,7 @@ NO_LIMITS = UserLimits()
 LIMIT_FIELDS = ("rate", "max_tunnels", "max_ips", "quota", "expire")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class User:
     dst: Destination
     limits: UserLimits = field(default=NO_LIMITS)
