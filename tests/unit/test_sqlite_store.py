@@ -98,14 +98,21 @@ async def test_replace_and_add_keep_counters_quota_used_sets_them(store: SqliteS
     assert await store.read_usage(None, False) == {"/a": Usage()}
 
 
-async def test_read_and_reset_is_atomic_and_loses_no_delta(store: SqliteStore) -> None:
+async def test_read_and_reset_is_atomic_and_loses_no_delta(
+    store: SqliteStore, db_path: str
+) -> None:
     await store.commit(add("/a", "/b"))
     await store.add_usage({"/a": usage(100, 50, 2, 5.0)})
     await store.flush()
     await store.add_usage({"/a": usage(1, 1, 1, 6.0)})  # pending, not yet in the file
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # hold the reset's transaction back a moment
     reading = asyncio.ensure_future(store.read_usage(["/a", "/nobody"], True))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.05)
     await store.add_usage({"/a": usage(1000)})  # arrives while the reset is written
+    assert not reading.done()
+    other.execute("ROLLBACK")
+    other.close()
     first = await reading
     assert first == {"/a": Usage(101, 51, 152, 3, 6.0)}
     assert await store.read_usage(["/a"], True) == {"/a": Usage(1000, 0, 1152, 0, 6.0)}
@@ -199,3 +206,19 @@ async def test_bulk_add_and_load_stay_fast(db_path: str) -> None:
     assert len(snapshot.users) == 40_000
     assert added < 5.0, added
     assert loaded < 2.0, loaded
+
+
+async def test_a_cancelled_caller_does_not_split_memory_from_the_file(db_path: str) -> None:
+    store = await opened(db_path)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    committing = asyncio.ensure_future(store.commit(add("/a")))
+    await asyncio.sleep(0.05)
+    committing.cancel()  # the controller's client hung up
+    other.execute("ROLLBACK")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await committing
+    assert await store.commit(add("/b")) == 2  # the first one went through whole
+    assert set(await store.read_usage(None, False)) == {"/a", "/b"}
+    await store.close()

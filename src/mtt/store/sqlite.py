@@ -22,10 +22,10 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from mtt.address import Destination
 from mtt.controller.api import Command, Opt
@@ -159,6 +159,9 @@ class SqliteStore:
         return (row[0] if row else 0), users, usage
 
     async def commit(self, command: Command) -> int:
+        return await self._to_the_end(self._commit(command))
+
+    async def _commit(self, command: Command) -> int:
         async with self._lock:
             revision = self.revision + 1
             drop: list[str] = []
@@ -222,6 +225,9 @@ class SqliteStore:
     async def read_usage(self, paths: Iterable[str] | None, reset: bool) -> dict[str, Usage]:
         if not reset:
             return self._current(self._stored if paths is None else paths)
+        return await self._to_the_end(self._read_and_reset(paths))
+
+    async def _read_and_reset(self, paths: Iterable[str] | None) -> dict[str, Usage]:
         async with self._lock:
             out = self._current(self._stored if paths is None else paths)
             taken = {p: _copy(self._pending[p]) for p in out if p in self._pending}
@@ -310,6 +316,9 @@ class SqliteStore:
 
     async def flush(self) -> None:
         """Write the buffered counter deltas in one transaction."""
+        await self._to_the_end(self._flush())
+
+    async def _flush(self) -> None:
         async with self._lock:
             if not self._pending:
                 return
@@ -345,6 +354,22 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+
+    async def _to_the_end(self, operation: Coroutine[Any, Any, T]) -> T:
+        """Run a write to its end even if our caller is cancelled (a controller
+        client hanging up): the thread would finish the transaction anyway, and
+        the counters in memory must follow the file."""
+
+        async def outcome() -> tuple[T | None, Exception | None]:
+            try:
+                return await operation, None
+            except Exception as exc:  # handed to the caller, not logged as a task failure
+                return None, exc
+
+        result, error = await asyncio.shield(spawn(outcome(), name="sqlite store write"))
+        if error is not None:
+            raise error
+        return cast(T, result)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
