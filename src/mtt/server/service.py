@@ -132,6 +132,11 @@ class UserService:
         return reply(res, len(self.table), err_string, self.revision)
 
     async def change(self, command: Command) -> None:
+        """Store, then serve: once the store has it, the change is applied
+        everywhere even if the controller request is cancelled midway."""
+        await asyncio.shield(self._change(command))
+
+    async def _change(self, command: Command) -> None:
         async with self._change_lock:
             revision = await self.store.commit(command)
             self._apply_local(command, revision)

@@ -8,6 +8,7 @@ from pathlib import Path
 from mtt.config import ServerConfig
 from mtt.store.base import Store
 from mtt.store.memory import MemoryStore
+from mtt.store.sqlite import SqliteStore
 
 MEMORY = "memory"
 
@@ -27,4 +28,4 @@ async def open_store(config: ServerConfig) -> Store:
         raise NotImplementedError("-store")  # the Redis store
     if config.db == MEMORY:
         return MemoryStore()
-    return MemoryStore()  # the SQLite store
+    return await SqliteStore.open(config.db, config.flush_interval)

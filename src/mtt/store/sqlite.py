@@ -1,0 +1,424 @@
+"""One node, durable by default (-db PATH): users and counters in a SQLite file.
+
+Theory of operation. Every change (opt 1-4) is one transaction in WAL mode
+with synchronous=FULL, so it is on disk before commit() returns and the
+controller says res 1; a change that fails rolls back whole and raises
+StoreError. Counters arrive every second for every busy user, so they are
+buffered: add_usage() only adds to `_pending`, and a background task writes
+the deltas every flush_interval (and close() writes the rest). A crash loses
+at most one interval of counts, never a user or a setting.
+
+All sqlite3 calls run on one dedicated thread, so the event loop never waits
+on the disk. Operations that write go through `_lock`, one at a time, and
+update `_stored` (the counters as the file holds them) only once their
+transaction has committed; reads answer `_stored` + the batch being flushed
++ `_pending` without touching the file, so a quota check costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from mtt.address import Destination
+from mtt.controller.api import Command, Opt
+from mtt.errors import ConfigError, StoreError
+from mtt.server.users import NO_LIMITS, User, UserLimits
+from mtt.store.base import RemoteChange, StoreSnapshot, Usage
+from mtt.transport.tasks import spawn
+
+log = logging.getLogger("mtt.store")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE users (
+    path TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    rate INTEGER NOT NULL DEFAULT 0,
+    max_tunnels INTEGER NOT NULL DEFAULT 0,
+    max_ips INTEGER NOT NULL DEFAULT 0,
+    quota INTEGER NOT NULL DEFAULT 0,
+    expire INTEGER NOT NULL DEFAULT 0,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0,
+    quota_used INTEGER NOT NULL DEFAULT 0,
+    total_tunnels INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+_UPSERT = """
+INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (path) DO UPDATE SET
+    host = excluded.host, port = excluded.port, rate = excluded.rate,
+    max_tunnels = excluded.max_tunnels, max_ips = excluded.max_ips,
+    quota = excluded.quota, expire = excluded.expire
+"""
+_ADD_USAGE = """
+UPDATE users SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?,
+    quota_used = quota_used + ?, total_tunnels = total_tunnels + ?,
+    last_seen = max(last_seen, ?)
+WHERE path = ?
+"""
+_RESET_USAGE = """
+UPDATE users SET bytes_up = 0, bytes_down = 0, total_tunnels = 0,
+    quota_used = quota_used + ?, last_seen = max(last_seen, ?)
+WHERE path = ?
+"""
+_SET_REVISION = "INSERT OR REPLACE INTO meta (key, value) VALUES ('revision', ?)"
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    """Users and counters in one SQLite file, written from one thread."""
+
+    def __init__(self, path: str, flush_interval: float, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self.busy_timeout = busy_timeout  # waiting for another process's lock (sqlite3 CLI)
+        self.revision = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtt-sqlite")
+        self._db: sqlite3.Connection | None = None  # used on the executor's thread only
+        self._lock = asyncio.Lock()
+        self._stored: dict[str, Usage] = {}  # path -> counters as committed; also the user set
+        self._flushing: dict[str, Usage] = {}  # deltas being written right now
+        self._pending: dict[str, Usage] = {}  # deltas not yet given to the file
+        self._flusher: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, path: str, flush_interval: float, busy_timeout: float = 5.0) -> SqliteStore:
+        """Open (creating if needed) the database; ConfigError if it is unusable."""
+        store = cls(path, flush_interval, busy_timeout)
+        try:
+            await store._run(store._open_sync)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
+        return store
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open_sync(self) -> None:
+        path = Path(self.path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not path.exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # no umask 644
+            db = sqlite3.connect(path, timeout=self.busy_timeout, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"-db {self.path}: cannot open: {exc}") from None
+        try:
+            _prepare(db)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            raise ConfigError(f"-db {self.path}: not an mtt user database ({exc})") from None
+        except ConfigError as exc:
+            db.close()
+            raise ConfigError(f"-db {self.path}: {exc}") from None
+        self._db = db
+
+    # -- the Store protocol ---------------------------------------------------------------
+
+    async def load(self) -> StoreSnapshot:
+        async with self._lock:
+            try:
+                revision, users, usage = await self._run(self._load_sync)
+            except sqlite3.Error as exc:
+                raise StoreError(f"reading {self.path}: {exc}") from None
+            self.revision = revision
+            self._stored = usage
+        if self._flusher is None:
+            self._flusher = spawn(self._flush_loop(), name="flush counters to sqlite")
+        return StoreSnapshot(revision, users)
+
+    def _load_sync(self) -> tuple[int, dict[str, User], dict[str, Usage]]:
+        db = self._conn()
+        row = db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+        users: dict[str, User] = {}
+        usage: dict[str, Usage] = {}
+        limits_seen: dict[tuple[int, ...], UserLimits] = {}
+        for row_ in db.execute("SELECT * FROM users"):
+            path, host, port, *limits, up, down, used, total, seen = row_
+            key = tuple(limits)
+            user_limits = limits_seen.get(key)
+            if user_limits is None:  # panels sell a handful of plans: share them
+                user_limits = limits_seen[key] = UserLimits(*key) if any(key) else NO_LIMITS
+            users[path] = User(Destination(host, port), user_limits)
+            usage[path] = Usage(up, down, used, total, seen)
+        return (row[0] if row else 0), users, usage
+
+    async def commit(self, command: Command) -> int:
+        return await self._to_the_end(self._commit(command))
+
+    async def _commit(self, command: Command) -> int:
+        async with self._lock:
+            revision = self.revision + 1
+            drop: list[str] = []
+            if command.opt is Opt.RESET:
+                drop = list(self._stored)
+            elif command.opt is Opt.DELETE:
+                drop = [p for p in command.paths if p in self._stored]
+            elif command.opt is Opt.REPLACE:
+                keep = {e.path for e in command.entries}
+                drop = [p for p in self._stored if p not in keep]
+            try:
+                await self._run(self._commit_sync, command, drop, revision)
+            except sqlite3.Error as exc:
+                raise StoreError(f"writing {self.path}: {exc}") from None
+            self.revision = revision
+            stored, pending = self._stored, self._pending
+            for path in drop:
+                stored.pop(path, None)
+                pending.pop(path, None)
+            for entry in command.entries:
+                counters = stored.setdefault(entry.path, Usage())
+                if entry.quota_used is not None:
+                    counters.quota_used = entry.quota_used
+                    delta = pending.get(entry.path)
+                    if delta is not None:
+                        delta.quota_used = 0  # the panel's value starts a new period
+            return revision
+
+    def _commit_sync(self, command: Command, drop: list[str], revision: int) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if command.opt is Opt.RESET:
+                db.execute("DELETE FROM users")
+            elif drop:
+                db.executemany("DELETE FROM users WHERE path = ?", ((p,) for p in drop))
+            if command.entries:
+                db.executemany(_UPSERT, (_row(e.path, e.user) for e in command.entries))
+                db.executemany(
+                    "UPDATE users SET quota_used = ? WHERE path = ?",
+                    ((e.quota_used, e.path) for e in command.entries if e.quota_used is not None),
+                )
+            db.execute(_SET_REVISION, (revision,))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    async def add_usage(self, deltas: dict[str, Usage]) -> None:
+        stored, pending = self._stored, self._pending
+        for path, delta in deltas.items():
+            if path not in stored:
+                continue
+            mine = pending.get(path)
+            if mine is None:
+                pending[path] = _copy(delta)
+            else:
+                mine.add(delta)
+
+    async def read_usage(self, paths: Iterable[str] | None, reset: bool) -> dict[str, Usage]:
+        if not reset:
+            return self._current(self._stored if paths is None else paths)
+        return await self._to_the_end(self._read_and_reset(paths))
+
+    async def _read_and_reset(self, paths: Iterable[str] | None) -> dict[str, Usage]:
+        async with self._lock:
+            out = self._current(self._stored if paths is None else paths)
+            taken = {p: _copy(self._pending[p]) for p in out if p in self._pending}
+            try:
+                await self._run(self._reset_sync, list(out), taken)
+            except sqlite3.Error as exc:
+                raise StoreError(f"writing {self.path}: {exc}") from None
+            for path, now in out.items():
+                counters = self._stored.get(path)
+                if counters is None:
+                    continue
+                counters.bytes_up = counters.bytes_down = counters.total_tunnels = 0
+                counters.quota_used = now.quota_used
+                counters.last_seen = now.last_seen
+                delta = taken.get(path)
+                left = self._pending.get(path)
+                if delta is not None and left is not None:  # keep what came in meanwhile
+                    left.bytes_up -= delta.bytes_up
+                    left.bytes_down -= delta.bytes_down
+                    left.quota_used -= delta.quota_used
+                    left.total_tunnels -= delta.total_tunnels
+            return out
+
+    def _reset_sync(self, paths: list[str], taken: dict[str, Usage]) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = []
+            for path in paths:
+                delta = taken.get(path)
+                rows.append((delta.quota_used, delta.last_seen, path) if delta else (0, 0.0, path))
+            db.executemany(_RESET_USAGE, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _current(self, paths: Iterable[str]) -> dict[str, Usage]:
+        """Committed counters plus what is on its way to the file."""
+        stored, flushing, pending = self._stored, self._flushing, self._pending
+        out: dict[str, Usage] = {}
+        for path in paths:
+            counters = stored.get(path)
+            if counters is None:
+                continue
+            total = _copy(counters)
+            for deltas in (flushing, pending):
+                delta = deltas.get(path)
+                if delta is not None:
+                    total.add(delta)
+            out[path] = total
+        return out
+
+    def watch(self, on_remote: RemoteChange) -> None:
+        pass  # one node: nobody else writes this file
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        try:
+            await self.flush()
+        except StoreError as exc:
+            log.error("counters not saved at shutdown: %s", exc)
+        with contextlib.suppress(sqlite3.Error):
+            await self._run(self._close_sync)
+        self._executor.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- counters ---------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval)
+            try:
+                await self.flush()
+            except StoreError as exc:
+                log.warning("counters kept in memory, will retry: %s", exc)
+
+    async def flush(self) -> None:
+        """Write the buffered counter deltas in one transaction."""
+        await self._to_the_end(self._flush())
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            if not self._pending:
+                return
+            batch = self._flushing = self._pending
+            self._pending = {}
+            try:
+                await self._run(self._flush_sync, batch)
+            except sqlite3.Error as exc:
+                for path, delta in batch.items():  # give them back, for the next try
+                    if path in self._stored:
+                        self._pending.setdefault(path, Usage()).add(delta)
+                raise StoreError(f"writing {self.path}: {exc}") from None
+            finally:
+                self._flushing = {}
+            for path, delta in batch.items():
+                counters = self._stored.get(path)
+                if counters is not None:
+                    counters.add(delta)
+
+    def _flush_sync(self, batch: dict[str, Usage]) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                _ADD_USAGE,
+                (
+                    (d.bytes_up, d.bytes_down, d.quota_used, d.total_tunnels, d.last_seen, p)
+                    for p, d in batch.items()
+                ),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    async def _to_the_end(self, operation: Coroutine[Any, Any, T]) -> T:
+        """Run a write to its end even if our caller is cancelled (a controller
+        client hanging up): the thread would finish the transaction anyway, and
+        the counters in memory must follow the file."""
+
+        async def outcome() -> tuple[T | None, Exception | None]:
+            try:
+                return await operation, None
+            except Exception as exc:  # handed to the caller, not logged as a task failure
+                return None, exc
+
+        result, error = await asyncio.shield(spawn(outcome(), name="sqlite store write"))
+        if error is not None:
+            raise error
+        return cast(T, result)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.ProgrammingError("the database is closed")
+        return self._db
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """Check (or create) the schema; settings that make a commit durable."""
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise ConfigError(f"cannot use write-ahead logging (journal_mode is {mode})")
+    db.execute("PRAGMA synchronous = FULL")
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        db.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0)")
+        db.execute("COMMIT")
+        return
+    if not {"users", "meta"} <= tables:
+        raise sqlite3.DatabaseError(f"it has other tables: {', '.join(sorted(tables))}")
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    if row is None:
+        raise sqlite3.DatabaseError("no schema version")
+    if row[0] != SCHEMA_VERSION:
+        raise ConfigError(
+            f"schema version {row[0]}, this server reads {SCHEMA_VERSION} (a newer mtt wrote it?)"
+        )
+
+
+def _row(path: str, user: User) -> tuple[Any, ...]:
+    limits = user.limits
+    return (
+        path,
+        user.dst.host,
+        user.dst.port,
+        limits.rate,
+        limits.max_tunnels,
+        limits.max_ips,
+        limits.quota,
+        limits.expire,
+    )
+
+
+def _copy(usage: Usage) -> Usage:
+    return Usage(
+        usage.bytes_up, usage.bytes_down, usage.quota_used, usage.total_tunnels, usage.last_seen
+    )

@@ -1,0 +1,224 @@
+"""SqliteStore: every change all or nothing, counters buffered but never lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from mtt.address import Destination
+from mtt.controller.api import Command, Entry, Opt
+from mtt.errors import ConfigError, StoreError
+from mtt.server.users import User, UserLimits
+from mtt.store.base import Usage
+from mtt.store.sqlite import SqliteStore
+
+LIMITS = UserLimits(rate=1000, max_tunnels=2, max_ips=3, quota=10**9, expire=2_000_000_000)
+
+
+def user(port: int = 8000, limits: UserLimits = LIMITS) -> User:
+    return User(Destination("127.0.0.1", port), limits)
+
+
+def add(*paths: str, quota_used: int | None = None) -> Command:
+    return Command(Opt.ADD, entries=tuple(Entry(p, user(), quota_used) for p in paths))
+
+
+def replace(*paths: str) -> Command:
+    return Command(Opt.REPLACE, entries=tuple(Entry(p, user(9000)) for p in paths))
+
+
+def delete(*paths: str) -> Command:
+    return Command(Opt.DELETE, paths=paths)
+
+
+def usage(up: int, down: int = 0, tunnels: int = 0, seen: float = 0.0) -> Usage:
+    return Usage(up, down, up + down, tunnels, seen)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "users.db")
+
+
+async def opened(path: str, **kwargs: float) -> SqliteStore:
+    store = await SqliteStore.open(path, kwargs.pop("flush_interval", 60.0), **kwargs)
+    await store.load()
+    return store
+
+
+@pytest.fixture
+async def store(db_path: str) -> AsyncIterator[SqliteStore]:
+    store = await opened(db_path)
+    yield store
+    await store.close()
+
+
+async def test_creates_a_private_directory_and_an_empty_table(db_path: str) -> None:
+    store = await SqliteStore.open(db_path, 1.0)
+    snapshot = await store.load()
+    await store.close()
+    assert (snapshot.revision, snapshot.users) == (0, {})
+    assert os.stat(os.path.dirname(db_path)).st_mode & 0o777 == 0o700
+    assert os.stat(db_path).st_mode & 0o077 == 0
+
+
+async def test_each_opt_and_a_monotonic_revision(store: SqliteStore, db_path: str) -> None:
+    assert await store.commit(add("/a", "/b", "/c")) == 1
+    assert await store.commit(delete("/b", "/nobody")) == 2
+    assert set(await store.read_usage(None, False)) == {"/a", "/c"}
+    assert await store.commit(replace("/c", "/d")) == 3
+    again = await opened(db_path)
+    snapshot = await again.load()
+    await again.close()
+    assert snapshot.revision == 3
+    assert snapshot.users == {"/c": user(9000), "/d": user(9000)}
+    assert await store.commit(Command(Opt.RESET)) == 4
+    assert await store.commit(Command(Opt.REPLACE)) == 5
+    assert await store.read_usage(None, False) == {}
+
+
+async def test_replace_and_add_keep_counters_quota_used_sets_them(store: SqliteStore) -> None:
+    await store.commit(add("/a", "/b"))
+    await store.add_usage({"/a": usage(10, 5, 1, 100.0), "/b": usage(7), "/ghost": usage(1)})
+    await store.flush()
+    await store.add_usage({"/a": usage(1)})
+    await store.commit(replace("/a"))
+    await store.commit(add("/a"))
+    assert await store.read_usage(None, False) == {"/a": Usage(11, 5, 16, 1, 100.0)}
+    await store.commit(add("/a", quota_used=3))
+    assert (await store.read_usage(["/a"], False))["/a"].quota_used == 3
+    await store.commit(delete("/a"))
+    await store.commit(add("/a"))
+    assert await store.read_usage(None, False) == {"/a": Usage()}
+
+
+async def test_read_and_reset_is_atomic_and_loses_no_delta(
+    store: SqliteStore, db_path: str
+) -> None:
+    await store.commit(add("/a", "/b"))
+    await store.add_usage({"/a": usage(100, 50, 2, 5.0)})
+    await store.flush()
+    await store.add_usage({"/a": usage(1, 1, 1, 6.0)})  # pending, not yet in the file
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # hold the reset's transaction back a moment
+    reading = asyncio.ensure_future(store.read_usage(["/a", "/nobody"], True))
+    await asyncio.sleep(0.05)
+    await store.add_usage({"/a": usage(1000)})  # arrives while the reset is written
+    assert not reading.done()
+    other.execute("ROLLBACK")
+    other.close()
+    first = await reading
+    assert first == {"/a": Usage(101, 51, 152, 3, 6.0)}
+    assert await store.read_usage(["/a"], True) == {"/a": Usage(1000, 0, 1152, 0, 6.0)}
+    assert await store.read_usage(["/a"], False) == {"/a": Usage(0, 0, 1152, 0, 6.0)}
+
+
+async def test_reopen_restores_users_revision_and_counters(db_path: str) -> None:
+    store = await opened(db_path)
+    await store.commit(add("/a", "/b", quota_used=40))
+    await store.commit(Command(Opt.ADD, entries=(Entry("/c", User(Destination("::1", 80))),)))
+    await store.add_usage({"/a": usage(10, 20, 3, 1234.5)})
+    await store.close()  # flushes what is pending
+    again = await opened(db_path)
+    snapshot = await again.load()
+    counters = await again.read_usage(None, False)
+    await again.close()
+    assert snapshot.revision == 2
+    assert snapshot.users == {"/a": user(), "/b": user(), "/c": User(Destination("::1", 80))}
+    assert counters["/a"] == Usage(10, 20, 70, 3, 1234.5)
+    assert counters["/b"] == Usage(0, 0, 40, 0, 0.0)
+
+
+async def test_counters_are_flushed_in_the_background(db_path: str) -> None:
+    store = await opened(db_path, flush_interval=0.05)
+    await store.commit(add("/a"))
+    await store.add_usage({"/a": usage(5)})
+    await asyncio.sleep(0.3)
+    with sqlite3.connect(db_path) as peek:
+        row = peek.execute("SELECT bytes_up FROM users WHERE path = '/a'").fetchone()
+    await store.close()
+    assert row == (5,)
+
+
+async def test_a_locked_database_raises_and_changes_nothing(db_path: str) -> None:
+    store = await opened(db_path, busy_timeout=0.1)
+    await store.commit(add("/a"))
+    await store.add_usage({"/a": usage(5)})
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process (the sqlite3 CLI) holds the file
+    try:
+        with pytest.raises(StoreError):
+            await store.commit(add("/b"))
+        with pytest.raises(StoreError):
+            await store.commit(Command(Opt.RESET))
+        with pytest.raises(StoreError):
+            await store.read_usage(None, True)
+        with pytest.raises(StoreError):
+            await store.flush()
+        assert await store.read_usage(None, False) == {"/a": usage(5)}
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert await store.commit(add("/c")) == 2
+    await store.close()
+    again = await opened(db_path)
+    snapshot = await again.load()
+    counters = await again.read_usage(None, False)
+    await again.close()
+    assert (snapshot.revision, set(snapshot.users)) == (2, {"/a", "/c"})
+    assert counters["/a"] == usage(5)
+
+
+async def test_a_file_that_is_not_ours_is_a_config_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ConfigError, match=r"garbage\.db"):
+        await SqliteStore.open(str(garbage), 1.0)
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE something (x)")
+    with pytest.raises(ConfigError, match="not an mtt user database"):
+        await SqliteStore.open(str(foreign), 1.0)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(ConfigError, match="cannot open"):
+        await SqliteStore.open(str(blocked / "users.db"), 1.0)
+
+
+async def test_bulk_add_and_load_stay_fast(db_path: str) -> None:
+    store = await opened(db_path)
+    paths = [f"/user{i}" for i in range(40_000)]
+    started = time.perf_counter()
+    await store.commit(add(*paths))
+    added = time.perf_counter() - started
+    await store.close()
+    again = await SqliteStore.open(db_path, 60.0)
+    started = time.perf_counter()
+    snapshot = await again.load()
+    loaded = time.perf_counter() - started
+    await again.close()
+    assert len(snapshot.users) == 40_000
+    assert added < 5.0, added
+    assert loaded < 2.0, loaded
+
+
+async def test_a_cancelled_caller_does_not_split_memory_from_the_file(db_path: str) -> None:
+    store = await opened(db_path)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    committing = asyncio.ensure_future(store.commit(add("/a")))
+    await asyncio.sleep(0.05)
+    committing.cancel()  # the controller's client hung up
+    other.execute("ROLLBACK")
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await committing
+    assert await store.commit(add("/b")) == 2  # the first one went through whole
+    assert set(await store.read_usage(None, False)) == {"/a", "/b"}
+    await store.close()
