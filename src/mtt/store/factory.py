@@ -8,6 +8,7 @@ from pathlib import Path
 from mtt.config import ServerConfig
 from mtt.store.base import Store
 from mtt.store.memory import MemoryStore
+from mtt.store.redis_store import RedisStore
 
 MEMORY = "memory"
 
@@ -24,7 +25,7 @@ def default_db_path() -> str:
 async def open_store(config: ServerConfig) -> Store:
     """Open (and load nothing yet from) the store the configuration names."""
     if config.store:
-        raise NotImplementedError("-store")  # the Redis store
+        return RedisStore(config.store, config.flush_interval)
     if config.db == MEMORY:
         return MemoryStore()
     return MemoryStore()  # the SQLite store
