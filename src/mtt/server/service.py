@@ -150,7 +150,11 @@ class UserService:
             if revision <= self.revision and command is not None:
                 return  # our own change, or one already seen
             if command is None or revision != self.revision + 1:
-                snapshot = await self.store.load()
+                try:
+                    snapshot = await self.store.load()
+                except StoreError as exc:  # the store resyncs us when it is back
+                    log.warning("reloading the users after revision %d: %s", self.revision, exc)
+                    return
                 command = Command(Opt.REPLACE, entries=_entries(snapshot.users.items()))
                 revision = snapshot.revision
             self._apply_local(command, revision)
