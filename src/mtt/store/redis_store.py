@@ -162,7 +162,7 @@ class RedisStore:
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as exc:
-            raise ConfigError(f"-store {url!r}: {exc}") from None
+            raise ConfigError(f"-store: {exc}") from None  # the URL may hold a password
         self.flush_interval = flush_interval
         self._commit = self._redis.register_script(_COMMIT)
         self._add_usage = self._redis.register_script(_ADD_USAGE)
