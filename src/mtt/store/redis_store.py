@@ -201,7 +201,7 @@ class RedisStore:
                 [e.path, encode_user(e.user), "" if e.quota_used is None else str(e.quota_used)]
                 for e in command.entries
             ]
-        args = [published, json.dumps(ops, separators=(",", ":")), CHANNEL]
+        args = [published, _json(ops), CHANNEL]
         try:
             revision = await self._commit(keys=[USERS, REVISION, *COUNTERS], args=args)
         except (RedisError, OSError) as exc:
@@ -215,7 +215,7 @@ class RedisStore:
         _merge(self._pending, deltas)
 
     async def read_usage(self, paths: Iterable[str] | None, reset: bool) -> dict[str, Usage]:
-        selected = "*" if paths is None else json.dumps(list(paths))
+        selected = "*" if paths is None else _json(list(paths))
         async with self._usage_lock:
             try:
                 result = await self._read_usage(
@@ -259,7 +259,7 @@ class RedisStore:
             try:
                 async with self._redis.pipeline(transaction=True) as pipe:
                     for start in range(0, len(rows), FLUSH_CHUNK):
-                        chunk = json.dumps(rows[start : start + FLUSH_CHUNK])
+                        chunk = _json(rows[start : start + FLUSH_CHUNK])
                         await self._add_usage(keys=[USERS, *COUNTERS], args=[chunk], client=pipe)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
@@ -355,6 +355,11 @@ def encode_user(user: User) -> str:
 def decode_user(raw: bytes) -> User:
     host, port, *limits = json.loads(raw)
     return User(Destination(host, port), UserLimits(*limits) if any(limits) else NO_LIMITS)
+
+
+def _json(value: Any) -> str:
+    """For the scripts: paths as raw UTF-8, not escapes for Lua's cjson to undo."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _merge(into: dict[str, Usage], deltas: dict[str, Usage]) -> None:
