@@ -22,7 +22,7 @@ from mtt.controller.http import (
     start_controller,
 )
 from mtt.controller.policy import DstPolicy, parse_rule
-from mtt.errors import ConfigError
+from mtt.errors import ConfigError, StoreError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
@@ -187,7 +187,10 @@ async def serve(config: ServerConfig) -> None:
     log_loop_errors(asyncio.get_running_loop())
     tls, mode = resolve_tls(config)
     service = UserService(await open_store(config), kick_on_delete=config.kick_on_delete)
-    await service.start()
+    try:
+        await service.start()
+    except StoreError as exc:  # no table to serve: say so in one line (systemd retries)
+        raise ConfigError(f"cannot load the users: {exc}") from None
     if config.workers > 1:
         pool = WorkerPool(config, tls, config.workers, service)
         try:

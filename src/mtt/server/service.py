@@ -163,7 +163,11 @@ class UserService:
             if revision <= self.revision and command is not None:
                 return  # our own change, or one already seen
             if command is None or revision != self.revision + 1:
-                snapshot = await self.store.load()
+                try:
+                    snapshot = await self.store.load()
+                except StoreError as exc:  # the store resyncs us when it is back
+                    log.warning("reloading the users after revision %d: %s", self.revision, exc)
+                    return
                 command = Command(Opt.REPLACE, entries=_entries(snapshot.users.items()))
                 revision = snapshot.revision
             self._apply_local(command, revision)
@@ -247,7 +251,11 @@ class UserService:
         if limits.expire and time.time() >= limits.expire:
             return "expired"
         if limits.quota:
-            usage = await self.store.read_usage([path], False)
+            try:
+                usage = await self.store.read_usage([path], False)
+            except StoreError as exc:  # a shared store is away: serve, as for users without quota
+                log.warning("admitting %s without its quota check: %s", path, exc)
+                usage = {}
             used = usage[path].quota_used if path in usage else 0
             if used >= limits.quota:
                 return f"over quota ({used} of {limits.quota} bytes)"

@@ -8,7 +8,6 @@ from pathlib import Path
 from mtt.config import ServerConfig
 from mtt.store.base import Store
 from mtt.store.memory import MemoryStore
-from mtt.store.sqlite import SqliteStore
 
 MEMORY = "memory"
 
@@ -24,8 +23,13 @@ def default_db_path() -> str:
 
 async def open_store(config: ServerConfig) -> Store:
     """Open (and load nothing yet from) the store the configuration names."""
+    # Imported here: a node pays for the client library it uses only.
     if config.store:
-        raise NotImplementedError("-store")  # the Redis store
+        from mtt.store.redis_store import RedisStore  # noqa: PLC0415
+
+        return RedisStore(config.store, config.flush_interval)
     if config.db == MEMORY:
         return MemoryStore()
+    from mtt.store.sqlite import SqliteStore  # noqa: PLC0415
+
     return await SqliteStore.open(config.db, config.flush_interval)

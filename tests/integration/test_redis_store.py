@@ -1,0 +1,311 @@
+"""Several nodes sharing users through a real redis-server (-store redis://).
+
+Each test starts its own redis-server on a free loopback port (AOF with fsync
+always, so a killed server comes back with its data) and three mtt nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.support import ServerProcess, echo_server, pattern, start_server, tagged_server
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs redis-server (Debian package)"
+)
+
+FLUSH = "500ms"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """redis-server in a temp dir; kill() is a crash, start() again keeps the port and data."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--dir", str(self.dir), "--save", "", "--appendonly", "yes"),
+                *("--appendfsync", "always", "--protected-mode", "no"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def node_args(redis: RedisServer, workers: int = 1) -> tuple[str, ...]:
+    return ("-store", redis.url, "-flush-interval", FLUSH, "-workers", str(workers))
+
+
+@contextlib.contextmanager
+def nodes(redis: RedisServer, *workers: int) -> Iterator[list[ServerProcess]]:
+    """Nodes started in parallel (each takes a moment to import and listen)."""
+    with ThreadPoolExecutor(len(workers)) as pool:
+        started = list(pool.map(lambda w: start_server(*node_args(redis, w)), workers))
+    try:
+        yield started
+    finally:
+        for node in started:
+            stop_clean(node)
+
+
+def stop_clean(node: ServerProcess) -> None:
+    code = node.stop()
+    log = node.log_text()
+    assert code == 0, f"node exited with {code}:\n{log}"
+    assert "Traceback" not in log, log
+
+
+def control(node: ServerProcess, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    return node.control(doc)
+
+
+def revision(node: ServerProcess) -> int:
+    status, reply = control(node, {"opt": 9})
+    assert status == 200, reply
+    return int(reply["revision"])
+
+
+def add(node: ServerProcess, *entries: dict[str, Any]) -> int:
+    status, reply = control(node, {"opt": 1, "args_bunch": list(entries)})
+    assert (status, reply["res"]) == (200, 1), reply
+    return int(reply["revision"])
+
+
+async def until(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def reach(wanted: int, *targets: ServerProcess, within: float = 1.0) -> None:
+    for node in targets:
+        await until(lambda n=node: revision(n) >= wanted, within, f"revision {wanted}")  # type: ignore[misc]
+
+
+def ws(node: ServerProcess, path: str) -> connect:
+    return connect(
+        f"ws://127.0.0.1:{node.port}{path}",
+        subprotocols=["smux_off"],  # type: ignore[list-item]
+        max_size=None,
+        compression=None,
+    )
+
+
+async def read_tag(node: ServerProcess, path: str) -> bytes:
+    async with ws(node, path) as conn:
+        return bytes(await asyncio.wait_for(conn.recv(), 5))
+
+
+async def refused(node: ServerProcess, path: str) -> bool:
+    try:
+        async with ws(node, path):
+            return False
+    except InvalidStatus:
+        return True
+
+
+async def echo_through(node: ServerProcess, path: str, payload: bytes) -> None:
+    async with ws(node, path) as conn:
+        await conn.send(payload)
+        back = bytearray()
+        while len(back) < len(payload):
+            back += await asyncio.wait_for(conn.recv(), 10)
+        assert back == payload
+
+
+def listed(node: ServerProcess, path: str) -> dict[str, Any] | None:
+    status, reply = control(node, {"opt": 5, "args_bunch": [{"path": path}]})
+    assert status == 200, reply
+    return reply["users"][0] if reply["users"] else None
+
+
+async def test_a_change_on_one_node_is_served_by_the_others(redis: RedisServer) -> None:
+    async with tagged_server(b"dst-1") as dst:
+        with nodes(redis, 1, 1, 2) as (a, b, c):
+            rev = add(a, {"path": "/shared", "dst": dst})
+            await reach(rev, c)  # within 1 s, as the issue asks
+            assert await read_tag(c, "/shared") == b"dst-1"
+            assert await read_tag(b, "/shared") == b"dst-1"
+
+            status, reply = control(b, {"opt": 2, "args_bunch": [{"path": "/shared"}]})
+            assert (status, reply["res"], reply["revision"]) == (200, 1, rev + 1)
+            await reach(rev + 1, a, c)
+            assert await refused(a, "/shared")
+            assert await refused(c, "/shared")
+            assert control(c, {"opt": 9})[1]["current_users"] == 0
+
+
+async def test_counters_add_up_across_nodes_exactly(redis: RedisServer) -> None:
+    async with echo_server() as echo:
+        with nodes(redis, 1, 1, 2) as (a, b, c):
+            rev = add(a, {"path": "/billed", "dst": echo.addr, "quota": 10**9})
+            await reach(rev, b, c)
+            await echo_through(a, "/billed", pattern(1, 100_000))
+            await echo_through(c, "/billed", pattern(2, 23_456))
+            await echo_through(c, "/billed", pattern(3, 1))
+            total = 100_000 + 23_456 + 1
+
+            def summed() -> bool:
+                user = listed(b, "/billed")
+                return (
+                    user is not None and user["total_tunnels"] == 3 and (user["bytes_up"] == total)
+                )
+
+            # counters: collected each second, flushed each 0.5 s, on every node
+            await until(summed, 8, "the three tunnels counted on B")
+            user = listed(b, "/billed")
+            assert user is not None
+            assert (user["bytes_up"], user["bytes_down"]) == (total, total)
+            assert user["quota_used"] == 2 * total
+
+            status, reply = control(a, {"opt": 5, "reset": True})
+            assert status == 200 and reply["users"][0]["bytes_up"] == total
+            after = listed(c, "/billed")
+            assert after is not None
+            assert (after["bytes_up"], after["bytes_down"], after["total_tunnels"]) == (0, 0, 0)
+            assert after["quota_used"] == 2 * total  # the quota counter survives a read-reset
+
+            # deleting a user drops its counters everywhere; re-adding starts from zero
+            status, reply = control(c, {"opt": 2, "args_bunch": [{"path": "/billed"}]})
+            assert reply["res"] == 1
+            rev = add(c, {"path": "/billed", "dst": echo.addr})
+            await reach(rev, a, b)
+            user = listed(a, "/billed")
+            assert user is not None and user["quota_used"] == 0
+
+
+async def test_nodes_ride_out_a_redis_outage_and_resync(redis: RedisServer) -> None:
+    async with tagged_server(b"old") as old_dst, tagged_server(b"new") as new_dst:
+        with nodes(redis, 1, 1, 1) as (a, b, c):
+            rev = add(
+                a,
+                {"path": "/kept", "dst": old_dst},
+                {"path": "/quota", "dst": old_dst, "quota": 10**9},
+            )
+            await reach(rev, b, c)
+
+            redis.kill()
+            # existing users are still served, including one whose quota lives in Redis
+            assert await read_tag(b, "/kept") == b"old"
+            assert await read_tag(c, "/quota") == b"old"
+            # writes are refused, applied nowhere
+            status, reply = control(a, {"opt": 1, "args_bunch": [{"path": "/x", "dst": new_dst}]})
+            assert (status, reply["res"], reply["revision"]) == (503, 2, rev)
+            assert "unavailable" in reply["err_string"]
+            assert control(a, {"opt": 9})[1]["current_users"] == 2
+            assert control(b, {"opt": 5})[0] == 503
+            await until(
+                lambda: all("lost the Redis subscription" in n.log_text() for n in (a, b, c)),
+                5,
+                "every node noticed",
+            )
+
+            redis.start()  # same port, data back from the append-only file
+            # At once, before B and C resubscribe (they back off): they miss this
+            # change's message and must catch up by reloading.
+            rev2 = add(a, {"path": "/after", "dst": new_dst})
+            assert rev2 == rev + 1
+            await reach(rev2, b, c, within=8)
+            assert await read_tag(c, "/after") == b"new"
+            assert await read_tag(b, "/kept") == b"old"
+            for node in (b, c):
+                assert "Redis is back; reloading the users" in node.log_text()
+
+            # and live pub/sub works again
+            rev3 = add(c, {"path": "/later", "dst": new_dst})
+            await reach(rev3, a, b)
+            assert await read_tag(a, "/later") == b"new"
+
+
+async def test_a_restarted_node_catches_up(redis: RedisServer) -> None:
+    async with tagged_server(b"one") as one, tagged_server(b"two") as two:
+        with nodes(redis, 1, 1) as (a, b):
+            c = start_server(*node_args(redis))
+            rev = add(a, {"path": "/gone", "dst": one}, {"path": "/stays", "dst": one})
+            await reach(rev, c)
+            stop_clean(c)
+
+            status, _ = control(b, {"opt": 2, "args_bunch": [{"path": "/gone"}]})
+            assert status == 200
+            rev = add(a, {"path": "/stays", "dst": two}, {"path": "/new", "dst": two})
+
+            c = start_server(*node_args(redis))
+            try:
+                assert revision(c) == rev
+                assert control(c, {"opt": 9})[1]["current_users"] == 2
+                assert await read_tag(c, "/new") == b"two"
+                assert await read_tag(c, "/stays") == b"two"
+                assert await refused(c, "/gone")
+            finally:
+                stop_clean(c)
+
+
+async def test_a_bulk_add_of_40000_users_is_one_change(redis: RedisServer) -> None:
+    with nodes(redis, 1, 1) as (a, b):
+        entries = [
+            {"path": f"/bulk{i:05d}", "dst": f"127.0.0.1:{1000 + i % 60000}"} for i in range(40_000)
+        ]
+        rev = add(a, *entries)
+        await reach(rev, b, within=5)
+        assert control(b, {"opt": 9})[1]["current_users"] == 40_000
+        status, reply = control(b, {"opt": 4, "args_bunch": entries[:3]})
+        assert (status, reply["res"], reply["current_users"]) == (200, 1, 3)
+        await reach(rev + 1, a)
+        assert control(a, {"opt": 9})[1]["current_users"] == 3
