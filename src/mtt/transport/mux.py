@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
@@ -211,6 +212,9 @@ class MuxTunnel(CheckedListener):
         self.meter: UserMeter | None = None
         self.throttled_down = False
         self._throttled_up = False
+        # Messages picows handed over after the rate paused reading (the rest of
+        # one read, which may be megabytes): parsed as the rate allows.
+        self._held: deque[bytes] = deque()
         self.dst = account.user.dst
         self.peer = peer
         self.path = account.path
@@ -243,19 +247,35 @@ class MuxTunnel(CheckedListener):
         if msg_type is not WSMsgType.CLOSE:
             if self._closed:
                 return
-            self.now = now = self._loop.time()
-            try:
-                events = self.session.receive_data(frame.get_payload_as_memoryview(), now)
-            except SmuxProtocolError as exc:
-                log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
-                self._finish(WSCloseCode.PROTOCOL_ERROR)
+            if self._throttled_up or self._held:
+                self._held.append(frame.get_payload_as_bytes())
                 return
-            for event in events:
-                self._handle(event)
+            self._receive(frame.get_payload_as_memoryview())
             self.flush()
             self.after_consume()
         else:
+            self._release_held(all_of_it=True)
             self._finish(WSCloseCode.OK)
+
+    def _receive(self, data: memoryview | bytes) -> None:
+        self.now = now = self._loop.time()
+        try:
+            events = self.session.receive_data(data, now)
+        except SmuxProtocolError as exc:
+            log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
+            self._finish(WSCloseCode.PROTOCOL_ERROR)
+            return
+        for event in events:
+            self._handle(event)
+
+    def _release_held(self, all_of_it: bool = False) -> None:
+        """Parse held messages until the rate pauses again (or all of them: the
+        client is leaving, and what it sent before must still arrive)."""
+        held = self._held
+        while held and (all_of_it or not self._throttled_up) and not self._closed:
+            self._receive(held.popleft())
+        if self._closed:
+            held.clear()
 
     def violation(self, reason: str) -> None:
         log.warning("%s %s: WebSocket protocol error: %s", self.peer, self.path, reason)
@@ -263,6 +283,7 @@ class MuxTunnel(CheckedListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if not self._closed:
+            self._release_held(all_of_it=True)
             reason = self.picows_close_reason(transport)
             if reason is not None:
                 log.warning("%s %s: WebSocket %s", self.peer, self.path, reason)
@@ -304,6 +325,7 @@ class MuxTunnel(CheckedListener):
     def throttle_resume(self, direction: int) -> None:
         if direction == UP:
             self._throttled_up = False
+            self._release_held()
             self.after_consume()
         else:
             self.throttled_down = False
@@ -366,7 +388,7 @@ class MuxTunnel(CheckedListener):
         if ws is None or self._closed:
             return
         transport = ws.underlying_transport
-        paused = self.session.reading_paused() or self._throttled_up
+        paused = self.session.reading_paused() or self._throttled_up or bool(self._held)
         if paused and not self._reading_paused:
             self._reading_paused = True
             if not transport.is_closing():
