@@ -39,8 +39,6 @@ from mtt.transport.wsframe import write_binary
 if TYPE_CHECKING:
     from mtt.server.agent import TunnelAccount, UserMeter
 
-UP = 0  # throttle directions (mtt.server.throttle)
-
 log = logging.getLogger("mtt.tunnel")
 
 
@@ -54,6 +52,7 @@ class MuxStream:
         "_outbound",
         "_peer_ended",
         "_pending",
+        "_throttled",
         "_tunnel",
         "closed",
         "last_activity",
@@ -67,6 +66,10 @@ class MuxStream:
         self.closed = False
         self._dst: DstConnection | None = None
         self._dst_paused = False  # dst's write buffer is full
+        # Over the user's download rate. Each stream pauses on its own, as plain
+        # tunnels do: pausing the whole session let the stream whose dst the
+        # event loop polls first take every grant and starve the others.
+        self._throttled = False
         self._pending: list[bytes] = []  # data from the client not yet handed to dst
         self._outbound = b""  # v2: dst data beyond the peer's window
         self._peer_ended = False
@@ -93,7 +96,7 @@ class MuxStream:
             conn.close()
             return
         self._dst = conn
-        if self._tunnel.writing_paused or self._tunnel.throttled_down:
+        if self._tunnel.writing_paused:
             conn.pause_reading()
         self._flush_pending()
         if self._peer_ended:
@@ -134,7 +137,7 @@ class MuxStream:
             meter.down += len(data)
             throttle = meter.throttles[1]
             if throttle is not None:
-                throttle.charge(len(data), t)
+                throttle.charge(len(data), self)
         taken = t.session.send_data(self.sid, data)
         if taken < len(data):
             self._outbound = data[taken:]
@@ -153,7 +156,7 @@ class MuxStream:
             not self._outbound
             and self._dst is not None
             and not t.writing_paused
-            and not t.throttled_down
+            and not self._throttled
         ):
             self._dst.resume_reading()
         t.flush()
@@ -178,8 +181,17 @@ class MuxStream:
             self._dst.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._dst is not None and not self._outbound:
+        if self._dst is not None and not self._outbound and not self._throttled:
             self._dst.resume_reading()
+
+    def throttle_pause(self, direction: int) -> None:
+        self._throttled = True
+        self.pause_reading()
+
+    def throttle_resume(self, direction: int) -> None:
+        self._throttled = False
+        if not self._tunnel.writing_paused:
+            self.resume_reading()
 
     def close(self) -> None:
         """End the stream both ways; the budget its pending data held is freed."""
@@ -187,6 +199,9 @@ class MuxStream:
             return
         self.closed = True
         t = self._tunnel
+        meter = t.meter
+        if meter is not None and meter.throttles[1] is not None:
+            meter.throttles[1].forget(self)
         if self._dial_task is not None and not self._dial_task.done():
             self._dial_task.cancel()
         if self._dst is not None:
@@ -210,7 +225,6 @@ class MuxTunnel(CheckedListener):
         super().__init__()
         self._account = account
         self.meter: UserMeter | None = None
-        self.throttled_down = False
         self._throttled_up = False
         # Messages picows handed over after the rate paused reading (the rest of
         # one read, which may be megabytes): parsed as the rate allows.
@@ -300,9 +314,8 @@ class MuxTunnel(CheckedListener):
 
     def resume_writing(self) -> None:
         self.ws_writing_paused = self.writing_paused = False
-        if not self.throttled_down:
-            for stream in self.streams.values():
-                stream.resume_reading()
+        for stream in self.streams.values():
+            stream.resume_reading()
 
     def shutdown(self) -> None:
         """Close the session now (server shutdown)."""
@@ -314,24 +327,14 @@ class MuxTunnel(CheckedListener):
         self._finish(WSCloseCode.POLICY_VIOLATION)
 
     def throttle_pause(self, direction: int) -> None:
-        if direction == UP:
-            self._throttled_up = True
-            self.after_consume()
-        else:
-            self.throttled_down = True
-            for stream in self.streams.values():
-                stream.pause_reading()
+        """Over the upload rate (downloads are charged to each stream)."""
+        self._throttled_up = True
+        self.after_consume()
 
     def throttle_resume(self, direction: int) -> None:
-        if direction == UP:
-            self._throttled_up = False
-            self._release_held()
-            self.after_consume()
-        else:
-            self.throttled_down = False
-            if not self.writing_paused:
-                for stream in self.streams.values():
-                    stream.resume_reading()
+        self._throttled_up = False
+        self._release_held()
+        self.after_consume()
 
     # -- session events -----------------------------------------------------
 
