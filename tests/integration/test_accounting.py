@@ -286,33 +286,58 @@ async def test_user_without_rate_is_not_slowed(layout: tuple[str, ...]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_rate_holds_for_smux_streams(layout: tuple[str, ...]) -> None:
-    """Two streams of one smux session upload as fast as the session lets them."""
+    """Two streams of one smux session upload as fast as the session lets them;
+    at the same time two streams of another user's session download."""
     expected = RATE * WINDOW
     with layout_server(layout, "-grace", "0s") as server:
-        async with probe_server() as sink:
+        async with probe_server() as sink, probe_server(flood=True) as source:
             add(server, "/mr", sink.addr, rate=RATE)
-            async with ws_open(server, "/mr", mux=True) as ws:
+            add(server, "/md", source.addr, rate=RATE)
+            async with (
+                ws_open(server, "/mr", mux=True) as ws,
+                ws_open(server, "/md", mux=True) as ws_down,
+            ):
                 client = MuxClient(ws)
+                down = MuxClient(ws_down)
                 sids = [await client.open() for _ in range(2)]
+                for _ in range(2):
+                    await down.open()
                 start = time.monotonic()
+                down_samples: list[tuple[float, int]] = []
 
                 async def flood(sid: int) -> None:
                     chunk = bytes([sid]) * (256 * KiB)
                     while True:
                         await client.send(sid, chunk)
 
+                async def sample() -> None:
+                    while True:
+                        down_samples.append(
+                            (time.monotonic(), sum(map(len, down.received.values())))
+                        )
+                        await asyncio.sleep(0.01)
+
                 tasks = [asyncio.ensure_future(flood(sid)) for sid in sids]
+                tasks.append(asyncio.ensure_future(sample()))
                 await asyncio.sleep(SETTLE + WINDOW + 0.2)
                 for task in tasks:
                     task.cancel()
-                client._reader.cancel()
-                ws.transport.abort()
-            total = sum(_in_window(c.samples, start) for c in sink.conns)
-            print(
-                f"\nsmux rate {RATE / MiB:.0f} MiB/s, {layout}:"
-                f" {total / WINDOW / MiB:.3f} MiB/s ({total / expected - 1:+.1%})"
+                for mux, sock in ((client, ws), (down, ws_down)):
+                    mux._reader.cancel()
+                    sock.transport.abort()
+            up_total = sum(_in_window(c.samples, start) for c in sink.conns)
+            window = [n for t, n in down_samples if start + SETTLE <= t < start + SETTLE + WINDOW]
+            down_total = window[-1] - window[0]
+            report = ", ".join(
+                f"{name} {n / WINDOW / MiB:.3f} MiB/s ({n / expected - 1:+.1%})"
+                for name, n in (("up", up_total), ("down", down_total))
             )
-            assert abs(total - expected) <= 0.1 * expected
+            print(f"\nsmux rate {RATE / MiB:.0f} MiB/s, {layout}: {report}")
+            assert abs(up_total - expected) <= 0.1 * expected, report
+            assert abs(down_total - expected) <= 0.1 * expected, report
+            shares = {s: len(d) for s, d in down.received.items()}
+            print(f"download shares by stream: {shares}")
+            assert len(shares) == 2 and min(shares.values()) > 0.2 * sum(shares.values()), shares
 
 
 # -- replace-all under load -----------------------------------------------------------
