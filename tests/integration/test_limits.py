@@ -280,3 +280,55 @@ async def test_bad_limit_fields_are_rejected_and_nothing_applies(
         add(server, "/v", "127.0.0.1:9", **top)
         entry = listing(server, "/v")["/v"]
         assert (entry["rate"], entry["quota"], entry["quota_used"]) == (2**53, 2**53, 2**53)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_concurrent_upgrades_admit_exactly_max_tunnels(layout: tuple[str, ...]) -> None:
+    """Twelve upgrades at once against max_tunnels=3 (with a quota, so admission
+    also reads the counters): exactly three get through."""
+    with layout_server(layout) as server:
+        async with echo_server() as echo:
+            add(server, "/burst", echo.addr, max_tunnels=3, quota=1 << 40)
+            release = asyncio.Event()
+
+            async def attempt() -> bool:
+                try:
+                    async with ws_open(server, "/burst") as ws:
+                        await roundtrip(ws)
+                        await release.wait()
+                        return True
+                except InvalidStatus as exc:
+                    assert exc.response.status_code == 403
+                    return False
+
+            tasks = [asyncio.ensure_future(attempt()) for _ in range(12)]
+            await until(lambda: sum(t.done() for t in tasks) == 9)
+            assert listing(server, "/burst")["/burst"]["active_tunnels"] == 3
+            release.set()
+            assert sorted(await asyncio.gather(*tasks)) == [False] * 9 + [True] * 3
+            await wait_active(server, "/burst", 0)
+
+
+async def test_a_dead_worker_frees_its_admitted_tunnels() -> None:
+    """The supervisor counts admitted tunnels per worker: when a worker dies its
+    tunnels die with it and their slots come back."""
+    import os
+    import signal
+
+    with layout_server(("-workers", "2")) as server:
+        async with echo_server() as echo:
+            add(server, "/one", echo.addr, max_tunnels=1)
+            async with ws_open(server, "/one") as ws:
+                await roundtrip(ws)
+                assert await refused_status(server, "/one") == 403
+                before = server.children()
+                for pid in before:
+                    os.kill(pid, signal.SIGKILL)
+                await asyncio.wait_for(ws.wait_closed(), 10)
+            await until(
+                lambda: len(server.children()) == 2 and not set(server.children()) & set(before),
+                limit_s=20,
+            )
+            await wait_active(server, "/one", 0)
+            async with ws_open(server, "/one") as ws:
+                await roundtrip(ws)
