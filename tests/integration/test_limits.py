@@ -183,6 +183,12 @@ async def test_kick_closes_every_tunnel_of_the_user_only(layout: tuple[str, ...]
                 await roundtrip(other)
                 await wait_active(server, "/k", 0)
                 await wait_active(server, "/k2", 0)
+                # Kicked tunnels are counted to their last byte.
+                counted = listing(server, "/k", "/k2")
+                assert [(counted[p]["bytes_up"], counted[p]["bytes_down"]) for p in counted] == [
+                    (2005, 2005),
+                    (1000, 1000),
+                ]
                 assert listing(server, "/o")["/o"]["active_tunnels"] == 1
                 again = ok(server, {"opt": 6, "args_bunch": [{"path": "/k"}, {"path": "/x"}]})
                 assert again["kicked"] == 0
