@@ -229,8 +229,13 @@ async def test_delete_and_established_tunnels(
                     await mux.send(sid, b"n")
                     await mux.wait_for(lambda: bytes(mux.received[sid]) == b"mn")
                 await roundtrip(kept)
+                ok(server, {"opt": 3})  # reset: every user goes
+                if kick_on_delete:
+                    await assert_kicked(kept)
+                else:
+                    await roundtrip(kept)
                 await mux.close()
-            for path in ("/d", "/r"):
+            for path in ("/d", "/r", "/keep"):
                 with pytest.raises(InvalidStatus) as info:
                     async with ws_open(server, path):
                         pass
