@@ -197,6 +197,8 @@ class WorkerPool:
     async def _start_worker(self, worker: Worker) -> None:
         # Under the apply lock: no change can slip between the snapshot and "ready".
         async with self._apply_lock:
+            if self._stopping:
+                return
             sock = self._listen_socket()
             try:
                 await worker.start(sock, self._init_message())
@@ -214,6 +216,8 @@ class WorkerPool:
                 return
             log.error("worker %d exited with %s; restarting", worker.index, code)
             await asyncio.sleep(RESTART_DELAY)
+            if self._stopping:
+                return
             try:
                 await self._start_worker(worker)
             except (OSError, ProtocolError, TimeoutError) as exc:
@@ -222,8 +226,11 @@ class WorkerPool:
     async def stop(self, grace: float = 0.0) -> None:
         """Workers stop accepting, let tunnels finish for `grace` seconds, then exit."""
         self._stopping = True
-        for worker in self.workers:
-            worker.stop(grace)
+        # A restart in progress finishes first (it holds the lock), so the
+        # worker it starts is told to stop too rather than waited for in vain.
+        async with self._apply_lock:
+            for worker in self.workers:
+                worker.stop(grace)
         procs = [w.proc for w in self.workers if w.proc is not None]
         try:
             async with asyncio.timeout(grace + 15):

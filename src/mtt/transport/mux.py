@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
@@ -39,8 +40,6 @@ from mtt.transport.wsframe import write_binary
 if TYPE_CHECKING:
     from mtt.server.agent import TunnelAccount, UserMeter
 
-UP = 0  # throttle directions (mtt.server.throttle)
-
 log = logging.getLogger("mtt.tunnel")
 
 
@@ -54,6 +53,7 @@ class MuxStream:
         "_outbound",
         "_peer_ended",
         "_pending",
+        "_throttled",
         "_tunnel",
         "closed",
         "last_activity",
@@ -67,6 +67,10 @@ class MuxStream:
         self.closed = False
         self._dst: DstConnection | None = None
         self._dst_paused = False  # dst's write buffer is full
+        # Over the user's download rate. Each stream pauses on its own, as plain
+        # tunnels do: pausing the whole session let the stream whose dst the
+        # event loop polls first take every grant and starve the others.
+        self._throttled = False
         self._pending: list[bytes] = []  # data from the client not yet handed to dst
         self._outbound = b""  # v2: dst data beyond the peer's window
         self._peer_ended = False
@@ -94,7 +98,7 @@ class MuxStream:
             conn.close()
             return
         self._dst = conn
-        if self._tunnel.writing_paused or self._tunnel.throttled_down:
+        if self._tunnel.writing_paused:
             conn.pause_reading()
         self._flush_pending()
         if self._peer_ended:
@@ -135,7 +139,7 @@ class MuxStream:
             meter.down += len(data)
             throttle = meter.throttles[1]
             if throttle is not None:
-                throttle.charge(len(data), t)
+                throttle.charge(len(data), self)
         taken = t.session.send_data(self.sid, data)
         if taken < len(data):
             self._outbound = data[taken:]
@@ -154,7 +158,7 @@ class MuxStream:
             not self._outbound
             and self._dst is not None
             and not t.writing_paused
-            and not t.throttled_down
+            and not self._throttled
         ):
             self._dst.resume_reading()
         t.flush()
@@ -179,8 +183,17 @@ class MuxStream:
             self._dst.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._dst is not None and not self._outbound:
+        if self._dst is not None and not self._outbound and not self._throttled:
             self._dst.resume_reading()
+
+    def throttle_pause(self, direction: int) -> None:
+        self._throttled = True
+        self.pause_reading()
+
+    def throttle_resume(self, direction: int) -> None:
+        self._throttled = False
+        if not self._tunnel.writing_paused:
+            self.resume_reading()
 
     def close(self) -> None:
         """End the stream both ways; the budget its pending data held is freed."""
@@ -188,6 +201,9 @@ class MuxStream:
             return
         self.closed = True
         t = self._tunnel
+        meter = t.meter
+        if meter is not None and meter.throttles[1] is not None:
+            meter.throttles[1].forget(self)
         if self._dial_task is not None and not self._dial_task.done():
             self._dial_task.cancel()
         if self._dst is not None:
@@ -211,8 +227,10 @@ class MuxTunnel(CheckedListener):
         super().__init__()
         self._account = account
         self.meter: UserMeter | None = None
-        self.throttled_down = False
         self._throttled_up = False
+        # Messages picows handed over after the rate paused reading (the rest of
+        # one read, which may be megabytes): parsed as the rate allows.
+        self._held: deque[bytes] = deque()
         self.dst = account.user.dst
         self.peer = peer
         self.path = account.path
@@ -246,19 +264,35 @@ class MuxTunnel(CheckedListener):
         if msg_type is not WSMsgType.CLOSE:
             if self._closed:
                 return
-            self.now = now = self._loop.time()
-            try:
-                events = self.session.receive_data(frame.get_payload_as_memoryview(), now)
-            except SmuxProtocolError as exc:
-                log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
-                self._finish(WSCloseCode.PROTOCOL_ERROR)
+            if self._throttled_up or self._held:
+                self._held.append(frame.get_payload_as_bytes())
                 return
-            for event in events:
-                self._handle(event)
+            self._receive(frame.get_payload_as_memoryview())
             self.flush()
             self.after_consume()
         else:
+            self._release_held(all_of_it=True)
             self._finish(WSCloseCode.OK)
+
+    def _receive(self, data: memoryview | bytes) -> None:
+        self.now = now = self._loop.time()
+        try:
+            events = self.session.receive_data(data, now)
+        except SmuxProtocolError as exc:
+            log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
+            self._finish(WSCloseCode.PROTOCOL_ERROR)
+            return
+        for event in events:
+            self._handle(event)
+
+    def _release_held(self, all_of_it: bool = False) -> None:
+        """Parse held messages until the rate pauses again (or all of them: the
+        client is leaving, and what it sent before must still arrive)."""
+        held = self._held
+        while held and (all_of_it or not self._throttled_up) and not self._closed:
+            self._receive(held.popleft())
+        if self._closed:
+            held.clear()
 
     def violation(self, reason: str) -> None:
         log.warning("%s %s: WebSocket protocol error: %s", self.peer, self.path, reason)
@@ -266,6 +300,7 @@ class MuxTunnel(CheckedListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if not self._closed:
+            self._release_held(all_of_it=True)
             reason = self.picows_close_reason(transport)
             if reason is not None:
                 log.warning("%s %s: WebSocket %s", self.peer, self.path, reason)
@@ -282,9 +317,8 @@ class MuxTunnel(CheckedListener):
 
     def resume_writing(self) -> None:
         self.ws_writing_paused = self.writing_paused = False
-        if not self.throttled_down:
-            for stream in self.streams.values():
-                stream.resume_reading()
+        for stream in self.streams.values():
+            stream.resume_reading()
 
     def shutdown(self) -> None:
         """Close the session now (server shutdown)."""
@@ -296,23 +330,14 @@ class MuxTunnel(CheckedListener):
         self._finish(WSCloseCode.POLICY_VIOLATION)
 
     def throttle_pause(self, direction: int) -> None:
-        if direction == UP:
-            self._throttled_up = True
-            self.after_consume()
-        else:
-            self.throttled_down = True
-            for stream in self.streams.values():
-                stream.pause_reading()
+        """Over the upload rate (downloads are charged to each stream)."""
+        self._throttled_up = True
+        self.after_consume()
 
     def throttle_resume(self, direction: int) -> None:
-        if direction == UP:
-            self._throttled_up = False
-            self.after_consume()
-        else:
-            self.throttled_down = False
-            if not self.writing_paused:
-                for stream in self.streams.values():
-                    stream.resume_reading()
+        self._throttled_up = False
+        self._release_held()
+        self.after_consume()
 
     # -- session events -----------------------------------------------------
 
@@ -370,7 +395,7 @@ class MuxTunnel(CheckedListener):
         if ws is None or self._closed:
             return
         transport = ws.underlying_transport
-        paused = self.session.reading_paused() or self._throttled_up
+        paused = self.session.reading_paused() or self._throttled_up or bool(self._held)
         if paused and not self._reading_paused:
             self._reading_paused = True
             if not transport.is_closing():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
@@ -85,6 +86,10 @@ class PlainTunnel(CheckedListener):
         self._account = account
         self._meter: UserMeter | None = None
         self._dst_throttled = False
+        # Client data picows handed over after the rate paused reading (the rest
+        # of one read, which may be megabytes): relayed as the rate allows.
+        self._held: deque[bytes] = deque()
+        self._rate_paused = False
         self._dst_addr = account.user.dst
         self._peer = peer
         self._path = account.path
@@ -125,8 +130,11 @@ class PlainTunnel(CheckedListener):
             state = self._state
             if state is _State.RELAYING:
                 data = frame.get_payload_as_bytes()
-                self._count_up(len(data))
                 self._last_activity = self._loop.time()
+                if self._rate_paused or self._held:
+                    self._held.append(data)
+                    return
+                self._count_up(len(data))
                 assert self._dst is not None
                 self._dst.write(data)
             elif state is _State.DIALING:
@@ -139,6 +147,7 @@ class PlainTunnel(CheckedListener):
             elif state is _State.DRAINING:
                 self._last_client_data = self._loop.time()
         else:
+            self._release_held(all_of_it=True)
             self._finish("client closed", reply_code=frame.get_close_code())
 
     def violation(self, reason: str) -> None:
@@ -147,6 +156,7 @@ class PlainTunnel(CheckedListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._state is not _State.CLOSED:
+            self._release_held(all_of_it=True)
             reason = self.picows_close_reason(transport)
             if reason is not None:
                 log.warning("%s %s: WebSocket %s", self._peer, self._path, reason)
@@ -191,6 +201,7 @@ class PlainTunnel(CheckedListener):
 
     def throttle_pause(self, direction: int) -> None:
         if direction == UP:
+            self._rate_paused = True
             self._block_reading("rate")
         else:
             self._dst_throttled = True
@@ -199,12 +210,26 @@ class PlainTunnel(CheckedListener):
 
     def throttle_resume(self, direction: int) -> None:
         if direction == UP:
-            if self._state in (_State.DIALING, _State.RELAYING):
+            self._rate_paused = False
+            self._release_held()
+            if not self._rate_paused and self._state in (_State.DIALING, _State.RELAYING):
                 self._unblock_reading("rate")
         else:
             self._dst_throttled = False
             if self._dst is not None and not self.ws_writing_paused:
                 self._dst.resume_reading()
+
+    def _release_held(self, all_of_it: bool = False) -> None:
+        """Relay held client data until the rate pauses again (or all of it:
+        the client is leaving, and what it sent before must still arrive)."""
+        held = self._held
+        while held and (all_of_it or not self._rate_paused) and self._state is _State.RELAYING:
+            data = held.popleft()
+            self._count_up(len(data))
+            assert self._dst is not None
+            self._dst.write(data)
+        if self._state is not _State.RELAYING:
+            held.clear()
 
     # -- dst side ---------------------------------------------------------
 
@@ -269,6 +294,7 @@ class PlainTunnel(CheckedListener):
         if self._state in (_State.DRAINING, _State.CLOSED):
             return
         self._state = _State.DRAINING
+        self._held.clear()
         now = self._loop.time()
         self._drain_started = now
         self._last_client_data = now
@@ -292,6 +318,7 @@ class PlainTunnel(CheckedListener):
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        self._held.clear()
         self._cancel_timer()
         if self._dial_task is not None and not self._dial_task.done():
             self._dial_task.cancel()
