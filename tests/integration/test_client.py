@@ -306,11 +306,15 @@ async def test_memory_stays_bounded_with_slow_peers(
             _, down_writer = await asyncio.open_connection(*down.host_port)
             # Upload from a local app toward a dst that does not read.
             _, up_writer = await asyncio.open_connection(*up.host_port)
-            up_writer.transport.set_write_buffer_limits(high=64 * MiB)
-            up_writer.write(b"\x01" * (64 * MiB))
+            up_writer.transport.set_write_buffer_limits(high=128 * MiB)
+            up_writer.write(b"\x01" * (128 * MiB))
             await asyncio.sleep(2.5)
             assert pushed < 64 * MiB  # the flood stopped: back-pressure reached the dst
-            assert up_writer.transport.get_write_buffer_size() > 32 * MiB  # upload stalled too
+            # The upload stalled too: what the app still holds stops shrinking. (How much
+            # the sockets on the way absorb first is the kernel's: up to 32 MiB per socket.)
+            held = up_writer.transport.get_write_buffer_size()
+            await asyncio.sleep(1.0)
+            assert held > 0 and up_writer.transport.get_write_buffer_size() == held, held
             assert down.rss() - base < 24 * MiB, down.rss() - base
             assert up.rss() - base < 24 * MiB, up.rss() - base
             down_writer.transport.abort()
