@@ -191,6 +191,8 @@ async def serve(config: ServerConfig) -> None:
         await service.start()
     except StoreError as exc:  # no table to serve: say so in one line (systemd retries)
         raise ConfigError(f"cannot load the users: {exc}") from None
+    where_users = "Redis" if config.store else config.db  # a Redis URL may hold a password
+    log.info("users: %d from %s, revision %d", service.count(), where_users, service.revision)
     if config.workers > 1:
         pool = WorkerPool(config, tls, config.workers, service)
         try:
