@@ -75,6 +75,20 @@ class UserMeter:
         self.throttles: tuple[Throttle | None, Throttle | None] = (None, None)
         self.rate = 0
 
+    def count_up(self, size: int, tunnel: Pausable) -> None:
+        """size bytes from the client were read for tunnel; charge the rate."""
+        self.up += size
+        throttle = self.throttles[UP]
+        if throttle is not None:
+            throttle.charge(size, tunnel)
+
+    def count_down(self, size: int, tunnel: Pausable) -> None:
+        """size bytes from dst were read for tunnel; charge the rate."""
+        self.down += size
+        throttle = self.throttles[DOWN]
+        if throttle is not None:
+            throttle.charge(size, tunnel)
+
     def take_delta(self) -> Usage:
         delta = Usage(self.up, self.down, self.up + self.down, self.opened, self.last_seen)
         self.up = self.down = self.opened = 0

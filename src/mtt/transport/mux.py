@@ -134,12 +134,8 @@ class MuxStream:
     def dst_data(self, data: bytes) -> None:
         t = self._tunnel
         self.last_activity = t.now
-        meter = t.meter
-        if meter is not None:
-            meter.down += len(data)
-            throttle = meter.throttles[1]
-            if throttle is not None:
-                throttle.charge(len(data), self)
+        if t.meter is not None:
+            t.meter.count_down(len(data), self)
         taken = t.session.send_data(self.sid, data)
         if taken < len(data):
             self._outbound = data[taken:]
@@ -343,12 +339,8 @@ class MuxTunnel(CheckedListener):
 
     def _handle(self, event: object) -> None:
         if isinstance(event, StreamData):
-            meter = self.meter
-            if meter is not None:
-                meter.up += len(event.data)
-                throttle = meter.throttles[0]
-                if throttle is not None:
-                    throttle.charge(len(event.data), self)
+            if self.meter is not None:
+                self.meter.count_up(len(event.data), self)
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 stream.client_data(event.data)

@@ -192,12 +192,8 @@ class PlainTunnel(CheckedListener):
 
     def _count_up(self, size: int) -> None:
         self.bytes_up += size
-        meter = self._meter
-        if meter is not None:
-            meter.up += size
-            throttle = meter.throttles[0]
-            if throttle is not None:
-                throttle.charge(size, self)
+        if self._meter is not None:
+            self._meter.count_up(size, self)
 
     def throttle_pause(self, direction: int) -> None:
         if direction == UP:
@@ -262,14 +258,9 @@ class PlainTunnel(CheckedListener):
         ws = self._ws
         if ws is None or self._state is not _State.RELAYING:
             return
-        size = len(data)
-        self.bytes_down += size
-        meter = self._meter
-        if meter is not None:
-            meter.down += size
-            throttle = meter.throttles[1]
-            if throttle is not None:
-                throttle.charge(size, self)
+        self.bytes_down += len(data)
+        if self._meter is not None:
+            self._meter.count_down(len(data), self)
         self._last_activity = self._loop.time()
         transport = ws.underlying_transport
         if not transport.is_closing():
