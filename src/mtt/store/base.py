@@ -25,6 +25,11 @@ class Usage:
     total_tunnels: int = 0
     last_seen: float = 0.0  # unix time, 0 = never
 
+    def copy(self) -> Usage:
+        return Usage(
+            self.bytes_up, self.bytes_down, self.quota_used, self.total_tunnels, self.last_seen
+        )
+
     def add(self, other: Usage) -> None:
         self.bytes_up += other.bytes_up
         self.bytes_down += other.bytes_down

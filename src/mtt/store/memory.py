@@ -68,13 +68,7 @@ def read_usage(
     out: dict[str, Usage] = {}
     for path in selected:
         counters = usage[path]
-        out[path] = Usage(
-            counters.bytes_up,
-            counters.bytes_down,
-            counters.quota_used,
-            counters.total_tunnels,
-            counters.last_seen,
-        )
+        out[path] = counters.copy()
         if reset:
             counters.bytes_up = counters.bytes_down = counters.total_tunnels = 0
     return out

@@ -367,13 +367,7 @@ def _merge(into: dict[str, Usage], deltas: dict[str, Usage]) -> None:
     for path, delta in deltas.items():
         mine = into.get(path)
         if mine is None:
-            into[path] = Usage(
-                delta.bytes_up,
-                delta.bytes_down,
-                delta.quota_used,
-                delta.total_tunnels,
-                delta.last_seen,
-            )
+            into[path] = delta.copy()
         else:
             mine.add(delta)
 

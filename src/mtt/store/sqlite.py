@@ -218,7 +218,7 @@ class SqliteStore:
                 continue
             mine = pending.get(path)
             if mine is None:
-                pending[path] = _copy(delta)
+                pending[path] = delta.copy()
             else:
                 mine.add(delta)
 
@@ -230,7 +230,7 @@ class SqliteStore:
     async def _read_and_reset(self, paths: Iterable[str] | None) -> dict[str, Usage]:
         async with self._lock:
             out = self._current(self._stored if paths is None else paths)
-            taken = {p: _copy(self._pending[p]) for p in out if p in self._pending}
+            taken = {p: self._pending[p].copy() for p in out if p in self._pending}
             try:
                 await self._run(self._reset_sync, list(out), taken)
             except sqlite3.Error as exc:
@@ -274,7 +274,7 @@ class SqliteStore:
             counters = stored.get(path)
             if counters is None:
                 continue
-            total = _copy(counters)
+            total = counters.copy()
             for deltas in (flushing, pending):
                 delta = deltas.get(path)
                 if delta is not None:
@@ -415,10 +415,4 @@ def _row(path: str, user: User) -> tuple[Any, ...]:
         limits.max_ips,
         limits.quota,
         limits.expire,
-    )
-
-
-def _copy(usage: Usage) -> Usage:
-    return Usage(
-        usage.bytes_up, usage.bytes_down, usage.quota_used, usage.total_tunnels, usage.last_seen
     )
