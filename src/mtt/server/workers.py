@@ -266,13 +266,18 @@ class WorkerPool:
 
     async def _ask_all(self, message: Message) -> list[Message]:
         """A question to every running worker; a worker that fails to answer is skipped."""
+        return [r for _, r in await self._send_all(message) if isinstance(r, dict)]
+
+    async def _send_all(self, message: Message) -> list[tuple[Worker, Message | BaseException]]:
+        """Send to every running worker; each one's reply, or why there is none."""
+        # Encode once: json.dumps of 40,000 entries is the expensive part.
         body = encode_request(message)
         running = [w for w in self.workers if w.ready]
         results = await asyncio.gather(
             *(asyncio.wait_for(w.request(body), APPLY_TIMEOUT) for w in running),
             return_exceptions=True,
         )
-        return [r for r in results if isinstance(r, dict)]
+        return list(zip(running, results, strict=True))
 
     async def reload_tls(self, tls: dict[str, str]) -> None:
         """Every worker (and any restarted later) serves the new certificate."""
@@ -282,14 +287,7 @@ class WorkerPool:
 
     async def _broadcast(self, message: dict[str, Any]) -> None:
         """Send to every running worker and wait for each to acknowledge."""
-        # Encode once: json.dumps of 40,000 entries is the expensive part.
-        body = encode_request(message)
-        running = [w for w in self.workers if w.ready]
-        results = await asyncio.gather(
-            *(asyncio.wait_for(w.request(body), APPLY_TIMEOUT) for w in running),
-            return_exceptions=True,
-        )
-        for worker, result in zip(running, results, strict=True):
+        for worker, result in await self._send_all(message):
             if isinstance(result, BaseException):
                 # It restarts from a snapshot that already holds this change.
                 log.error(
