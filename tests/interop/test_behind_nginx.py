@@ -3,6 +3,7 @@ over TCP and over a Unix socket (`proxy_pass http://unix:`)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -63,22 +64,49 @@ def free_port() -> int:
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], limit_s: float = 15) -> None:
+    name = Path(str(proc.args[0])).name
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {proc.returncode}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError("nginx did not listen")
+    raise RuntimeError(f"{name} did not listen")
+
+
+@contextlib.contextmanager
+def running(argv: list[str], *ports: int) -> Iterator[None]:
+    """A proxy (nginx, haproxy) from start until it listens on ports, to its end."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    try:
+        for port in ports:
+            wait_listening(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def nginx_argv(tmp: Path, conf: Path) -> list[str]:
+    return [
+        shutil.which("nginx") or "/usr/sbin/nginx",
+        "-c",
+        str(conf),
+        "-e",
+        str(tmp / "error.log"),
+    ]
 
 
 @pytest.fixture(params=["tcp", "unix"])
 def behind_nginx(
     request: pytest.FixtureRequest, tmp_path: Path, tls_files: tuple[Path, Path]
 ) -> Iterator[tuple[ServerProcess, str]]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if request.param == "unix":
         sock = tmp_path / "mtt.sock"
         server = start_server("-bind-unix", bind=str(sock))
@@ -93,16 +121,10 @@ def behind_nginx(
             tmp=tmp_path, port=port, cert=tls_files[0], key=tls_files[1], upstream=upstream
         )
     )
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-e", str(tmp_path / "error.log")])
     try:
-        wait_listening(port, proc)
-        yield server, f"127.0.0.1:{port}"
+        with running(nginx_argv(tmp_path, conf), port):
+            yield server, f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         assert server.stop() == 0
         assert "Traceback" not in server.log_text()
 

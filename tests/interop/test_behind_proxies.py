@@ -10,7 +10,6 @@ import contextlib
 import re
 import shutil
 import ssl
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from tests.integration.test_proxy_protocol import connected, tunnel_through, wait_for_log
 from tests.support import ServerProcess, running_server
 
-from .test_behind_nginx import free_port, wait_listening
+from .test_behind_nginx import free_port, nginx_argv, running
 
 pytestmark = pytest.mark.interop
 
@@ -86,25 +85,8 @@ def client_ctx(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
 
 
 @contextlib.contextmanager
-def running(argv: list[str], *ports: int) -> Iterator[None]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    try:
-        for port in ports:
-            wait_listening(port, proc)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextlib.contextmanager
 def nginx(tmp: Path, server: ServerProcess) -> Iterator[tuple[int, int]]:
     """nginx with a stream server (proxy_protocol on) and an http server (XFF)."""
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
     stream_port, http_port = free_port(), free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(
@@ -112,7 +94,7 @@ def nginx(tmp: Path, server: ServerProcess) -> Iterator[tuple[int, int]]:
             tmp=tmp, stream_port=stream_port, http_port=http_port, upstream=server.tunnel
         )
     )
-    with running([binary, "-c", str(conf), "-e", str(tmp / "error.log")], stream_port, http_port):
+    with running(nginx_argv(tmp, conf), stream_port, http_port):
         yield stream_port, http_port
 
 

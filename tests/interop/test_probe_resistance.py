@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from tests.support import ServerProcess, running_server
 
-from .test_behind_nginx import free_port, wait_listening
+from .test_behind_nginx import free_port, nginx_argv, running
 
 pytestmark = pytest.mark.interop
 
@@ -69,15 +67,8 @@ def nginx(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path]
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_404_SITE.format(tmp=tmp, port=port, cert=tls_files[0], key=tls_files[1]))
-    proc = subprocess.Popen(
-        [shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf), "-e", str(tmp / "error.log")]
-    )
-    try:
-        wait_listening(port, proc)
+    with running(nginx_argv(tmp, conf), port):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
