@@ -34,6 +34,13 @@ def server_command() -> list[str]:
     return console_command("mtt-mu-server", "mtt.server.main")
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """mtt-mu-server run to its end (for -h and for starts that must fail)."""
+    return subprocess.run(
+        [*server_command(), *args], check=False, capture_output=True, text=True, timeout=30
+    )
+
+
 @dataclass
 class ServerProcess:
     """mtt-mu-server started from its console script, as users start it."""

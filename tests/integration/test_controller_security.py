@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from tests.support import running_server, server_command
+from tests.support import run_cli, running_server
 
 
 def test_token_is_required_and_checked() -> None:
@@ -50,13 +49,7 @@ def test_controller_on_a_unix_socket(tmp_path: Path) -> None:
 
 
 def test_open_controller_on_all_addresses_refuses_to_start() -> None:
-    result = subprocess.run(
-        [*server_command(), "-b", "127.0.0.1:0", "-c", "0.0.0.0:0"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_cli("-b", "127.0.0.1:0", "-c", "0.0.0.0:0")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]

@@ -6,7 +6,6 @@ import http.client
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,7 +14,13 @@ from typing import Any
 import pytest
 
 from tests.integration.test_tunnel import echo_roundtrip, opener
-from tests.support import ServerProcess, echo_server, pattern, server_command, start_server
+from tests.support import (
+    ServerProcess,
+    echo_server,
+    pattern,
+    run_cli,
+    start_server,
+)
 
 LIMITED = {"rate": 10_000_000, "max_tunnels": 4, "max_ips": 2, "quota": 10**12, "expire": 2**40}
 
@@ -80,13 +85,7 @@ async def test_a_restart_keeps_users_settings_and_counters(tmp_path: Path) -> No
 def test_not_a_database_is_one_line_and_nonzero(tmp_path: Path) -> None:
     db = tmp_path / "users.db"
     db.write_bytes(b"these are not the users you are looking for" * 50)
-    result = subprocess.run(
-        [*server_command(), "-b", "127.0.0.1:0", "-c", "127.0.0.1:0", "-db", str(db)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_cli("-b", "127.0.0.1:0", "-c", "127.0.0.1:0", "-db", str(db))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "not an mtt user database" in result.stderr.strip().splitlines()[-1]

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 from pathlib import Path
 
 from websockets.asyncio.client import unix_connect
 
-from tests.support import echo_server, running_server, server_command, start_server
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*server_command(), *args], check=False, capture_output=True, text=True, timeout=30
-    )
+from tests.support import echo_server, run_cli, running_server, start_server
 
 
 def test_help_lists_the_go_flags() -> None:
