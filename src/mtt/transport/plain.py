@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
+from mtt.server.throttle import UP
 from mtt.stats import STATS
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.tasks import spawn
@@ -33,7 +34,6 @@ from mtt.transport.wsframe import write_binary
 if TYPE_CHECKING:
     from mtt.server.agent import TunnelAccount, UserMeter
 
-UP = 0  # throttle directions (mtt.server.throttle)
 
 log = logging.getLogger("mtt.tunnel")
 
