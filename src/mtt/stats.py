@@ -18,6 +18,9 @@ class Stats:
     __slots__ = ("dial_failures", "handshake_failures", "latency", "latency_sum", "opened")
 
     def __init__(self) -> None:
+        self._zero()
+
+    def _zero(self) -> None:
         self.opened: Counter[str] = Counter()  # tunnels by mode, smux streams as "stream"
         self.handshake_failures: Counter[str] = Counter()
         self.dial_failures: Counter[str] = Counter()
@@ -49,26 +52,20 @@ class Stats:
             "latency": self.latency,
             "latency_sum": self.latency_sum,
         }
-        self.opened = Counter()
-        self.handshake_failures = Counter()
-        self.dial_failures = Counter()
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
+        self._zero()
         return out
 
 
 STATS = Stats()
 
 
-class StatsTotals:
+class StatsTotals(Stats):
     """The sum over every process since the server started (the user service's)."""
 
+    __slots__ = ("bytes_down", "bytes_up")
+
     def __init__(self) -> None:
-        self.opened: Counter[str] = Counter()
-        self.handshake_failures: Counter[str] = Counter()
-        self.dial_failures: Counter[str] = Counter()
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
+        super().__init__()
         self.bytes_up = 0
         self.bytes_down = 0
 
