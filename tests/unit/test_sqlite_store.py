@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -73,11 +74,11 @@ async def test_each_opt_and_a_monotonic_revision(store: SqliteStore, db_path: st
     assert await store.commit(delete("/b", "/nobody")) == 2
     assert set(await store.read_usage(None, False)) == {"/a", "/c"}
     assert await store.commit(replace("/c", "/d")) == 3
-    again = await opened(db_path)
-    snapshot = await again.load()
-    await again.close()
-    assert snapshot.revision == 3
-    assert snapshot.users == {"/c": user(9000), "/d": user(9000)}
+    with contextlib.closing(sqlite3.connect(db_path)) as db:  # in the file, as sqlite3(1) sees it
+        revision = db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+        rows = db.execute("SELECT path, port FROM users ORDER BY path").fetchall()
+    assert revision == (3,)
+    assert rows == [("/c", 9000), ("/d", 9000)]
     assert await store.commit(Command(Opt.RESET)) == 4
     assert await store.commit(Command(Opt.REPLACE)) == 5
     assert await store.read_usage(None, False) == {}
@@ -178,17 +179,59 @@ async def test_a_locked_database_raises_and_changes_nothing(db_path: str) -> Non
 async def test_a_file_that_is_not_ours_is_a_config_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"not a database at all" * 100)
-    with pytest.raises(ConfigError, match=r"garbage\.db"):
+    with pytest.raises(ConfigError, match=r"garbage\.db: not an mtt user database"):
         await SqliteStore.open(str(garbage), 1.0)
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as db:
         db.execute("CREATE TABLE something (x)")
     with pytest.raises(ConfigError, match="not an mtt user database"):
         await SqliteStore.open(str(foreign), 1.0)
+    assert garbage.read_bytes() == b"not a database at all" * 100  # left as it was
+
+
+async def test_a_file_in_the_way_of_the_directory_is_named(tmp_path: Path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("")
-    with pytest.raises(ConfigError, match="cannot open"):
-        await SqliteStore.open(str(blocked / "users.db"), 1.0)
+    for db in (blocked / "users.db", blocked / "sub" / "users.db"):  # EEXIST, ENOTDIR
+        with pytest.raises(ConfigError) as caught:
+            await SqliteStore.open(str(db), 1.0)
+        message = str(caught.value)
+        assert message.startswith(f"-db {db}: ")
+        assert "is a file, not a directory" in message
+        assert "not an mtt user database" not in message
+    with pytest.raises(ConfigError, match=r"is a directory; name a file in it, e\.g\. -db "):
+        await SqliteStore.open(str(tmp_path), 1.0)
+    assert f"{tmp_path.name}.lock" not in os.listdir(tmp_path.parent)  # refused before creating
+
+
+async def test_a_damaged_database_is_not_called_foreign(db_path: str) -> None:
+    store = await opened(db_path)
+    await store.commit(add(*(f"/u{i}" for i in range(2000))))
+    await store.close()
+    fd = os.open(db_path, os.O_WRONLY)  # keep the header, scramble the pages after it
+    os.pwrite(fd, b"\xff" * 16384, 4096)
+    os.close(fd)
+    with pytest.raises(ConfigError) as caught:
+        await SqliteStore.open(db_path, 1.0)
+    assert "damaged" in str(caught.value)
+    assert "not an mtt user database" not in str(caught.value)
+
+
+async def test_one_file_one_store_until_it_closes(db_path: str) -> None:
+    first = await opened(db_path)
+    await first.commit(add("/a"))
+    with pytest.raises(ConfigError) as caught:
+        await SqliteStore.open(db_path, 1.0)
+    assert str(caught.value) == (
+        f"-db {db_path} is in use by another mtt-mu-server (pid {os.getpid()});"
+        " give each instance its own -db"
+    )
+    assert (await first.commit(add("/b"))) == 2  # the holder is untouched
+    await first.close()
+    second = await opened(db_path)
+    snapshot = await second.load()
+    await second.close()
+    assert set(snapshot.users) == {"/a", "/b"}
 
 
 async def test_bulk_add_and_load_stay_fast(db_path: str) -> None:

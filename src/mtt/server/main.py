@@ -93,7 +93,8 @@ def build_flags() -> FlagSet:
         "db",
         "string",
         default_db_path(),
-        "SQLite file keeping users and counters across restarts, or 'memory' (lost on exit)",
+        "SQLite file keeping users and counters across restarts, one server per file;"
+        " or 'memory' (lost on exit)",
     )
     fs.add(
         "store",

@@ -13,12 +13,24 @@ on the disk. Operations that write go through `_lock`, one at a time, and
 update `_stored` (the counters as the file holds them) only once their
 transaction has committed; reads answer `_stored` + the batch being flushed
 + `_pending` without touching the file, so a quota check costs a dict lookup.
+
+One server per file: open() takes an exclusive flock on `users.db.lock`
+beside the database before it touches the file, and holds it until close().
+Two servers on one file would each serve the table they loaded and overwrite
+each other's changes; the second is refused in one line naming the first's
+pid. The kernel drops the lock when the process dies, even by kill -9, so it
+is never stale. Before SQLite opens the file, the directory, the lock and the
+database are checked for what an operator can fix (read-only filesystem,
+permissions, a file where a directory should be), so that only a file that
+really is someone else's is called "not an mtt user database".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import sqlite3
@@ -35,6 +47,9 @@ from mtt.store.base import RemoteChange, StoreSnapshot, Usage
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")
+
+LOCK_SUFFIX = ".lock"  # users.db.lock: flock-ed by the one server using users.db
+NOT_OURS = "not an mtt user database"
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -89,6 +104,7 @@ class SqliteStore:
         self.revision = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtt-sqlite")
         self._db: sqlite3.Connection | None = None  # used on the executor's thread only
+        self._lock_fd: int | None = None  # the flock on path + LOCK_SUFFIX, held until close()
         self._lock = asyncio.Lock()
         self._stored: dict[str, Usage] = {}  # path -> counters as committed; also the user set
         self._flushing: dict[str, Usage] = {}  # deltas being written right now
@@ -110,23 +126,29 @@ class SqliteStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _open_sync(self) -> None:
-        path = Path(self.path)
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not path.exists():
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # no umask 644
-            db = sqlite3.connect(path, timeout=self.busy_timeout, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
+            self._lock_fd = _claim(self.path)  # before anything opens the database
+            _check_writable(self.path)
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            self._release()
             raise ConfigError(f"-db {self.path}: cannot open: {exc}") from None
+        except BaseException:
+            self._release()
+            raise
         try:
             _prepare(db)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.Error, ConfigError) as exc:
             db.close()
-            raise ConfigError(f"-db {self.path}: not an mtt user database ({exc})") from None
-        except ConfigError as exc:
-            db.close()
-            raise ConfigError(f"-db {self.path}: {exc}") from None
+            self._release()
+            why = _sqlite_problem(exc) if isinstance(exc, sqlite3.Error) else str(exc)
+            raise ConfigError(f"-db {self.path}: {why}") from None
         self._db = db
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the last descriptor drops the flock
+            self._lock_fd = None
 
     # -- the Store protocol ---------------------------------------------------------------
 
@@ -303,6 +325,7 @@ class SqliteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._release()
 
     # -- counters ---------------------------------------------------------------------------
 
@@ -394,14 +417,115 @@ def _prepare(db: sqlite3.Connection) -> None:
         db.execute("COMMIT")
         return
     if not {"users", "meta"} <= tables:
-        raise sqlite3.DatabaseError(f"it has other tables: {', '.join(sorted(tables))}")
+        raise ConfigError(f"{NOT_OURS} (it has other tables: {', '.join(sorted(tables))})")
     row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     if row is None:
-        raise sqlite3.DatabaseError("no schema version")
+        raise ConfigError(f"{NOT_OURS} (no schema version)")
     if row[0] != SCHEMA_VERSION:
         raise ConfigError(
             f"schema version {row[0]}, this server reads {SCHEMA_VERSION} (a newer mtt wrote it?)"
         )
+
+
+def _claim(db: str) -> int:
+    """Create the directory, then take the lock beside the database; its descriptor."""
+    if os.path.isdir(db):
+        example = os.path.join(db, "users.db")
+        raise ConfigError(f"-db {db} is a directory; name a file in it, e.g. -db {example}")
+    directory = Path(db).parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        in_the_way = _file_in_the_way(directory)
+        raise ConfigError(f"-db {db}: {in_the_way} is a file, not a directory") from None
+    except OSError as exc:
+        what = f"cannot create the directory {exc.filename}"
+        raise _access_problem(db, exc.errno, what) from None
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False  # opening the lock file says what is wrong
+    if read_only:
+        raise _access_problem(db, errno.EROFS, f"cannot write {directory}")
+    lock = db + LOCK_SUFFIX
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)  # not inherited by the workers
+    except OSError as exc:
+        raise _access_problem(db, exc.errno, f"cannot write {lock}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _pid_in(fd)
+        os.close(fd)
+        raise ConfigError(
+            f"-db {db} is in use by another mtt-mu-server{holder}; give each instance its own -db"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"-db {db}: cannot lock {lock}: {exc.strerror}") from None
+    with contextlib.suppress(OSError):  # the pid is for the message above only
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _pid_in(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+def _file_in_the_way(directory: Path) -> Path:
+    """The first part of the path that exists and is not a directory."""
+    for part in (*reversed(directory.parents), directory):
+        if part.exists() and not part.is_dir():
+            return part
+    return directory
+
+
+def _check_writable(db: str) -> None:
+    """What SQLite needs: the file (created 0600, not umask 644), its -wal and
+    -shm, and the directory to create them in, all writable by us."""
+    for path, create in ((db, True), (db + "-wal", False), (db + "-shm", False)):
+        try:
+            flags = os.O_RDWR | (os.O_CREAT if create else 0)
+            os.close(os.open(path, flags, 0o600))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _access_problem(db, exc.errno, f"cannot write {path}") from None
+    directory = os.path.dirname(db) or "."
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        raise _access_problem(db, errno.EACCES, f"cannot create files in {directory}")
+
+
+def _access_problem(db: str, err: int | None, what: str) -> ConfigError:
+    """An operating system's refusal (an errno), as what is wrong and what to do."""
+    if err == errno.EROFS:
+        return ConfigError(
+            f"-db {db}: read-only filesystem ({what}); the server writes every change there"
+            " and cannot start without it: remount it read-write or give another -db"
+            " (-db memory keeps the users in memory only)"
+        )
+    if err in (errno.EACCES, errno.EPERM):
+        return ConfigError(
+            f"-db {db}: permission denied ({what} as uid {os.geteuid()}); the server must"
+            " read and write the file and create files in its directory"
+        )
+    reason = os.strerror(err) if err else "unknown error"
+    return ConfigError(f"-db {db}: {reason[:1].lower()}{reason[1:]} ({what})")
+
+
+def _sqlite_problem(exc: sqlite3.Error) -> str:
+    """Only a file SQLite cannot read as a database is someone else's."""
+    code = getattr(exc, "sqlite_errorcode", -1) & 0xFF  # the primary result code
+    if code == sqlite3.SQLITE_NOTADB:
+        return f"{NOT_OURS} ({exc})"
+    if code == sqlite3.SQLITE_CORRUPT:
+        return f"damaged database ({exc}): restore a backup, or move it away to start empty"
+    return f"cannot use it: {exc}"
 
 
 def _row(path: str, user: User) -> tuple[Any, ...]:
