@@ -33,6 +33,16 @@ class Limits:
     drain_max: float = 3.0
     # Controller request body cap (the original's 2 MiB).
     max_control_body: int = 2 * MiB
+    # A controller connection's first request head must be complete this long after it opens
+    # (a head is a few hundred bytes; nginx allows 60 s) ...
+    controller_head_timeout: float = 10.0
+    # ... and each body this long after its head (nginx's 60 s: 2 MiB at 35 KB/s).
+    controller_body_timeout: float = 60.0
+    # After a reply, the next request head must be complete within this, or the connection closes.
+    controller_keepalive: float = 60.0
+    # Open controller connections; past it new ones get a 503 and are closed at once. At start it
+    # is lowered to a quarter of RLIMIT_NOFILE, so a flood leaves descriptors to the tunnels.
+    controller_max_connections: int = 1024
     # smux sessions inside WebSockets.
     smux: SmuxConfig = field(default_factory=SmuxConfig)
 

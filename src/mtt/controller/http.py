@@ -7,6 +7,7 @@ original reply shape, so panels written for the Go server, which read only
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import importlib.resources
@@ -14,15 +15,21 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from mtt.config import Limits
 from mtt.controller.api import CHANGES, RES_ERR, Opt, parse_command
 from mtt.controller.metrics import render_metrics
 from mtt.controller.policy import DstPolicy
@@ -34,16 +41,26 @@ log = logging.getLogger("mtt.controller")
 
 _SERVICE: web.AppKey[UserService] = web.AppKey("service")
 TOKEN_ENV = "MTT_CONTROLLER_TOKEN"
+_LIMITS = Limits()
+# The controller takes at most this share of the descriptors (1/FD_SHARE): the tunnel
+# listener, in the same process with -workers 1, keeps the rest through a flood.
+FD_SHARE = 4
+# A flood of refused connections is logged once, then at most once per this many seconds.
+REFUSAL_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class ControllerSettings:
-    """How the controller guards itself."""
+    """How the controller guards itself (the bounds are Limits.controller_*)."""
 
-    max_body: int = 2 * 1024 * 1024
+    max_body: int = _LIMITS.max_control_body
     token: str = ""
     policy: DstPolicy = field(default_factory=DstPolicy)
     metrics_per_user: bool = False
+    head_timeout: float = _LIMITS.controller_head_timeout
+    body_timeout: float = _LIMITS.controller_body_timeout
+    keepalive: float = _LIMITS.controller_keepalive
+    max_connections: int = _LIMITS.controller_max_connections
 
 
 _SETTINGS: web.AppKey[ControllerSettings] = web.AppKey("settings", ControllerSettings)
@@ -104,6 +121,19 @@ async def _read_capped(request: web.Request, cap: int) -> bytes | None:
         chunks.append(chunk)
 
 
+async def _reply_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send response, then close at once.
+
+    aiohttp would otherwise keep reading the rest of an unread body for its
+    lingering time (10 s) before closing: not for a body already too late.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
+
+
 async def _handle(request: web.Request) -> web.Response:
     service = request.app[_SERVICE]
     settings = request.app[_SETTINGS]
@@ -121,7 +151,15 @@ async def _handle(request: web.Request) -> web.Response:
         response.headers["Allow"] = "POST"
         return response
     cap = settings.max_body
-    body = await _read_capped(request, cap)
+    try:  # a peer trickling or stalling its body must not hold the connection
+        async with asyncio.timeout(settings.body_timeout):
+            body = await _read_capped(request, cap)
+    except TimeoutError:
+        log.warning(
+            "controller: %s: body not complete within %g s, closed", peer, settings.body_timeout
+        )
+        late = f"body not complete within {settings.body_timeout:g} s"
+        return await _reply_and_close(request, _json(408, service.reply(RES_ERR, late)))
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
         return _json(413, service.reply(RES_ERR, f"body larger than {cap} bytes"))
@@ -181,8 +219,68 @@ async def _metrics(request: web.Request) -> web.Response:
 _ErrorReply = Callable[[int, str], web.Response]
 
 
-class _JsonErrorHandler(web.RequestHandler):
-    """Answers what aiohttp rejects itself in the controller's JSON shape.
+def connection_cap(wanted: int) -> int:
+    """wanted, lowered to 1/FD_SHARE of this process's descriptor limit.
+
+    Read as the controller starts (after any raise of the soft limit): a flood
+    of controller connections then leaves the tunnel listener, which shares
+    the process with -workers 1, the descriptors it needs to accept.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft // FD_SHARE))
+
+
+def _peer_of(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+
+
+class _ConnectionCap:
+    """Counts open controller connections and refuses those past the cap.
+
+    A flood is one warning, then at most one per REFUSAL_LOG_INTERVAL with the
+    number refused meanwhile, never a line per connection.
+    """
+
+    __slots__ = ("_next_log", "_refused", "cap", "open")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.open = 0
+        self._refused = 0
+        self._next_log = 0.0
+
+    def admit(self, peer: str) -> bool:
+        if self.open < self.cap:
+            self.open += 1
+            return True
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._next_log:
+            log.warning(
+                "controller: %d connections open (the cap): refusing new ones, "
+                "%d since the last such line, the latest from %s",
+                self.cap,
+                self._refused,
+                peer,
+            )
+            self._refused = 0
+            self._next_log = now + REFUSAL_LOG_INTERVAL
+        return False
+
+    def release(self) -> None:
+        self.open -= 1
+
+
+class _ControllerHandler(web.RequestHandler):
+    """One controller connection: the cap, a deadline for the first head, JSON errors.
+
+    aiohttp bounds only the wait for a request head after a reply (and from the
+    connect: keepalive_timeout), so a peer sending nothing or a head byte by
+    byte keeps its connection that long; the head timer, armed at connect and
+    cancelled when the first head is parsed, bounds that on its own.
 
     A request its parser refuses (a lying Content-Length, broken chunking, a
     bad request line) never reaches a route or a middleware: aiohttp answers it
@@ -190,11 +288,79 @@ class _JsonErrorHandler(web.RequestHandler):
     traceback. That method is the only hook, hence this subclass.
     """
 
-    __slots__ = ("_error_reply",)
+    __slots__ = (
+        "_admitted",
+        "_cap",
+        "_error_reply",
+        "_head_bytes",
+        "_head_timeout",
+        "_head_timer",
+        "_peer",
+    )
 
-    def __init__(self, manager: web.Server, *, error_reply: _ErrorReply, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        error_reply: _ErrorReply,
+        cap: _ConnectionCap,
+        head_timeout: float,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._error_reply = error_reply
+        self._cap = cap
+        self._admitted = False
+        self._peer = "unix"
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._peer = _peer_of(transport)
+        if not self._cap.admit(self._peer):
+            body = self._error_reply(
+                503, f"more than {self._cap.cap} controller connections open, try again later"
+            ).body
+            assert isinstance(body, bytes)
+            cast(asyncio.Transport, transport).write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            transport.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return  # refused in connection_made: aiohttp never saw it
+        self._admitted = False
+        self._cap.release()
+        self.head_parsed()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+
+    def head_parsed(self) -> None:
+        """The first request head is complete: the head deadline no longer applies."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        log.warning(
+            "controller: %s: no complete request head within %g s (%d bytes received), closed",
+            self._peer,
+            self._head_timeout,
+            self._head_bytes,
+        )
+        self.force_close()
 
     def handle_error(
         self,
@@ -222,35 +388,72 @@ class _JsonErrorHandler(web.RequestHandler):
         return response
 
 
-class _JsonErrorServer(web.Server):
-    """Builds _JsonErrorHandler connections instead of aiohttp's own."""
+class _ControllerServer(web.Server):
+    """Builds _ControllerHandler connections instead of aiohttp's own.
 
-    def __init__(self, *args: Any, error_reply: _ErrorReply, **kwargs: Any) -> None:
+    Its request factory tells the connection its head is parsed: the one point
+    aiohttp exposes between a complete head and the handler.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        error_reply: _ErrorReply,
+        cap: _ConnectionCap,
+        head_timeout: float,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._error_reply = error_reply
+        self._cap = cap
+        self._head_timeout = head_timeout
+        build_request = self.request_factory
+
+        def request_factory(
+            message: RawRequestMessage,
+            payload: StreamReader,
+            protocol: web.RequestHandler,
+            writer: AbstractStreamWriter,
+            task: asyncio.Task[None],
+        ) -> web.BaseRequest:
+            if isinstance(protocol, _ControllerHandler):
+                protocol.head_parsed()
+            return build_request(message, payload, protocol, writer, task)
+
+        self.request_factory = request_factory
 
     def __call__(self) -> web.RequestHandler:
-        return _JsonErrorHandler(
-            self, loop=self._loop, error_reply=self._error_reply, **self._kwargs
+        return _ControllerHandler(
+            self,
+            loop=self._loop,
+            error_reply=self._error_reply,
+            cap=self._cap,
+            head_timeout=self._head_timeout,
+            **self._kwargs,
         )
 
 
 class _ControllerRunner(web.AppRunner):
-    """An AppRunner whose server is a _JsonErrorServer (same app, same settings)."""
+    """An AppRunner whose server is a _ControllerServer (same app, same settings)."""
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         service = self.app[_SERVICE]
+        settings = self.app[_SETTINGS]
 
         def error_reply(status: int, text: str) -> web.Response:
             return _json(status, service.reply(RES_ERR, text))
 
-        return _JsonErrorServer(
+        cap = connection_cap(settings.max_connections)
+        log.debug("controller: at most %d connections", cap)
+        return _ControllerServer(
             plain.request_handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
             error_reply=error_reply,
+            cap=_ConnectionCap(cap),
+            head_timeout=settings.head_timeout,
             **plain._kwargs,
         )
 
@@ -274,7 +477,12 @@ async def start_controller(
     address: str, service: UserService, settings: ControllerSettings
 ) -> tuple[web.AppRunner, str]:
     """Listen on host:port, or on a Unix socket when address is a path."""
-    runner = _ControllerRunner(make_app(service, settings), access_log=None, handle_signals=False)
+    runner = _ControllerRunner(
+        make_app(service, settings),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=settings.keepalive,
+    )
     await runner.setup()
     site: web.BaseSite
     if "/" in address:

@@ -233,6 +233,10 @@ async def serve(config: ServerConfig) -> None:
                 config.controller_token,
                 config.allow_dst,
                 config.metrics_per_user,
+                head_timeout=config.limits.controller_head_timeout,
+                body_timeout=config.limits.controller_body_timeout,
+                keepalive=config.limits.controller_keepalive,
+                max_connections=config.limits.controller_max_connections,
             ),
         )
     except ConfigError:
