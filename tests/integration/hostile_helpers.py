@@ -384,6 +384,20 @@ class RawWebSocket:
         async with asyncio.timeout(limit_s):
             await self.writer.drain()
 
+    async def send_in_pieces(
+        self, data: bytes, piece: int, pause_s: float, limit_s: float = 10.0
+    ) -> None:
+        """Write `piece` bytes at a time, draining and pausing between them; a write
+        the server cuts short (it already closed) just ends the sending."""
+        with contextlib.suppress(ConnectionError, ssl.SSLError, OSError, TimeoutError):
+            async with asyncio.timeout(limit_s):
+                for i in range(0, len(data), piece):
+                    if self.writer.is_closing():
+                        return
+                    self.writer.write(data[i : i + piece])
+                    await self.writer.drain()
+                    await asyncio.sleep(pause_s)
+
     async def read_frame(self, limit_s: float = 10.0) -> tuple[int, bytes] | None:
         """(opcode, payload) of the next server frame, None at EOF; TimeoutError past limit_s."""
         try:

@@ -8,6 +8,11 @@ rather than by picows, so that a client that never reads its pongs cannot
 make them pile up: while the client is not reading, pongs are skipped, which
 §5.5.3 allows ("MAY elect to send a Pong frame for only the most recently
 processed Ping frame").
+
+A frame over max_frame_size gets 1009, but picows goes on parsing until it
+disconnects 10 ms later, and hands over the rest of that frame, and any after
+it, if they arrive in time: once a close frame has gone out, nothing but the
+client's close is acted on.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ class CheckedListener(WSListener):
     def screen(self, transport: WSTransport, frame: WSFrame) -> WSMsgType | None:
         """The frame's type when the tunnel must act on it (data, close), else None."""
         msg_type = frame.msg_type
+        if transport.is_close_frame_sent:
+            # Sent by picows (a frame too big, the rest of which it still parses) or
+            # by the tunnel, which has closed dst: no data or ping is wanted now.
+            return msg_type if msg_type is WSMsgType.CLOSE else None
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             self.violation("reserved bits set without an extension")
             return None
