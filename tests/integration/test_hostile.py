@@ -29,6 +29,7 @@ import pytest
 
 from mtt.smux import Cmd, Frame, FrameDecoder, encode_frame
 from tests.integration.hostile_helpers import (
+    INVALID_CLOSE_CODES,
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
@@ -36,6 +37,8 @@ from tests.integration.hostile_helpers import (
     OP_PONG,
     OP_TEXT,
     SNI,
+    VALID_CLOSE_CODES,
+    Closing,
     GiB,
     HttpReply,
     KiB,
@@ -547,6 +550,9 @@ async def test_broken_upgrades_on_a_user_path_look_like_unknown_paths(
         pytest.param(lambda: ws_frame(OP_CLOSE, b"\x00\x01hello"), {1002}, id="close-code-1"),
         pytest.param(lambda: ws_frame(OP_CLOSE, b"\x03"), {1002}, id="close-of-1-byte"),
         pytest.param(
+            lambda: ws_frame(OP_CLOSE, b"\x03\xe8bad \xff\xfe"), {1007}, id="close-reason-not-utf8"
+        ),
+        pytest.param(
             lambda: ws_frame(OP_CONT, b"hello"),
             {1002},
             id="continuation-without-start",
@@ -630,6 +636,40 @@ async def test_oversized_frames_never_reach_dst(
     assert closing.code == 1009 and closing.eof and closing.elapsed < QUICK, closing.describe()
     await canary.check()
     assert_log_discipline(await new_log(hostile_tls, mark), [ws.port])
+
+
+async def _close_with(server: ServerProcess, subprotocol: str, code: int) -> tuple[Closing, int]:
+    """Send a close frame with `code` on a fresh tunnel: the server's answer, and our port."""
+    async with dst_server() as dst:
+        server.add("/close-codes", dst.addr)
+        ws = await RawWebSocket.open(server, "/close-codes", tls=True, subprotocol=subprotocol)
+        try:
+            ws.send(ws_frame(OP_CLOSE, struct.pack("!H", code) + b"bye"))
+            return await ws.wait_closed(QUICK + 2), ws.port
+        finally:
+            ws.abort()
+
+
+@pytest.mark.parametrize("subprotocol", ["smux_off", "smux_on"])
+@pytest.mark.parametrize("code", INVALID_CLOSE_CODES)
+async def test_invalid_close_codes_fail_with_1002(
+    hostile_tls: ServerProcess, subprotocol: str, code: int
+) -> None:
+    mark = len(hostile_tls.lines)
+    closing, port = await _close_with(hostile_tls, subprotocol, code)
+    note(f"close {code} on {subprotocol}: {closing.describe()}")
+    assert closing.code == 1002 and closing.eof and closing.elapsed < QUICK, closing.describe()
+    assert_log_discipline(await new_log(hostile_tls, mark), [port])
+
+
+@pytest.mark.parametrize("subprotocol", ["smux_off", "smux_on"])
+@pytest.mark.parametrize("code", VALID_CLOSE_CODES)
+async def test_valid_close_codes_are_echoed(
+    hostile_tls: ServerProcess, subprotocol: str, code: int
+) -> None:
+    """As gorilla/websocket's default close handler does (RFC 6455 §5.5.1)."""
+    closing, _ = await _close_with(hostile_tls, subprotocol, code)
+    assert closing.code == code and closing.eof and closing.elapsed < QUICK, closing.describe()
 
 
 async def test_protocol_errors_log_one_line_naming_the_peer(hostile_tls: ServerProcess) -> None:
