@@ -135,12 +135,13 @@ def parse_reply(raw: bytes, closed: bool, elapsed: float, port: int) -> HttpRepl
 
 
 async def connect(
-    server: ServerProcess, tls: bool, limit_s: float = 10.0
+    server: ServerProcess | int, tls: bool, limit_s: float = 10.0
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the server's tunnel port (or to a loopback port)."""
     async with asyncio.timeout(limit_s):
         return await asyncio.open_connection(
             "127.0.0.1",
-            server.port,
+            server if isinstance(server, int) else server.port,
             ssl=client_tls() if tls else None,
             server_hostname=SNI if tls else None,
             limit=4 * MiB,
@@ -328,6 +329,12 @@ def _xor(data: bytes, key: bytes) -> bytes:
     return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
+# RFC 6455 §7.4 as gorilla/websocket applies it: a peer may send 1000-1003,
+# 1007-1013 and 3000-4999. The boundaries of each invalid range, and of each valid one.
+INVALID_CLOSE_CODES = [0, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000, 65535]
+VALID_CLOSE_CODES = [1000, 1001, 1003, 1007, 1011, 1012, 1013, 3000, 4999]
+
+
 def close_code_of(payload: bytes) -> int:
     return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
 
@@ -358,7 +365,12 @@ class RawWebSocket:
 
     @classmethod
     async def open(
-        cls, server: ServerProcess, path: str, *, tls: bool, subprotocol: str | None = "smux_off"
+        cls,
+        server: ServerProcess | int,
+        path: str,
+        *,
+        tls: bool,
+        subprotocol: str | None = "smux_off",
     ) -> RawWebSocket:
         reader, writer = await connect(server, tls)
         try:
@@ -383,6 +395,20 @@ class RawWebSocket:
     async def drain(self, limit_s: float = 10.0) -> None:
         async with asyncio.timeout(limit_s):
             await self.writer.drain()
+
+    async def send_in_pieces(
+        self, data: bytes, piece: int, pause_s: float, limit_s: float = 10.0
+    ) -> None:
+        """Write `piece` bytes at a time, draining and pausing between them; a write
+        the server cuts short (it already closed) just ends the sending."""
+        with contextlib.suppress(ConnectionError, ssl.SSLError, OSError, TimeoutError):
+            async with asyncio.timeout(limit_s):
+                for i in range(0, len(data), piece):
+                    if self.writer.is_closing():
+                        return
+                    self.writer.write(data[i : i + piece])
+                    await self.writer.drain()
+                    await asyncio.sleep(pause_s)
 
     async def read_frame(self, limit_s: float = 10.0) -> tuple[int, bytes] | None:
         """(opcode, payload) of the next server frame, None at EOF; TimeoutError past limit_s."""

@@ -32,7 +32,7 @@ from mtt.address import Destination
 from mtt.client import ClientConfig, ClientLimits
 from mtt.client.dialer import Dialer
 from mtt.client.main import Client
-from mtt.smux import Cmd, FrameDecoder, SmuxConfig
+from mtt.smux import Cmd, FrameDecoder, SmuxConfig, encode_frame
 from tests.client_support import (
     ClientProcess,
     client_args,
@@ -42,6 +42,7 @@ from tests.client_support import (
     start_client,
     trust,
 )
+from tests.integration.hostile_helpers import OP_BINARY, ws_frame
 from tests.support import ServerProcess, echo_server, pattern, running_server
 
 MiB = 1024 * 1024
@@ -397,6 +398,102 @@ async def test_wire_shape_sni_host_subprotocol_and_message_size(
     else:
         assert seen.received[:8] == b"\x01\x00\x00\x00\x03\x00\x00\x00"  # SYN, stream 3
         assert max(seen.frame_sizes) == 16 * 1024 + 8  # one full smux frame per message
+
+
+@dataclass
+class HostileServer:
+    """An in-process server that sends frames built by hand (see hostile_server)."""
+
+    port: int
+    go: asyncio.Event  # set: send the rest
+    closes: list[int]  # close codes the client sent
+
+
+@contextlib.asynccontextmanager
+async def hostile_server(
+    cert_files: tuple[Path, Path], first: bytes, rest: bytes, pause_s: float | None
+) -> AsyncIterator[HostileServer]:
+    """A TLS WebSocket server that answers the client's first message with `first`
+    and, once `go` is set, sends `rest`: in one write, or in 64 KiB pieces `pause_s`
+    apart."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert_files[0]), str(cert_files[1]))
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(raw: asyncio.Transport) -> None:
+        raw.write(first)
+        await hostile.go.wait()
+        step = len(rest) if pause_s is None else 64 * 1024
+        for i in range(0, len(rest), step):
+            if raw.is_closing():
+                return
+            raw.write(rest[i : i + step])
+            await asyncio.sleep(pause_s or 0)
+
+    class Hostile(WSListener):
+        answered = False
+
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            if frame.msg_type == WSMsgType.CLOSE:
+                hostile.closes.append(int(frame.get_close_code()))
+                transport.disconnect()
+            elif not self.answered:
+                self.answered = True
+                tasks.add(asyncio.ensure_future(answer(transport.underlying_transport)))
+
+    def route(request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+        proto = request.headers.get("Sec-WebSocket-Protocol", "")
+        return WSUpgradeResponseWithListener(
+            WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": proto}), Hostile()
+        )
+
+    server = await ws_create_server(route, "127.0.0.1", 0, ssl=ctx, use_aiofastnet=False)
+    hostile = HostileServer(int(server.sockets[0].getsockname()[1]), asyncio.Event(), [])
+    try:
+        yield hostile
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("pause_s", [None, 0.005], ids=["one-write", "in-pieces"])
+@pytest.mark.parametrize("size", [MiB + 1, 2 * MiB], ids=["1MiB+1", "2MiB"])
+async def test_oversized_server_frames_never_reach_the_local_app(
+    cert_files: tuple[Path, Path], size: int, pause_s: float | None, mode: str
+) -> None:
+    """A server frame over the 1 MiB bound gets 1009, and nothing of it, nor of the
+    frame after it, is written to the local app (or fed to the smux session), however
+    fast it arrives: picows goes on parsing for 10 ms after it sends the 1009."""
+    if mode == "mux":
+        data = pattern(11, size)
+        chunk = 32 * 1024
+        stream = b"".join(psh3(data[i : i + chunk]) for i in range(0, size, chunk))
+        before, oversized, after = psh3(b"before;"), stream[:size], psh3(b"after")
+    else:
+        before, oversized, after = b"before;", pattern(11, size), b"after"
+    rest = ws_frame(OP_BINARY, oversized, mask=False) + ws_frame(OP_BINARY, after, mask=False)
+    first = ws_frame(OP_BINARY, before, mask=False)
+    async with hostile_server(cert_files, first, rest, pause_s) as server:
+        args = ["-s", f"127.0.0.1:{server.port}", "-n", "tunnel.test", "-wss", "-wss-path", "/b"]
+        with running_client(*args, *MODES[mode], env=trust(cert_files)) as client:
+            reader, writer = await asyncio.open_connection(*client.host_port)
+            try:
+                writer.write(b"hello")
+                assert await asyncio.wait_for(reader.readexactly(7), 10) == b"before;"
+                server.go.set()
+                got = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+            await eventually(lambda: bool(server.closes), 5)
+    assert got == b"", f"{len(got)} bytes of the oversized frame reached the local app"
+    assert server.closes == [1009]
+
+
+def psh3(data: bytes) -> bytes:
+    """An smux v1 PSH frame for stream 3, the client's first."""
+    return encode_frame(1, Cmd.PSH, 3, data)
 
 
 async def test_handshake_timeout_bounds_a_silent_server(cert_files: tuple[Path, Path]) -> None:

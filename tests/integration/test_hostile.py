@@ -29,6 +29,7 @@ import pytest
 
 from mtt.smux import Cmd, Frame, FrameDecoder, encode_frame
 from tests.integration.hostile_helpers import (
+    INVALID_CLOSE_CODES,
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,
@@ -36,6 +37,8 @@ from tests.integration.hostile_helpers import (
     OP_PONG,
     OP_TEXT,
     SNI,
+    VALID_CLOSE_CODES,
+    Closing,
     GiB,
     HttpReply,
     KiB,
@@ -547,6 +550,9 @@ async def test_broken_upgrades_on_a_user_path_look_like_unknown_paths(
         pytest.param(lambda: ws_frame(OP_CLOSE, b"\x00\x01hello"), {1002}, id="close-code-1"),
         pytest.param(lambda: ws_frame(OP_CLOSE, b"\x03"), {1002}, id="close-of-1-byte"),
         pytest.param(
+            lambda: ws_frame(OP_CLOSE, b"\x03\xe8bad \xff\xfe"), {1007}, id="close-reason-not-utf8"
+        ),
+        pytest.param(
             lambda: ws_frame(OP_CONT, b"hello"),
             {1002},
             id="continuation-without-start",
@@ -582,6 +588,88 @@ async def test_frame_violations_close_the_tunnel(
     assert rss.growth < 4 * MiB, rss.growth
     await canary.check()
     assert_log_discipline(await new_log(hostile_tls, mark), [ws.port])
+
+
+def _smux_data_frames(size: int, seed: int) -> bytes:
+    """`size` bytes of back-to-back PSH frames for stream 3 (the last one cut short):
+    every whole frame in it would be data for dst."""
+    chunk = 32 * KiB
+    data = pattern(seed, size)
+    return b"".join(psh(3, data[i : i + chunk]) for i in range(0, size, chunk))[:size]
+
+
+@pytest.mark.parametrize("subprotocol", ["smux_off", "smux_on"])
+@pytest.mark.parametrize("pause_s", [None, 0.005], ids=["one-write", "in-pieces"])
+@pytest.mark.parametrize("size", [MiB + 1, 2 * MiB], ids=["1MiB+1", "2MiB"])
+async def test_oversized_frames_never_reach_dst(
+    hostile_tls: ServerProcess, canary: Canary, size: int, pause_s: float | None, subprotocol: str
+) -> None:
+    """A whole frame over the 1 MiB bound is answered with 1009, and nothing of it,
+    nor of the frame after it, reaches dst (nor the smux session), however fast or
+    slowly it arrives. picows sends the 1009 at the frame header but goes on parsing
+    until it disconnects 10 ms later, handing over the frame if it completes by then."""
+    mark = len(hostile_tls.lines)
+    mux = subprotocol == "smux_on"
+    before = syn(3) + psh(3, b"before;") if mux else b"before;"
+    oversized = _smux_data_frames(size, 10) if mux else pattern(10, size)
+    after = psh(3, b"after") if mux else b"after"
+    wire = ws_frame(OP_BINARY, oversized) + ws_frame(OP_BINARY, after)
+    async with dst_server() as dst:
+        hostile_tls.add("/too-big", dst.addr)
+        ws = await RawWebSocket.open(hostile_tls, "/too-big", tls=True, subprotocol=subprotocol)
+        try:
+            ws.send_binary(before)
+            await dst.wait_for(lambda: dst.total == 1 and dst.conns[0].received_total >= 7)
+            if pause_s is None:
+                ws.send(wire)
+                with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                    await ws.drain(5)
+            else:
+                await ws.send_in_pieces(wire, 64 * KiB, pause_s)
+            closing = await ws.wait_closed(QUICK + 2)
+        finally:
+            ws.abort()
+        await dst.wait_for(lambda: dst.open == 0, 3)
+        relayed = b"".join(bytes(c.received) for c in dst.conns)
+    note(f"{size}-byte frame: {closing.describe()}, dst got {len(relayed)} bytes")
+    assert relayed == b"before;", f"{len(relayed)} bytes reached dst: {relayed[:40]!r}"
+    assert closing.code == 1009 and closing.eof and closing.elapsed < QUICK, closing.describe()
+    await canary.check()
+    assert_log_discipline(await new_log(hostile_tls, mark), [ws.port])
+
+
+async def _close_with(server: ServerProcess, subprotocol: str, code: int) -> tuple[Closing, int]:
+    """Send a close frame with `code` on a fresh tunnel: the server's answer, and our port."""
+    async with dst_server() as dst:
+        server.add("/close-codes", dst.addr)
+        ws = await RawWebSocket.open(server, "/close-codes", tls=True, subprotocol=subprotocol)
+        try:
+            ws.send(ws_frame(OP_CLOSE, struct.pack("!H", code) + b"bye"))
+            return await ws.wait_closed(QUICK + 2), ws.port
+        finally:
+            ws.abort()
+
+
+@pytest.mark.parametrize("subprotocol", ["smux_off", "smux_on"])
+@pytest.mark.parametrize("code", INVALID_CLOSE_CODES)
+async def test_invalid_close_codes_fail_with_1002(
+    hostile_tls: ServerProcess, subprotocol: str, code: int
+) -> None:
+    mark = len(hostile_tls.lines)
+    closing, port = await _close_with(hostile_tls, subprotocol, code)
+    note(f"close {code} on {subprotocol}: {closing.describe()}")
+    assert closing.code == 1002 and closing.eof and closing.elapsed < QUICK, closing.describe()
+    assert_log_discipline(await new_log(hostile_tls, mark), [port])
+
+
+@pytest.mark.parametrize("subprotocol", ["smux_off", "smux_on"])
+@pytest.mark.parametrize("code", VALID_CLOSE_CODES)
+async def test_valid_close_codes_are_echoed(
+    hostile_tls: ServerProcess, subprotocol: str, code: int
+) -> None:
+    """As gorilla/websocket's default close handler does (RFC 6455 §5.5.1)."""
+    closing, _ = await _close_with(hostile_tls, subprotocol, code)
+    assert closing.code == code and closing.eof and closing.elapsed < QUICK, closing.describe()
 
 
 async def test_protocol_errors_log_one_line_naming_the_peer(hostile_tls: ServerProcess) -> None:

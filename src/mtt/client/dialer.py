@@ -25,9 +25,10 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from picows import WSHandshakeError, WSListener, WSTransport, ws_connect
+from picows import WSHandshakeError, WSListener, WSProtocolError, WSTransport, ws_connect
 
 from mtt.client import ClientConfig
+from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.client")
 
@@ -101,6 +102,14 @@ def describe_error(exc: BaseException, limit: float) -> str:
     return str(exc) or type(exc).__name__
 
 
+async def _retrieve_parser_error(transport: WSTransport) -> None:
+    """picows keeps the error it disconnected for (a server frame too big, a bad
+    frame) for wait_disconnected(), and already logged it: retrieve it, or asyncio
+    logs a traceback for an exception never retrieved."""
+    with contextlib.suppress(WSProtocolError):
+        await transport.wait_disconnected()
+
+
 class Dialer:
     """Opens WebSockets to the configured server; counts handshakes and resumptions."""
 
@@ -162,6 +171,7 @@ class Dialer:
                         sock.shutdown(socket.SHUT_RDWR)
             raise
         self.handshakes += 1
+        spawn(_retrieve_parser_error(transport), name=f"disconnect of {self.target}")
         ssl_object = transport.underlying_transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject):
             if ssl_object.session_reused:

@@ -351,7 +351,9 @@ class ClientSession(WSListener):
         msg_type = frame.msg_type
         if msg_type in DATA_TYPES:
             smux = self.smux
-            if smux is None or self.state is not _State.OPEN:
+            # A close already sent may be picows' 1009 for a frame too big, which it
+            # goes on parsing (and handing over) until it disconnects.
+            if smux is None or self.state is not _State.OPEN or transport.is_close_frame_sent:
                 return
             self.now = now = self.loop.time()
             try:

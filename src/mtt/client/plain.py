@@ -219,7 +219,9 @@ class PlainClientTunnel(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
         if msg_type in DATA_TYPES:
-            if self._state is not _State.RELAYING:
+            # A close already sent may be picows' 1009 for a frame too big, which it
+            # goes on parsing (and handing over) until it disconnects.
+            if self._state is not _State.RELAYING or transport.is_close_frame_sent:
                 return
             data = frame.get_payload_as_bytes()
             self.bytes_down += len(data)

@@ -268,7 +268,8 @@ class MuxTunnel(CheckedListener):
             self.after_consume()
         else:
             self._release_held(all_of_it=True)
-            self._finish(WSCloseCode.OK)
+            code = frame.get_close_code()  # a valid one (screened): echoed, as gorilla does
+            self._finish(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
 
     def _receive(self, data: memoryview | bytes) -> None:
         self.now = now = self._loop.time()
