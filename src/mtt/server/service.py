@@ -79,7 +79,7 @@ class UserService:
         snapshot = await self.store.load()
         self.table.replace(snapshot.users.items())
         self.revision = snapshot.revision
-        self.store.watch(self._remote_change)
+        self.store.watch(self._remote_change, self._served)
         if plane is not None:
             self.attach(plane)
 
@@ -191,10 +191,14 @@ class UserService:
             self._reload_queued = True
         spawn(self._follow(revision, command), name="apply a remote change")
 
+    def _served(self) -> tuple[int, int]:
+        """The revision and number of users this node serves, for the store's checks."""
+        return self.revision, len(self.table)
+
     async def _follow(self, revision: int, command: Command | None) -> None:
         async with self._change_lock:
             if command is None:
-                await self._reload(f"the store asks (its revision {revision})")
+                await self._reload("the store asks")
             elif revision == self.revision + 1:
                 await self._serve(command, revision)
             elif revision > self.revision:
