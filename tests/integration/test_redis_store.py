@@ -379,6 +379,7 @@ WIPES = [
 ]
 
 
+@pytest.mark.slow
 async def test_nodes_follow_redis_whatever_happens_to_its_keys(redis: RedisServer) -> None:
     with nodes(redis, 1, 1) as (a, b), client(redis) as conn:
         for round_, wipe in enumerate(WIPES):
