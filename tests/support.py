@@ -187,6 +187,32 @@ def running_server(*args: str, **kwargs: Any) -> Iterator[ServerProcess]:
         assert "Traceback" not in server.log_text(), server.log_text()
 
 
+def concurrent_adds(
+    servers: list[ServerProcess], threads: int = 8, each: int = 100
+) -> tuple[int, list[int]]:
+    """`threads` panels at once, thread i talking to servers[i % len(servers)],
+    each sending `each` single-user opt 1 adds: the revision before, and the
+    revision every reply named (all 200 res 1)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    status, reply = servers[0].control({"opt": 9})
+    assert status == 200, reply
+    start = int(reply["revision"])
+
+    def panel(thread: int) -> list[int]:
+        server = servers[thread % len(servers)]
+        revisions = []
+        for i in range(each):
+            entry = {"path": f"/panel{thread}-{i}", "dst": f"127.0.0.1:{1000 + i}"}
+            status, reply = server.control({"opt": 1, "args_bunch": [entry]})
+            assert (status, reply["res"]) == (200, 1), reply
+            revisions.append(int(reply["revision"]))
+        return revisions
+
+    with ThreadPoolExecutor(threads) as pool:
+        return start, [r for revisions in pool.map(panel, range(threads)) for r in revisions]
+
+
 def pattern(seed: int, size: int) -> bytes:
     """Deterministic pseudo-random bytes (sha256 in counter mode)."""
     out = bytearray()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -19,16 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import Redis as RedisClient
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.support import ServerProcess, echo_server, pattern, start_server, tagged_server
+from tests.support import (
+    ServerProcess,
+    concurrent_adds,
+    echo_server,
+    pattern,
+    start_server,
+    tagged_server,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="needs redis-server (Debian package)"
 )
 
 FLUSH = "500ms"
+# The bounds docs/redis.md promises, plus room for a reload on a busy machine.
+SLACK = 2.5
+CHECK_BOUND = 2.5 + SLACK  # a change no message announced, a flush, an eviction
+RETURN_BOUND = 1.0 + SLACK  # after Redis is back
 
 
 def _free_port() -> int:
@@ -309,3 +322,112 @@ async def test_a_bulk_add_of_40000_users_is_one_change(redis: RedisServer) -> No
         assert (status, reply["res"], reply["current_users"]) == (200, 1, 3)
         await reach(rev + 1, a)
         assert control(a, {"opt": 9})[1]["current_users"] == 3
+
+
+@contextlib.contextmanager
+def client(redis: RedisServer) -> Iterator[RedisClient]:
+    """A direct connection, as an operator's redis-cli."""
+    conn = RedisClient.from_url(redis.url, socket_timeout=5)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def redis_table(conn: RedisClient) -> tuple[int, dict[str, str]]:
+    """Redis's revision and users (path -> dst), what every node must serve."""
+    revision = int(conn.get("mtt:revision") or 0)
+    users = {}
+    for path, value in conn.hgetall("mtt:users").items():
+        host, port, *_ = json.loads(value)
+        users[path.decode()] = f"{host}:{port}"
+    return revision, users
+
+
+def agrees(node: ServerProcess, conn: RedisClient) -> bool:
+    """The node lists (opt 5) and counts (opt 9) exactly Redis's users, at its revision."""
+    revision, users = redis_table(conn)
+    status, listing = control(node, {"opt": 5})
+    assert status == 200, listing
+    served = {user["path"]: user["dst"] for user in listing["users"]}
+    _, ping = control(node, {"opt": 9})
+    return (served, ping["current_users"], ping["revision"]) == (users, len(users), revision)
+
+
+async def serve_redis(conn: RedisClient, *targets: ServerProcess, within: float, what: str) -> None:
+    for node in targets:
+        await until(lambda n=node: agrees(n, conn), within, what)  # type: ignore[misc]
+
+
+async def test_two_nodes_taking_changes_at_once_give_each_its_own_revision(
+    redis: RedisServer,
+) -> None:
+    with nodes(redis, 1, 2) as (a, b), client(redis) as conn:
+        start, revisions = concurrent_adds([a, b])
+        assert len(set(revisions)) == 800, "two replies named one revision"
+        assert sorted(revisions) == list(range(start + 1, start + 801))
+        # and both nodes serve all 800, though their changes interleaved
+        await serve_redis(conn, a, b, within=CHECK_BOUND, what="both serve all 800")
+        assert redis_table(conn)[0] == start + 800
+
+
+WIPES = [
+    ("FLUSHALL",),
+    ("FLUSHDB",),
+    ("DEL", "mtt:users"),  # as an allkeys-* eviction may
+    ("DEL", "mtt:revision", "mtt:epoch"),
+]
+
+
+@pytest.mark.slow
+async def test_nodes_follow_redis_whatever_happens_to_its_keys(redis: RedisServer) -> None:
+    with nodes(redis, 1, 1) as (a, b), client(redis) as conn:
+        for round_, wipe in enumerate(WIPES):
+            for i in range(5):  # through both nodes, so each is a few revisions on
+                add(a if i % 2 else b, {"path": f"/old{round_}-{i}", "dst": "127.0.0.1:1000"})
+            await serve_redis(conn, a, b, within=CHECK_BOUND, what="in step")
+
+            conn.execute_command(*wipe)
+            # the panel's full sync, through A, at once
+            sync = [{"path": f"/new{round_}-{i}", "dst": f"127.0.0.1:{2000 + i}"} for i in (1, 2)]
+            status, reply = control(a, {"opt": 4, "args_bunch": sync})
+            assert (status, reply["res"], reply["current_users"]) == (200, 1, 2), (wipe, reply)
+            await serve_redis(conn, a, b, within=CHECK_BOUND, what=f"synced after {wipe}")
+            assert set(redis_table(conn)[1]) == {f"/new{round_}-1", f"/new{round_}-2"}
+
+            # no write after it: Redis is the truth even when that is fewer users
+            conn.execute_command(*wipe)
+            await serve_redis(conn, a, b, within=CHECK_BOUND, what=f"{wipe} alone")
+
+        # a change made directly in Redis, announced by no message
+        conn.hset("mtt:users", "/direct", json.dumps(["127.0.0.1", 3000, 0, 0, 0, 0, 0]))
+        conn.incr("mtt:revision")
+        await serve_redis(conn, a, b, within=CHECK_BOUND, what="the direct change")
+        # and changes still flow through pub/sub
+        rev = add(b, {"path": "/later", "dst": "127.0.0.1:4000"})
+        await reach(rev, a)
+        assert agrees(a, conn)
+
+
+async def test_a_node_that_missed_changes_serves_redis_soon_after_it_returns(
+    redis: RedisServer,
+) -> None:
+    with nodes(redis, 1, 1) as (a, b), client(redis) as conn:
+        rev = add(a, {"path": "/before", "dst": "127.0.0.1:1000"})
+        await reach(rev, b)
+        redis.kill()
+        await until(
+            lambda: all("lost the Redis subscription" in n.log_text() for n in (a, b)),
+            5,
+            "both nodes noticed",
+        )
+        await asyncio.sleep(3)  # an outage of a few seconds: long enough for a backoff to grow
+        redis.start()  # with its data
+        # Through B at once, while A is still away: A misses its message.
+        rev = add(b, {"path": "/meanwhile", "dst": "127.0.0.1:2000"})
+        await serve_redis(conn, a, within=RETURN_BOUND, what="A serves Redis's table")
+        assert redis_table(conn) == (
+            rev,
+            {"/before": "127.0.0.1:1000", "/meanwhile": "127.0.0.1:2000"},
+        )
+        assert agrees(b, conn)

@@ -175,8 +175,8 @@ async def _handle(request: web.Request) -> web.Response:
         peer,
         command.opt,
         answer["res"],
-        service.count(),
-        service.revision,
+        answer["current_users"],
+        answer["revision"],
     )
     return _json(status, answer)
 

@@ -68,6 +68,7 @@ class UserService:
         self._admitted: dict[str, Counter[tuple[int, str]]] = {}
         self._schedules: dict[tuple[str, int], TokenSchedule] = {}
         self._change_lock = asyncio.Lock()
+        self._reload_queued = False
         self._usage_lock = asyncio.Lock()
         self._collector: asyncio.Task[None] | None = None
         self.totals = StatsTotals()
@@ -78,7 +79,7 @@ class UserService:
         snapshot = await self.store.load()
         self.table.replace(snapshot.users.items())
         self.revision = snapshot.revision
-        self.store.watch(self._remote_change)
+        self.store.watch(self._remote_change, self._served)
         if plane is not None:
             self.attach(plane)
 
@@ -112,11 +113,14 @@ class UserService:
         opt = command.opt
         if opt in CHANGES:
             try:
-                await self.change(command)
+                revision, count = await self.change(command)
             except StoreError as exc:
                 log.error("controller: opt %d not applied: %s", opt, exc)
                 return 503, self.reply(RES_ERR, f"user store unavailable: {exc}")
-            return 200, self.reply(RES_OK)
+            # This change's own revision: by the time we answer, later changes
+            # may have bumped self.revision, and a panel syncing by revision
+            # must not take another writer's change for its own.
+            return 200, reply(RES_OK, count, "", revision)
         if opt is Opt.LIST:
             try:
                 users = await self.list_users(command.paths or None, command.reset)
@@ -131,17 +135,42 @@ class UserService:
     def reply(self, res: int, err_string: str = "") -> dict[str, Any]:
         return reply(res, len(self.table), err_string, self.revision)
 
-    async def change(self, command: Command) -> None:
+    async def change(self, command: Command) -> tuple[int, int]:
         """Store, then serve: once the store has it, the change is applied
-        everywhere even if the controller request is cancelled midway."""
-        await asyncio.shield(self._change(command))
+        everywhere even if the controller request is cancelled midway.
+        Returns the revision the store gave this change and the users then."""
+        return await asyncio.shield(self._change(command))
 
-    async def _change(self, command: Command) -> None:
+    async def _change(self, command: Command) -> tuple[int, int]:
         async with self._change_lock:
             revision = await self.store.commit(command)
-            self._apply_local(command, revision)
-            if self.plane is not None:
-                await self.plane.apply(command, self.kick_on_delete)
+            # Off by more than one: another node's change landed first, or the
+            # shared table was reset; ours applies to the store's table, not ours.
+            if revision == self.revision + 1:
+                await self._serve(command, revision)
+            elif not await self._reload(f"a change got revision {revision}"):
+                await self._serve(command, revision)  # the best we know until
+                self._remote_change(revision, None)  # the store answers again
+            return revision, len(self.table)
+
+    async def _serve(self, command: Command, revision: int) -> None:
+        self._apply_local(command, revision)
+        if self.plane is not None:
+            await self.plane.apply(command, self.kick_on_delete)
+
+    async def _reload(self, why: str) -> bool:
+        """Adopt the store's whole table (under the change lock); False, the
+        table kept, if the store cannot answer (it resyncs us when it is back)."""
+        log.info("reloading the users at revision %d: %s", self.revision, why)
+        self._reload_queued = False
+        try:
+            snapshot = await self.store.load()
+        except StoreError as exc:
+            log.warning("reloading the users after revision %d: %s", self.revision, exc)
+            return False
+        command = Command(Opt.REPLACE, entries=_entries(snapshot.users.items()))
+        await self._serve(command, snapshot.revision)
+        return True
 
     def _apply_local(self, command: Command, revision: int) -> None:
         apply_command(self.table, command)
@@ -155,24 +184,26 @@ class UserService:
                 schedule.rate = user.limits.rate
 
     def _remote_change(self, revision: int, command: Command | None) -> None:
-        """Another node changed the shared table."""
+        """Another node changed the shared table (command None: reload it)."""
+        if command is None:
+            if self._reload_queued:
+                return  # one reload, still waiting for the lock, covers this one too
+            self._reload_queued = True
         spawn(self._follow(revision, command), name="apply a remote change")
+
+    def _served(self) -> tuple[int, int]:
+        """The revision and number of users this node serves, for the store's checks."""
+        return self.revision, len(self.table)
 
     async def _follow(self, revision: int, command: Command | None) -> None:
         async with self._change_lock:
-            if revision <= self.revision and command is not None:
-                return  # our own change, or one already seen
-            if command is None or revision != self.revision + 1:
-                try:
-                    snapshot = await self.store.load()
-                except StoreError as exc:  # the store resyncs us when it is back
-                    log.warning("reloading the users after revision %d: %s", self.revision, exc)
-                    return
-                command = Command(Opt.REPLACE, entries=_entries(snapshot.users.items()))
-                revision = snapshot.revision
-            self._apply_local(command, revision)
-            if self.plane is not None:
-                await self.plane.apply(command, self.kick_on_delete)
+            if command is None:
+                await self._reload("the store asks")
+            elif revision == self.revision + 1:
+                await self._serve(command, revision)
+            elif revision > self.revision:
+                await self._reload(f"revision {revision} arrived")
+            # else: our own change, or one already seen
 
     # -- counters ----------------------------------------------------------------------
 

@@ -55,6 +55,9 @@ class StoreSnapshot:
 # A change made by another node: (its revision, the command), or (revision, None)
 # when the store cannot say what changed and the table must be reloaded.
 RemoteChange = Callable[[int, Command | None], None]
+# What the service serves now: (revision, number of users), for a shared store
+# to compare with its own and ask for a reload when they disagree.
+Served = Callable[[], tuple[int, int]]
 
 
 class Store(Protocol):
@@ -63,7 +66,8 @@ class Store(Protocol):
         ...
 
     async def commit(self, command: Command) -> int:
-        """Make a validated change (opt 1-4) durable and return the new revision.
+        """Make a validated change (opt 1-4) durable and return the revision it
+        got (the one its controller reply names, whatever commits follow).
 
         Entries that carry quota_used set that counter; removed users lose
         their counters. Raise StoreError, having applied nothing, if it cannot.
@@ -79,7 +83,7 @@ class Store(Protocol):
         bytes_up, bytes_down and total_tunnels (not quota_used) as they are read."""
         ...
 
-    def watch(self, on_remote: RemoteChange) -> None:
+    def watch(self, on_remote: RemoteChange, served: Served) -> None:
         """Be told of changes other nodes make (shared stores only)."""
         ...
 

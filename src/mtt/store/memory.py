@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mtt.controller.api import Command, Opt
-from mtt.store.base import RemoteChange, StoreSnapshot, Usage
+from mtt.store.base import RemoteChange, Served, StoreSnapshot, Usage
 
 
 class MemoryStore:
@@ -33,7 +33,7 @@ class MemoryStore:
     async def read_usage(self, paths: Iterable[str] | None, reset: bool) -> dict[str, Usage]:
         return read_usage(self.usage, paths, reset)
 
-    def watch(self, on_remote: RemoteChange) -> None:
+    def watch(self, on_remote: RemoteChange, served: Served) -> None:
         pass
 
     async def close(self) -> None:

@@ -4,14 +4,23 @@ Layout, all under PREFIX (one Redis database may hold one mtt deployment):
 
     mtt:users     hash  path -> compact JSON [host, port, rate, max_tunnels, max_ips, quota, expire]
     mtt:revision  int   bumped by every accepted change
+    mtt:epoch     str   random; replaced whenever mtt:revision or mtt:epoch is found missing
     mtt:up, mtt:down, mtt:quota, mtt:tunnels, mtt:seen
                   hashes path -> counter (absent = 0); only users have entries
-    mtt:changes   channel: "<revision> <command wire JSON>" after every change
-                  ("<revision> " alone when the command is too big to publish)
+    mtt:changes   channel: "<revision> <epoch> <command wire JSON>" after every change
+                  ("<revision> <epoch> " alone when the command is too big to publish)
 
 Every change is one Lua script (apply, INCR, PUBLISH), so no node ever sees a
 half-applied change and revisions have no holes. Each node keeps serving the
 table it last had when Redis is down; controller writes then fail (res 2).
+
+Redis is the truth, whatever happens to it. A revision counts within an epoch:
+after FLUSHALL, FLUSHDB or an eviction the keys are gone, the next load or
+change starts a new epoch (and may restart the revision), and a node that
+hears of another epoch reloads instead of comparing revisions. Besides
+pub/sub, every CHECK_INTERVAL each node compares Redis's epoch, revision and
+number of users with its own and reloads on any difference, so a lost
+message, a flush or an eviction is repaired within CHECK_INTERVAL + SETTLE.
 
 What is shared: the table, and the counters (bytes, tunnels, quota_used, last
 seen) summed over every node. What is not: max_tunnels, max_ips and rate are
@@ -26,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,7 +48,7 @@ from mtt.address import Destination
 from mtt.controller.api import Command, Opt
 from mtt.errors import ConfigError, StoreError
 from mtt.server.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits
-from mtt.store.base import RemoteChange, StoreSnapshot, Usage
+from mtt.store.base import RemoteChange, Served, StoreSnapshot, Usage
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")
@@ -46,6 +56,7 @@ log = logging.getLogger("mtt.store")
 PREFIX = "mtt:"
 USERS = PREFIX + "users"
 REVISION = PREFIX + "revision"
+EPOCH = PREFIX + "epoch"
 CHANNEL = PREFIX + "changes"
 # Counter hashes, in Usage field order except that last_seen keeps a maximum.
 UP, DOWN, QUOTA, TUNNELS, SEEN = (PREFIX + n for n in ("up", "down", "quota", "tunnels", "seen"))
@@ -57,12 +68,35 @@ MAX_PUBLISHED = 1 << 20
 FLUSH_CHUNK = 2000  # users per script call when counters are flushed
 READ_CHUNK = 1000  # Lua's unpack() stops near 8000 values
 SOCKET_TIMEOUT = 5.0
-RETRY_MIN, RETRY_MAX = 0.5, 5.0  # resubscription backoff, seconds
+RETRY_MIN, RETRY_MAX = 0.25, 1.0  # resubscription backoff, seconds
+CHECK_INTERVAL = 2.0  # how often a node compares its table's revision with Redis's
+SETTLE = 0.5  # how long a revision Redis has may stay unannounced before a reload
 
-# KEYS: users, revision, up, down, quota, tunnels, seen.
+# Both keys exist after this, and a new epoch begins if either was missing:
+# a revision counter that restarts must not be taken for the old one.
+# KEYS: revision, epoch. ARGV[1]: a fresh epoch, used if one is needed.
+_ENSURE_EPOCH = """
+local epoch = redis.call('GET', KEYS[2])
+if not epoch or redis.call('EXISTS', KEYS[1]) == 0 then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+  if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], '0') end
+end
+"""
+
+_LOAD_EPOCH = _ENSURE_EPOCH + "return epoch\n"
+
+# KEYS: users, revision, up, down, quota, tunnels, seen, epoch.
 # ARGV: the command as published, its operations as JSON (strings only, so
-# no number goes through Lua's doubles), the channel.
+# no number goes through Lua's doubles), the channel, a fresh epoch.
+# Starts a new epoch where _ENSURE_EPOCH would (INCR then creates the revision).
+# Returns {revision, epoch}.
 _COMMIT = """
+local epoch = redis.call('GET', KEYS[8])
+if not epoch or redis.call('EXISTS', KEYS[2]) == 0 then
+  epoch = ARGV[4]
+  redis.call('SET', KEYS[8], epoch)
+end
 local ops = cjson.decode(ARGV[2])
 local op = ops.op
 local users = KEYS[1]
@@ -90,8 +124,8 @@ else
   end
 end
 local rev = redis.call('INCR', KEYS[2])
-redis.call('PUBLISH', ARGV[3], rev .. ' ' .. ARGV[1])
-return rev
+redis.call('PUBLISH', ARGV[3], rev .. ' ' .. epoch .. ' ' .. ARGV[1])
+return {rev, epoch}
 """
 
 # KEYS: users, up, down, quota, tunnels, seen. ARGV[1]: JSON
@@ -165,11 +199,15 @@ class RedisStore:
             raise ConfigError(f"-store: {exc}") from None  # the URL may hold a password
         self.flush_interval = flush_interval
         self._commit = self._redis.register_script(_COMMIT)
+        self._load_epoch = self._redis.register_script(_LOAD_EPOCH)
         self._add_usage = self._redis.register_script(_ADD_USAGE)
         self._read_usage = self._redis.register_script(_READ_USAGE)
         self._pending: dict[str, Usage] = {}  # this node's deltas not yet in Redis
         self._usage_lock = asyncio.Lock()  # a flush and a read never interleave
-        self._loaded_revision = 0
+        self._epoch = ""  # of the table last loaded, the one the service serves
+        self._heard = 0  # the highest revision of that epoch heard of (load, commit, message)
+        self._loads = 0
+        self._load_failed = False  # the service still serves a table it could not reload
         self._flusher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._flush_failing = False
@@ -179,16 +217,25 @@ class RedisStore:
     async def load(self) -> StoreSnapshot:
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
+                await self._load_epoch(keys=[REVISION, EPOCH], args=[_new_epoch()], client=pipe)
                 pipe.hgetall(USERS)
                 pipe.get(REVISION)
-                raw, revision = await pipe.execute()
+                raw_epoch, raw, raw_revision = await pipe.execute()
         except (RedisError, OSError) as exc:
+            self._load_failed = True  # the next check asks again
             raise StoreError(f"Redis: {exc}") from None
+        self._load_failed = False
         users = {path.decode(): decode_user(value) for path, value in raw.items()}
-        self._loaded_revision = int(revision or 0)
+        revision = int(raw_revision or 0)
+        epoch = raw_epoch.decode()
+        # No await from here until the service adopts the snapshot: a check
+        # never sees this epoch with the previous table.
+        self._heard = max(self._heard, revision) if epoch == self._epoch else revision
+        self._epoch = epoch
+        self._loads += 1
         if self._flusher is None:
             self._flusher = spawn(self._flush_loop(), name="flush counters to Redis")
-        return StoreSnapshot(self._loaded_revision, users)
+        return StoreSnapshot(revision, users)
 
     async def commit(self, command: Command) -> int:
         wire = json.dumps(command.to_wire(), separators=(",", ":"))
@@ -201,12 +248,18 @@ class RedisStore:
                 [e.path, encode_user(e.user), "" if e.quota_used is None else str(e.quota_used)]
                 for e in command.entries
             ]
-        args = [published, _json(ops), CHANNEL]
+        args = [published, _json(ops), CHANNEL, _new_epoch()]
         try:
-            revision = await self._commit(keys=[USERS, REVISION, *COUNTERS], args=args)
+            raw_revision, raw_epoch = await self._commit(
+                keys=[USERS, REVISION, *COUNTERS, EPOCH], args=args
+            )
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis: {exc}") from None
-        return int(revision)
+        revision = int(raw_revision)
+        if raw_epoch.decode() == self._epoch:
+            self._heard = max(self._heard, revision)
+        # else a new epoch began: its message makes the service reload
+        return revision
 
     # -- counters ----------------------------------------------------------------------
 
@@ -283,37 +336,49 @@ class RedisStore:
 
     # -- other nodes' changes ----------------------------------------------------------
 
-    def watch(self, on_remote: RemoteChange) -> None:
+    def watch(self, on_remote: RemoteChange, served: Served) -> None:
         if self._watcher is None:
-            self._watcher = spawn(self._watch(on_remote), name="Redis subscription")
+            self._watcher = spawn(self._watch(on_remote, served), name="Redis subscription")
 
-    async def _watch(self, on_remote: RemoteChange) -> None:
-        """Follow the change channel; after any break, resubscribe and resync."""
+    async def _watch(self, on_remote: RemoteChange, served: Served) -> None:
+        """Follow the change channel and check the table every CHECK_INTERVAL;
+        after any break, resubscribe and reload."""
         delay = RETRY_MIN
         broken = False
+        loop = asyncio.get_running_loop()
         while True:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
-                # Subscribed before reading the revision: nothing falls in between.
-                revision = int(await self._redis.get(REVISION) or 0)
+                # Subscribed before checking: nothing falls in between.
                 if broken:
-                    log.info("store: Redis is back; reloading the users (revision %d)", revision)
-                    on_remote(revision, None)
-                elif revision != self._loaded_revision:
-                    on_remote(revision, None)  # changed between load() and subscribing
+                    log.info("store: Redis is back; reloading the users")
+                    await self._drop_idle_connections()
+                    on_remote(0, None)
+                    expected = None
+                else:
+                    expected = await self._check(on_remote, served, None)
+                    if expected is not None:  # changed between load() and subscribing
+                        on_remote(expected, None)
+                        expected = None
                 broken = False
                 delay = RETRY_MIN
+                due = loop.time() + CHECK_INTERVAL
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    wait = max(0.0, due - loop.time())
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
                     if message is not None and message.get("type") == "message":
                         self._deliver(message["data"], on_remote)
+                    if loop.time() >= due:
+                        expected = await self._check(on_remote, served, expected)
+                        due = loop.time() + (CHECK_INTERVAL if expected is None else SETTLE)
             except (RedisError, OSError) as exc:
                 if not broken:
                     log.warning(
                         "store: lost the Redis subscription (%s); serving the last table, retrying",
                         exc or type(exc).__name__,
                     )
+                    await self._drop_idle_connections()
                 broken = True
             finally:
                 with contextlib.suppress(Exception):
@@ -321,9 +386,50 @@ class RedisStore:
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
-    @staticmethod
-    def _deliver(data: bytes, on_remote: RemoteChange) -> None:
-        head, _, body = data.partition(b" ")
+    async def _check(
+        self, on_remote: RemoteChange, served: Served, expected: int | None
+    ) -> int | None:
+        """Compare Redis's table with the one served and ask for a reload if
+        they differ. Returns a revision Redis has that no message announced
+        yet, for the next check (SETTLE later) to expect; else None."""
+        loads = self._loads
+        before, _ = served()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(EPOCH)
+            pipe.get(REVISION)
+            pipe.hlen(USERS)
+            raw_epoch, raw_revision, users = await pipe.execute()
+        if self._loads != loads:
+            return None  # a reload happened meanwhile: compare next time
+        revision = int(raw_revision or 0)
+        now, count = served()
+        if self._load_failed:
+            why = "answers again after a failed reload"
+        elif raw_epoch is None or raw_revision is None:
+            why = "lost its revision keys (flushed or evicted)"
+        elif raw_epoch.decode() != self._epoch:
+            why = "began a new epoch"
+        elif revision < before:
+            why = f"went back to revision {revision}"
+        elif revision == before == now and int(users) != count:
+            why = f"holds {users} users at revision {revision}"
+        elif expected is not None and self._heard < expected:
+            why = f"has revision {expected}, never announced"
+        else:
+            return revision if revision > self._heard else None
+        log.warning("store: reloading the users: Redis %s (this node: revision %d)", why, now)
+        on_remote(revision, None)
+        return None
+
+    async def _drop_idle_connections(self) -> None:
+        """Close pooled connections to a Redis that went away: each would
+        otherwise fail the first command sent on it after Redis is back."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.connection_pool.disconnect(inuse_connections=False)
+
+    def _deliver(self, data: bytes, on_remote: RemoteChange) -> None:
+        head, _, rest = data.partition(b" ")
+        epoch, _, body = rest.partition(b" ")
         try:
             revision = int(head)
             command = Command.from_wire(json.loads(body)) if body else None
@@ -331,6 +437,10 @@ class RedisStore:
             log.error("store: unreadable change on %s (%s); reloading", CHANNEL, exc)
             on_remote(0, None)
             return
+        if epoch.decode(errors="replace") != self._epoch:
+            on_remote(revision, None)  # of another epoch: revisions do not compare
+            return
+        self._heard = max(self._heard, revision)
         on_remote(revision, command)
 
     async def close(self) -> None:
@@ -355,6 +465,11 @@ def encode_user(user: User) -> str:
 def decode_user(raw: bytes) -> User:
     host, port, *limits = json.loads(raw)
     return User(Destination(host, port), UserLimits(*limits) if any(limits) else NO_LIMITS)
+
+
+def _new_epoch() -> str:
+    """A candidate epoch; Redis keeps it only where it must start a new one."""
+    return secrets.token_hex(8)
 
 
 def _json(value: Any) -> str:

@@ -43,7 +43,7 @@ from mtt.address import Destination
 from mtt.controller.api import Command, Opt
 from mtt.errors import ConfigError, StoreError
 from mtt.server.users import NO_LIMITS, User, UserLimits
-from mtt.store.base import RemoteChange, StoreSnapshot, Usage
+from mtt.store.base import RemoteChange, Served, StoreSnapshot, Usage
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")
@@ -304,7 +304,7 @@ class SqliteStore:
             out[path] = total
         return out
 
-    def watch(self, on_remote: RemoteChange) -> None:
+    def watch(self, on_remote: RemoteChange, served: Served) -> None:
         pass  # one node: nobody else writes this file
 
     async def close(self) -> None:
