@@ -27,7 +27,14 @@ class Limits:
     dial_buffer: int = 256 * KiB
     # Write-buffer high-water mark of each transport; past it the other side stops reading.
     write_high_water: int = 256 * KiB
-    # When dst ends first, keep discarding client data until it is quiet this long ...
+    # When dst ends first, the close frame (and a stream's smux FIN) waits until what
+    # was written before it has left our buffers and the kernel's send queue, the
+    # client has it, for at most this long ...
+    close_flush_max: float = 30.0
+    # ... looking first after this, then at doubling intervals up to drain_quiet.
+    close_flush_poll: float = 0.01
+    # Then the close waits this long more (a stream's FIN), or until client data has
+    # been quiet this long (a plain tunnel's close frame; the data is discarded) ...
     drain_quiet: float = 0.1
     # ... but never longer than this (PROTOCOL.md §7).
     drain_max: float = 3.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 import ssl
 import time
 from collections import defaultdict
@@ -23,7 +24,14 @@ from mtt.smux import (
     StreamEnded,
     encode_frame,
 )
-from tests.support import ServerProcess, echo_server, pattern, running_server
+from tests.integration.hostile_helpers import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    upgrade_request,
+    ws_frame,
+)
+from tests.support import ServerProcess, echo_server, pattern, running_server, tagged_server
 
 MiB = 1024 * 1024
 
@@ -229,3 +237,99 @@ async def test_slow_dst_stops_reading_the_websocket(
             await client.close()
     finally:
         dst.close()
+
+
+def fetch_dropping_at_fin(
+    port: int, ctx: ssl.SSLContext, path: str, version: int, rate: float
+) -> tuple[bytes, int]:
+    """Read one smux stream the way a hasty client does: its application takes
+    `rate` bytes/s from a small buffer, and when the stream's FIN arrives it drops
+    what it has received but not yet handed on (v2ray-plugin treats a close frame
+    so). Returns (bytes handed on, bytes dropped at the FIN)."""
+    queue_max, read_size = 32 * 1024, 16 * 1024
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a slow link holds little
+    raw.settimeout(10)
+    raw.connect(("127.0.0.1", port))
+    with ctx.wrap_socket(raw, server_hostname="tunnel.test") as tls:
+        tls.sendall(upgrade_request(path, subprotocol="smux_on"))
+        buf = bytearray()
+        while b"\r\n\r\n" not in buf:
+            chunk = tls.recv(4096)
+            assert chunk, "no upgrade reply"
+            buf += chunk
+        head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        buf = bytearray(rest)
+        session = SmuxSession(SmuxConfig(is_client=True, version=version), time.monotonic())
+        sid = session.open_stream()
+        tls.sendall(ws_frame(OP_BINARY, session.data_to_send()))
+        tls.settimeout(0.005)
+        queue, delivered = bytearray(), bytearray()
+        frame_left, opcode, tokens = 0, 0, 0.0
+        last = time.monotonic()
+        deadline = last + 30
+        while True:
+            now = time.monotonic()
+            assert now < deadline, f"no FIN after {len(delivered)} bytes"
+            tokens = min(tokens + (now - last) * rate, read_size)
+            last = now
+            take = min(len(queue), int(tokens))
+            if take:
+                delivered += queue[:take]
+                del queue[:take]
+                tokens -= take
+                session.consumed(sid, take)
+                if out := session.data_to_send():
+                    tls.sendall(ws_frame(OP_BINARY, out))
+            if len(queue) >= queue_max:
+                time.sleep(0.005)
+                continue
+            try:
+                data = tls.recv(read_size)
+            except TimeoutError:
+                continue
+            assert data, f"EOF without a FIN after {len(delivered) + len(queue)} bytes"
+            buf += data
+            # Server frames are unmasked; their payload goes to smux as it arrives.
+            while buf:
+                if not frame_left:
+                    if len(buf) < 2:
+                        break
+                    opcode, size, offset = buf[0] & 0x0F, buf[1] & 0x7F, 2
+                    if size >= 126:
+                        offset = 4 if size == 126 else 10
+                        if len(buf) < offset:
+                            break
+                        size = int.from_bytes(buf[2:offset], "big")
+                    assert opcode != OP_CLOSE, "close frame before the stream's FIN"
+                    del buf[:offset]
+                    frame_left = size
+                    if not size:
+                        continue
+                payload = bytes(buf[:frame_left])
+                del buf[: len(payload)]
+                frame_left -= len(payload)
+                if opcode not in (OP_BINARY, OP_CONT):
+                    continue
+                for event in session.receive_data(payload, time.monotonic()):
+                    if isinstance(event, StreamData):
+                        queue += event.data
+                    elif isinstance(event, StreamEnded):
+                        return bytes(delivered), len(queue)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [1, 2])
+async def test_stream_fin_reaches_a_slow_client_after_all_its_data(
+    tls_server: ServerProcess, client_tls: ssl.SSLContext, version: int
+) -> None:
+    """dst sends a body and closes; the client reads at 8 MB/s, far slower than dst."""
+    body = pattern(7, 2 * MiB + 3)
+    async with tagged_server(body) as dst:
+        tls_server.add("/body", dst)
+        delivered, dropped = await asyncio.to_thread(
+            fetch_dropping_at_fin, tls_server.port, client_tls, "/body", version, 8e6
+        )
+    assert dropped == 0, f"the FIN came {dropped} bytes early"
+    assert hashlib.sha256(delivered).digest() == hashlib.sha256(body).digest()

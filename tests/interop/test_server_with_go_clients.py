@@ -266,8 +266,13 @@ async def test_go_mtt_client_end_to_end(
     assert "panic" not in client.stderr_text()
 
 
+@pytest.mark.parametrize("extra", [[], ["-mux", "-mux-max-stream", "4"]], ids=["plain", "mux"])
 async def test_go_client_survives_hundreds_of_uploads_whose_dst_closes_first(
-    go_bins: dict[str, Path], go_peer: Any, server: ServerProcess, tls_files: tuple[Path, Path]
+    go_bins: dict[str, Path],
+    go_peer: Any,
+    server: ServerProcess,
+    tls_files: tuple[Path, Path],
+    extra: list[str],
 ) -> None:
     """dst reads a little and hangs up while the client is still uploading.
 
@@ -287,7 +292,7 @@ async def test_go_client_survives_hundreds_of_uploads_whose_dst_closes_first(
 
     dst = await asyncio.start_server(short_dst, "127.0.0.1", 0)
     server.add("/short", f"127.0.0.1:{dst.sockets[0].getsockname()[1]}")
-    client, port = start_mttclient(go_peer, go_bins, server, tls_files, "/short")
+    client, port = start_mttclient(go_peer, go_bins, server, tls_files, "/short", *extra)
     block = pattern(9, 256 * 1024)
 
     async def one_upload() -> None:

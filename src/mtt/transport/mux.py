@@ -7,6 +7,11 @@ handed out in StreamData count until they are written to a dst that is not
 pushing back; past the budget the WebSocket stops being read, which is the
 only back-pressure smux v1 has (PROTOCOL.md §5). Toward the client, a
 WebSocket that cannot take more pauses reading every dst of the session.
+
+A stream whose dst ends sends its FIN only once the client has received the
+stream's data (v2: the part beyond the peer's window too), as a plain tunnel
+does with its close frame (mtt.transport.delivery), at most
+`close_flush_max` after dst ended; client data for it is discarded meanwhile.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from mtt.smux import (
     StreamWritable,
 )
 from mtt.stats import STATS
+from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.plain import TunnelRegistry
 from mtt.transport.session_timer import SessionTimer
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
-from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
     from mtt.server.agent import TunnelAccount, UserMeter
@@ -50,12 +55,15 @@ class MuxStream:
         "_dial_task",
         "_dst",
         "_dst_paused",
+        "_ending",
         "_outbound",
         "_peer_ended",
         "_pending",
         "_throttled",
         "_tunnel",
         "closed",
+        "fin_at",
+        "fin_mark",
         "last_activity",
         "sid",
     )
@@ -74,6 +82,11 @@ class MuxStream:
         self._pending: list[bytes] = []  # data from the client not yet handed to dst
         self._outbound = b""  # v2: dst data beyond the peer's window
         self._peer_ended = False
+        self._ending = False  # dst ended; the FIN waits for the client to have the data
+        # Once set: the FIN waits for the client to have this many bytes of the session ...
+        self.fin_mark: int | None = None
+        # ... and then goes at this time.
+        self.fin_at: float | None = None
         self._dial_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -108,6 +121,9 @@ class MuxStream:
 
     def client_data(self, data: bytes) -> None:
         self.last_activity = self._tunnel.now
+        if self._ending:  # nowhere to go
+            self._tunnel.session.consumed(self.sid, len(data))
+            return
         if self._dst is None or self._dst_paused or self._pending:
             self._pending.append(data)
             return
@@ -126,7 +142,7 @@ class MuxStream:
     def client_ended(self) -> None:
         """Peer FIN: deliver what is pending, then close both sides."""
         self._peer_ended = True
-        if self._dst is not None and not self._pending:
+        if self._dst is not None and not self._pending and not self._ending:
             self.close()
 
     # -- dst -> client (DstOwner) --------------------------------------------
@@ -158,18 +174,44 @@ class MuxStream:
         ):
             self._dst.resume_reading()
         t.flush()
+        if self._ending and not self._outbound:
+            self._set_fin_mark()
 
     def dst_eof(self) -> None:
-        self.close()
+        self._dst_ended()
 
     def dst_lost(self, exc: Exception | None) -> None:
-        self.close()
+        self._dst_ended()
+
+    def _dst_ended(self) -> None:
+        """dst is done: close it, and send the FIN once the client has its data."""
+        if self.closed or self._ending:
+            return
+        self._ending = True
+        if self._dst is not None:
+            self._dst.close()
+        t = self._tunnel
+        session = t.session
+        for chunk in self._pending:
+            session.consumed(self.sid, len(chunk))
+        self._pending = []
+        t.fin_after_delivery(self)
+        if not self._outbound:
+            t.flush()
+            self._set_fin_mark()
+
+    def _set_fin_mark(self) -> None:
+        t = self._tunnel
+        self.fin_mark = t.delivery.written if t.delivery is not None else 0
+        t.check_fins()
 
     def dst_pause_writing(self) -> None:
         self._dst_paused = True
 
     def dst_resume_writing(self) -> None:
         self._dst_paused = False
+        if self._ending:
+            return
         self._flush_pending()
         if self._peer_ended and not self._pending:
             self.close()
@@ -242,12 +284,18 @@ class MuxTunnel(CheckedListener):
         self._timer = SessionTimer(self._loop, limits.idle_timeout, self._on_timer)
         self._closed = False
         self._refused = 0
+        self.delivery: Delivery | None = None
+        # Streams whose dst ended, by when their FIN goes whatever the client has.
+        self._ending: dict[MuxStream, float] = {}
+        self._fin_timer: asyncio.TimerHandle | None = None
+        self._fin_poll = limits.close_flush_poll
 
     # -- WebSocket side -------------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
         transport.underlying_transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        self.delivery = Delivery(transport.underlying_transport)
         self._registry.opened(self)
         STATS.opened["smux"] += 1
         self.meter = self._account.open(self)
@@ -380,7 +428,8 @@ class MuxTunnel(CheckedListener):
         out = self.session.data_to_send()
         ws = self._ws
         if out and ws is not None and not ws.underlying_transport.is_closing():
-            write_binary(ws.underlying_transport, out)
+            assert self.delivery is not None
+            self.delivery.write_binary(out)
 
     def after_consume(self) -> None:
         """Pause or resume reading the WebSocket by the session's receive budget."""
@@ -401,9 +450,53 @@ class MuxTunnel(CheckedListener):
 
     def stream_closed(self, stream: MuxStream) -> None:
         self.streams.pop(stream.sid, None)
+        self._ending.pop(stream, None)
         if not self._closed:
             self.flush()
             self.after_consume()
+
+    # -- FINs after delivery ---------------------------------------------------
+
+    def fin_after_delivery(self, stream: MuxStream) -> None:
+        """stream's dst ended: its FIN waits (bounded) for the client to have its data."""
+        self._ending[stream] = self._loop.time() + self.limits.close_flush_max
+        self.after_consume()
+        self.check_fins()  # arms the poll, which also keeps the deadline
+
+    def check_fins(self) -> None:
+        """Send each ending stream's FIN `drain_quiet` after the client has its
+        data, or once it has waited `close_flush_max`."""
+        if self._fin_timer is not None:
+            self._fin_timer.cancel()
+            self._fin_timer = None
+        now = self._loop.time()
+        limits = self.limits
+        delivery = self.delivery
+        next_check = now + self._fin_poll
+        for stream, deadline in list(self._ending.items()):
+            mark = stream.fin_mark
+            delivered = mark is not None and (delivery is None or delivery.received(mark))
+            if stream.fin_at is None and delivered:
+                stream.fin_at = now + limits.drain_quiet
+            if stream.fin_at is not None:
+                if now >= stream.fin_at:
+                    stream.close()
+                else:
+                    next_check = min(next_check, stream.fin_at)
+            elif now >= deadline:
+                log.info(
+                    "%s %s: stream %d: client still receiving after %.0f s, closing",
+                    self.peer,
+                    self.path,
+                    stream.sid,
+                    limits.close_flush_max,
+                )
+                stream.close()
+        if not self._ending or self._closed:
+            self._fin_poll = limits.close_flush_poll
+            return
+        self._fin_timer = self._loop.call_at(next_check, self.check_fins)
+        self._fin_poll = min(self._fin_poll * 2, limits.drain_quiet)
 
     # -- timers ---------------------------------------------------------------
 
@@ -432,6 +525,9 @@ class MuxTunnel(CheckedListener):
             return
         self._closed = True
         self._timer.cancel()
+        if self._fin_timer is not None:
+            self._fin_timer.cancel()
+            self._fin_timer = None
         for stream in list(self.streams.values()):
             stream.close()
         self.flush()

@@ -6,11 +6,15 @@ ways: a dst that cannot take more pauses reading the WebSocket, a client that
 cannot take more pauses reading dst, so memory per tunnel stays bounded by the
 write-buffer high-water marks whatever the peers do.
 
-When dst ends first the tunnel does not close under a client that may still
-be uploading (the Go client panics on a close that races its own write, taking
-every tunnel of that process down, PROTOCOL.md §7): it discards client data
-until the client has been quiet for `drain_quiet`, at most `drain_max`, and
-only then sends the close frame.
+When dst ends first the close frame waits for two things. First, the client
+must have received every byte before it (v2ray-plugin drops what it has not
+yet delivered when it reads a close frame): until our buffers and the kernel's
+send queue are empty, at most `close_flush_max` (mtt.transport.delivery).
+Then the tunnel does not close under a client that may still be uploading
+(the Go client panics on a close that races its own write, taking every
+tunnel of that process down, PROTOCOL.md §7): it discards client data until
+the client has been quiet for `drain_quiet`, at most `drain_max`. Only then
+does the close frame go.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 from mtt.config import Limits
 from mtt.server.throttle import UP
 from mtt.stats import STATS
+from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
-from mtt.transport.wsframe import write_binary
 
 if TYPE_CHECKING:
     from mtt.server.agent import TunnelAccount, UserMeter
@@ -41,7 +45,7 @@ log = logging.getLogger("mtt.tunnel")
 class _State(enum.Enum):
     DIALING = 1
     RELAYING = 2
-    DRAINING = 3  # dst ended; discarding client data before the close frame
+    DRAINING = 3  # dst ended; flushing to the client, discarding its data, then the close
     CLOSED = 4
 
 
@@ -98,6 +102,7 @@ class PlainTunnel(CheckedListener):
         self._loop = asyncio.get_running_loop()
         self._state = _State.DIALING
         self._ws: WSTransport | None = None
+        self._delivery: Delivery | None = None
         self._dst: DstConnection | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
@@ -105,6 +110,9 @@ class PlainTunnel(CheckedListener):
         self._last_activity = 0.0
         self._drain_started = 0.0
         self._last_client_data = 0.0
+        self._flush_mark = 0  # what the client must have received before the close
+        self._flushed_at: float | None = None
+        self._flush_poll = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._dial_task: asyncio.Task[None] | None = None
         self.bytes_up = 0
@@ -115,6 +123,7 @@ class PlainTunnel(CheckedListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._ws = transport
         transport.underlying_transport.set_write_buffer_limits(high=self._limits.write_high_water)
+        self._delivery = Delivery(transport.underlying_transport)
         self._registry.opened(self)
         STATS.opened["plain"] += 1
         self._meter = self._account.open(self)
@@ -262,9 +271,9 @@ class PlainTunnel(CheckedListener):
         if self._meter is not None:
             self._meter.count_down(len(data), self)
         self._last_activity = self._loop.time()
-        transport = ws.underlying_transport
-        if not transport.is_closing():
-            write_binary(transport, data)
+        if not ws.underlying_transport.is_closing():
+            assert self._delivery is not None
+            self._delivery.write_binary(data)
 
     def dst_eof(self) -> None:
         self._start_draining()
@@ -281,7 +290,8 @@ class PlainTunnel(CheckedListener):
     # -- ending ------------------------------------------------------------
 
     def _start_draining(self) -> None:
-        """dst is gone: discard client data until it has been quiet, then close."""
+        """dst is gone: once the client has what dst sent, discard client data
+        until it has been quiet, then close."""
         if self._state in (_State.DRAINING, _State.CLOSED):
             return
         self._state = _State.DRAINING
@@ -289,16 +299,34 @@ class PlainTunnel(CheckedListener):
         now = self._loop.time()
         self._drain_started = now
         self._last_client_data = now
+        self._flush_mark = self._delivery.written if self._delivery is not None else 0
+        self._flushed_at = None
+        self._flush_poll = self._limits.close_flush_poll
         self._read_blocks.clear()
         self._resume_ws_reading()
         self._cancel_timer()
-        self._timer = self._loop.call_later(self._limits.drain_quiet, self._check_drained)
+        self._check_drained()
 
     def _check_drained(self) -> None:
         now = self._loop.time()
         limits = self._limits
-        quiet_until = self._last_client_data + limits.drain_quiet
-        give_up_at = self._drain_started + limits.drain_max
+        if self._flushed_at is None:
+            delivery = self._delivery
+            flushing = delivery is not None and not delivery.received(self._flush_mark)
+            if flushing and now < self._drain_started + limits.close_flush_max:
+                self._timer = self._loop.call_later(self._flush_poll, self._check_drained)
+                self._flush_poll = min(self._flush_poll * 2, limits.drain_quiet)
+                return
+            if flushing:
+                log.info(
+                    "%s %s: client still receiving after %.0f s, closing",
+                    self._peer,
+                    self._path,
+                    limits.close_flush_max,
+                )
+            self._flushed_at = now
+        quiet_until = max(self._last_client_data, self._flushed_at) + limits.drain_quiet
+        give_up_at = self._flushed_at + limits.drain_max
         if now >= quiet_until or now >= give_up_at:
             self._finish("dst closed")
         else:

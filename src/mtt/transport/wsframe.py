@@ -28,6 +28,9 @@ def binary_frame_header(size: int) -> bytes:
     return _LONG.pack(_OP_BINARY_FIN, 127, size)
 
 
-def write_binary(transport: asyncio.WriteTransport, data: bytes) -> None:
-    """Queue one binary message; `data` must be immutable (it is not copied)."""
-    transport.writelines((binary_frame_header(len(data)), data))
+def write_binary(transport: asyncio.WriteTransport, data: bytes) -> int:
+    """Queue one binary message; `data` must be immutable (it is not copied).
+    Returns the frame's size on the wire."""
+    header = binary_frame_header(len(data))
+    transport.writelines((header, data))
+    return len(header) + len(data)
