@@ -154,9 +154,14 @@ class UserService:
             return revision, len(self.table)
 
     async def _serve(self, command: Command, revision: int) -> None:
-        self._apply_local(command, revision)
-        if self.plane is not None:
-            await self.plane.apply(command, self.kick_on_delete)
+        """Apply a change here and in every worker; only then does the ping
+        name its revision, so a panel that sees it can count on its users."""
+        self._apply_local(command)
+        try:
+            if self.plane is not None:
+                await self.plane.apply(command, self.kick_on_delete)
+        finally:
+            self.revision = revision
 
     async def _reload(self, why: str) -> bool:
         """Adopt the store's whole table (under the change lock); False, the
@@ -172,9 +177,8 @@ class UserService:
         await self._serve(command, snapshot.revision)
         return True
 
-    def _apply_local(self, command: Command, revision: int) -> None:
+    def _apply_local(self, command: Command) -> None:
         apply_command(self.table, command)
-        self.revision = revision
         table = self.table
         for key in [k for k in self._schedules if k[0] not in table]:
             del self._schedules[key]
