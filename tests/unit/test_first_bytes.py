@@ -8,7 +8,13 @@ import ssl
 
 import pytest
 
-from mtt.server.first_bytes import Start, classify, client_hello_complete, refusal_reply
+from mtt.server.first_bytes import (
+    ClientHelloReader,
+    Start,
+    classify,
+    client_hello_complete,
+    refusal_reply,
+)
 from mtt.transport.tls import context_from_pem, self_signed_pem
 
 # nmap's SSLSessionReq probe: an SSLv3 ClientHello
@@ -80,6 +86,15 @@ def test_a_hello_over_two_records_is_whole_only_at_the_end(at: int) -> None:
     hello = refragment(client_hello(), at)
     assert all(not client_hello_complete(hello[:n]) for n in range(len(hello)))
     assert client_hello_complete(hello)
+
+
+@pytest.mark.parametrize("at", [0, 1, 3, 4, 100])
+def test_the_reader_fed_byte_by_byte_agrees(at: int) -> None:
+    """The reader resumes where it was: the same verdicts as reading at once."""
+    hello = refragment(client_hello(), at) if at else client_hello()
+    reader = ClientHelloReader()
+    verdicts = [reader.complete(hello[:n]) for n in range(1, len(hello) + 1)]
+    assert verdicts == [False] * (len(hello) - 1) + [True]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtt.server.request_line import MAX_LINE, Verdict, request_line_verdict
+from mtt.server.request_line import MAX_LINE, RequestLineReader, Verdict, request_line_verdict
 
 
 @pytest.mark.parametrize(
@@ -52,6 +52,9 @@ from mtt.server.request_line import MAX_LINE, Verdict, request_line_verdict
 )
 def test_verdicts(data: bytes, verdict: Verdict) -> None:
     assert request_line_verdict(data).verdict is verdict
+    reader = RequestLineReader()  # the same, a byte at a time
+    dribbled = [reader.feed(data[i : i + 1]) for i in range(len(data))]
+    assert (dribbled[-1] if dribbled else reader.feed(b"")) == request_line_verdict(data)
 
 
 def test_method_and_start_are_reported() -> None:

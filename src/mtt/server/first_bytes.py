@@ -60,32 +60,52 @@ def classify(first_byte: int) -> Start:
     return Start.TLS if first_byte == _HANDSHAKE or first_byte & 0x80 else Start.PLAIN
 
 
-def client_hello_complete(data: bytes | bytearray) -> bool:
-    """Whether data holds the whole first handshake message, or enough to show
-    that OpenSSL will not wait for one (then it may decide now). Like
-    OpenSSL's record layer, it reads a 5-byte header first."""
-    if len(data) < 5:
+class ClientHelloReader:
+    """Tells when a connection's first bytes hold the whole first handshake
+    message, or enough to show that OpenSSL will not wait for one (then it
+    may decide now). Like OpenSSL's record layer it reads a 5-byte header
+    first. Each call resumes after the records already whole, so bytes
+    dribbled one by one cost each byte once."""
+
+    def __init__(self) -> None:
+        self._next = 0  # offset of the first record not yet whole
+        self._payload = 0  # handshake bytes in the whole records before it
+        self._header = b""  # the handshake message's first 4 bytes, as far as seen
+
+    def complete(self, data: bytes | bytearray) -> bool:
+        """data: every byte so far (it only grows between calls)."""
+        size = len(data)
+        if size < 5:
+            return False
+        if size >= MAX_CLIENT_HELLO:
+            return True
+        if data[0] & 0x80 and data[2] == _CLIENT_HELLO:  # an SSLv2-style ClientHello
+            length = ((data[0] & 0x7F) << 8) | data[1]
+            return not _MIN_SSL2_RECORD <= length <= _MAX_RECORD or size >= 2 + length
+        while size >= self._next + 5:
+            at = self._next
+            length = int.from_bytes(data[at + 3 : at + 5], "big")
+            if data[at : at + 2] != b"\x16\x03" or not 0 < length <= _MAX_RECORD:
+                return True  # no TLS handshake record: OpenSSL refuses it from the header
+            end = at + 5 + length
+            got = min(end, size) - (at + 5)
+            header = self._header
+            if len(header) < 4:
+                header += bytes(data[at + 5 : at + 5 + min(got, 4 - len(header))])
+            if len(header) == 4:
+                if header[0] != _CLIENT_HELLO:
+                    return True
+                if self._payload + got >= 4 + int.from_bytes(header[1:4], "big"):
+                    return True
+            if end > size:
+                return False  # this record is still coming
+            self._header, self._payload, self._next = header, self._payload + got, end
         return False
-    if len(data) >= MAX_CLIENT_HELLO:
-        return True
-    if data[0] & 0x80 and data[2] == _CLIENT_HELLO:  # an SSLv2-style ClientHello
-        length = ((data[0] & 0x7F) << 8) | data[1]
-        return not _MIN_SSL2_RECORD <= length <= _MAX_RECORD or len(data) >= 2 + length
-    payload = bytearray()
-    offset = 0
-    while len(data) >= offset + 5:
-        length = int.from_bytes(data[offset + 3 : offset + 5], "big")
-        if data[offset : offset + 2] != b"\x16\x03" or not 0 < length <= _MAX_RECORD:
-            return True  # no handshake record of TLS: OpenSSL refuses it from the header
-        end = offset + 5 + length
-        payload += data[offset + 5 : end]
-        if len(payload) >= 4:
-            if payload[0] != _CLIENT_HELLO:
-                return True
-            if len(payload) >= 4 + int.from_bytes(payload[1:4], "big"):
-                return True
-        offset = end
-    return False
+
+
+def client_hello_complete(data: bytes | bytearray) -> bool:
+    """ClientHelloReader's verdict on data read at once."""
+    return ClientHelloReader().complete(data)
 
 
 def refusal_reply(ctx: ssl.SSLContext, received: bytes) -> tuple[bytes, str]:
@@ -157,6 +177,7 @@ class FirstBytes(asyncio.Protocol):
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout
         self._buffer = bytearray()
+        self._hello = ClientHelloReader()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -178,7 +199,7 @@ class FirstBytes(asyncio.Protocol):
         self._buffer += data
         if classify(self._buffer[0]) is Start.PLAIN:
             self._to_plain_http()
-        elif client_hello_complete(self._buffer):
+        elif self._hello.complete(self._buffer):
             self._to_tls()
 
     def eof_received(self) -> bool:

@@ -28,7 +28,7 @@ from mtt.config import Limits
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback, FallbackRelay
-from mtt.server.request_line import Verdict, request_line_verdict
+from mtt.server.request_line import RequestLineReader, Verdict
 from mtt.stats import STATS
 from mtt.transport.tasks import spawn
 
@@ -181,6 +181,7 @@ class FrontProtocol(asyncio.Protocol):
         self._made = False
         self._on_tls_port = False  # plain HTTP that came to the TLS listener
         self._line: bytearray | None = None  # its request line, until nginx would accept it
+        self._line_reader: RequestLineReader | None = None
         self._discarding = False  # answered; reading the rest of the request's body
 
     def plain_http_on_tls_port(self) -> None:
@@ -188,6 +189,7 @@ class FrontProtocol(asyncio.Protocol):
         answer as nginx does there, never with a tunnel or a user's 404."""
         self._on_tls_port = True
         self._line = bytearray()
+        self._line_reader = RequestLineReader()
 
     def __del__(self) -> None:
         if not self._made:
@@ -234,7 +236,7 @@ class FrontProtocol(asyncio.Protocol):
     def _check_plain_line(self, data: bytes) -> bytes | None:
         """Plain HTTP on the TLS port: answer a request line as soon as nginx
         would; the bytes to parse on once it is a good HTTP/1 one, else None."""
-        assert self._line is not None
+        assert self._line is not None and self._line_reader is not None
         fallback = self._fallback
         if fallback is not None and fallback.tls:
             # The decoy's own TLS port answers plain HTTP best (and as itself).
@@ -243,7 +245,7 @@ class FrontProtocol(asyncio.Protocol):
             self._to_fallback(Fallback(fallback.dst, tls=False))
             return None
         self._line += data
-        verdict = request_line_verdict(self._line)
+        verdict = self._line_reader.feed(data)
         if verdict.verdict is Verdict.NEED_MORE:
             return None
         if verdict.verdict is Verdict.INVALID:
