@@ -61,6 +61,8 @@ def log_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
     log = logging.getLogger("mtt.loop")
 
     def handler(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if getattr(context.get("transport"), "logs_own_failures", False):
+            return  # it logged the failure already, naming the peer
         exc = context.get("exception")
         message = str(context.get("message", "event loop error")).splitlines()[0]
         level = logging.INFO if isinstance(exc, (OSError, ssl.SSLError)) else logging.WARNING

@@ -52,9 +52,13 @@ async def test_metrics_count_what_happened(
             with pytest.raises(InvalidStatus):
                 async with opener(server, client_tls, "/nobody"):
                     pass
-            # A TLS handshake that fails: plain bytes to the TLS port.
+            # A TLS handshake that fails: a handshake record of garbage.
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
-                raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                raw.sendall(b"\x16\x03\x01\x00\x05hello")
+                raw.recv(100)
+            # Plain HTTP to the TLS port: nginx's 400 for it, a bad request.
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+                raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                 raw.recv(100)
             server.add("/dead", "127.0.0.1:9")  # nothing listens on the discard port
             async with opener(server, client_tls, "/dead") as ws:
@@ -71,6 +75,7 @@ async def test_metrics_count_what_happened(
     assert got[("mtt_bytes_total", (("direction", "down"),))] == 3 * len(payload)
     assert got[("mtt_handshake_failures_total", (("reason", "unknown_path"),))] == 1
     assert got[("mtt_handshake_failures_total", (("reason", "tls"),))] == 1
+    assert got[("mtt_handshake_failures_total", (("reason", "bad_request"),))] == 1
     assert got[("mtt_dial_failures_total", (("reason", "refused"),))] == 1
     assert got[("mtt_handshake_seconds_count", ())] == 4
     assert got[("mtt_handshake_seconds_bucket", (("le", "+Inf"),))] == 4

@@ -6,7 +6,9 @@ To anyone without a valid user path the server must be indistinguishable from
 a plain web server: a GET of a user's path, a GET of an unknown path, an
 upgrade on an unknown path and any other method all get the same 404 page;
 malformed requests get nginx's 400. The request head is parsed by h11 with a
-size cap, under the handshake deadline.
+size cap, under the handshake deadline. Plain HTTP sent to the TLS listener
+(first_bytes.py) gets what nginx sends there: its "plain HTTP request was
+sent to HTTPS port" 400, or a 400 as soon as the request line goes wrong.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mtt.config import Limits
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback, FallbackRelay
+from mtt.server.request_line import RequestLineReader, Verdict
 from mtt.stats import STATS
 from mtt.transport.tasks import spawn
 
@@ -33,6 +36,7 @@ log = logging.getLogger("mtt.server")
 
 MAX_REQUEST_HEAD = 16 * 1024  # nginx's large_client_header_buffers is 4 x 8 KiB
 MAX_KEEPALIVE_REQUESTS = 100  # then close, like nginx's keepalive_requests
+LINGERING_TIMEOUT = 5.0  # nginx's lingering_timeout: how long an unread body is waited for
 
 
 def _page(status: int, reason: str) -> bytes:
@@ -47,12 +51,24 @@ PAGES = {
     403: ("Forbidden", _page(403, "Forbidden")),
     404: ("Not Found", _page(404, "Not Found")),
     400: ("Bad Request", _page(400, "Bad Request")),
+    505: ("HTTP Version Not Supported", _page(505, "HTTP Version Not Supported")),
 }
+# nginx's page for its status 497, sent as a 400 (ngx_http_error_497_page).
+TO_HTTPS_PAGE = (
+    b"<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS port</title></head>\r\n"
+    b"<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
+    b"<center>The plain HTTP request was sent to HTTPS port</center>\r\n"
+    b"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
 
 
-def http_response(status: int, head_only: bool = False, keep_alive: bool = False) -> bytes:
-    """What nginx (server_tokens off) answers, byte for byte but for the date."""
-    reason, body = PAGES[status]
+def http_response(
+    status: int, head_only: bool = False, keep_alive: bool = False, body: bytes | None = None
+) -> bytes:
+    """What nginx (server_tokens off) answers, byte for byte but for the date;
+    body replaces the status's page (a 400 with nginx's 497 page)."""
+    reason, page = PAGES[status]
+    body = page if body is None else body
     head = (
         f"HTTP/1.1 {status} {reason}\r\n"
         "Server: nginx\r\n"
@@ -163,6 +179,17 @@ class FrontProtocol(asyncio.Protocol):
         # protocol that never saw connection_made failed its TLS handshake.
         self._accepted = asyncio.get_running_loop().time()
         self._made = False
+        self._on_tls_port = False  # plain HTTP that came to the TLS listener
+        self._line: bytearray | None = None  # its request line, until nginx would accept it
+        self._line_reader: RequestLineReader | None = None
+        self._discarding = False  # answered; reading the rest of the request's body
+
+    def plain_http_on_tls_port(self) -> None:
+        """This connection sent plain HTTP to the TLS listener (first_bytes.py):
+        answer as nginx does there, never with a tunnel or a user's 404."""
+        self._on_tls_port = True
+        self._line = bytearray()
+        self._line_reader = RequestLineReader()
 
     def __del__(self) -> None:
         if not self._made:
@@ -183,6 +210,9 @@ class FrontProtocol(asyncio.Protocol):
         self._timer = loop.call_later(self._handshake_timeout, self._on_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            self._discard_body(data)
+            return
         if self._early is not None:  # admission pending: keep what the client sends early
             self._early += data
             if len(self._early) > self._limits.dial_buffer:
@@ -190,6 +220,11 @@ class FrontProtocol(asyncio.Protocol):
             return
         if self._done:
             return
+        if self._line is not None:
+            checked = self._check_plain_line(data)
+            if checked is None:
+                return
+            data = checked
         if self._fallback is not None and self._requests == 0:
             self._raw += data
         try:
@@ -197,6 +232,39 @@ class FrontProtocol(asyncio.Protocol):
             self._process()
         except h11.RemoteProtocolError as exc:
             self._reject(400, f"bad request: {exc}")
+
+    def _check_plain_line(self, data: bytes) -> bytes | None:
+        """Plain HTTP on the TLS port: answer a request line as soon as nginx
+        would; the bytes to parse on once it is a good HTTP/1 one, else None."""
+        assert self._line is not None and self._line_reader is not None
+        fallback = self._fallback
+        if fallback is not None and fallback.tls:
+            # The decoy's own TLS port answers plain HTTP best (and as itself).
+            self._line = None
+            self._raw += data
+            self._to_fallback(Fallback(fallback.dst, tls=False))
+            return None
+        self._line += data
+        verdict = self._line_reader.feed(data)
+        if verdict.verdict is Verdict.NEED_MORE:
+            return None
+        if verdict.verdict is Verdict.INVALID:
+            self._reject(400, "plain HTTP to the TLS port: bad request line")
+        elif verdict.verdict is Verdict.VERSION:
+            self._reject(505, "plain HTTP to the TLS port: HTTP version not supported")
+        elif verdict.verdict is Verdict.HTTP09:
+            # nginx answers HTTP/0.9 with the page alone; only GET exists there.
+            page = TO_HTTPS_PAGE if verdict.method == b"GET" else PAGES[400][1]
+            log.warning("%s: plain HTTP/0.9 request to the TLS port", self.peer)
+            STATS.handshake_failed("bad_request")
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.write(page)
+            self._close()
+        else:
+            rest = bytes(self._line[verdict.start :])  # nginx skips empty lines first
+            self._line = None
+            return rest
+        return None
 
     def _process(self) -> None:
         """Handle every complete request buffered (keep-alive clients may pipeline)."""
@@ -244,6 +312,9 @@ class FrontProtocol(asyncio.Protocol):
             # checked here, before routing, so its size tells nothing about paths.
             self._reject(400, "request head larger than 16 KiB")
             return
+        if self._on_tls_port:
+            self._to_https_page(request)
+            return
         key = self._routing_key(request.target)
         user = self._table.lookup(key) if key is not None else None
         if key is None or user is None:
@@ -285,6 +356,34 @@ class FrontProtocol(asyncio.Protocol):
         # h11 must see our side of the exchange to allow the next request.
         self._http.send(h11.Response(status_code=404, headers=[("content-length", "0")]))
         self._http.send(h11.EndOfMessage())
+
+    def _to_https_page(self, request: h11.Request) -> None:
+        """nginx's answer to plain HTTP on its TLS port; a body announced and
+        not yet sent is read and dropped for up to 5 s before the close."""
+        log.warning("%s: plain HTTP request to the TLS port", self.peer)
+        STATS.handshake_failed("bad_request")
+        self._done = True
+        self._cancel_timer()
+        page = http_response(400, request.method == b"HEAD", body=TO_HTTPS_PAGE)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(page)
+        if self._http.their_state is not h11.SEND_BODY:
+            self._close()
+            return
+        self._discarding = True
+        self._timer = asyncio.get_running_loop().call_later(LINGERING_TIMEOUT, self._close)
+        self._discard_body(b"")
+
+    def _discard_body(self, data: bytes) -> None:
+        try:
+            if data:  # h11 takes b"" for the end of the stream
+                self._http.receive_data(data)
+            while (event := self._http.next_event()) is not h11.NEED_DATA:
+                if not isinstance(event, h11.Data):
+                    self._close()
+                    return
+        except h11.RemoteProtocolError:
+            self._close()
 
     def _next_request(self) -> None:
         self._http.start_next_cycle()
@@ -363,6 +462,7 @@ class FrontProtocol(asyncio.Protocol):
 
     def _close(self, abort: bool = False) -> None:
         self._done = True
+        self._discarding = False
         self._cancel_timer()
         transport = self._transport
         if transport is not None and not transport.is_closing():

@@ -3,10 +3,12 @@ start TLS (or plain HTTP) on the same connection with FrontProtocol on top.
 
 The header comes before the TLS handshake, so this listener is a plain TCP
 one; once the header is complete the connection's protocol is swapped for
-aiofastnet's TLS layer (server side, over this very transport), which drives
-the handshake and then calls FrontProtocol.connection_made. Bytes that came
-in the same read as the header (a ClientHello sent right behind it) are fed
-to the next layer first, so nothing is lost whatever the segmentation.
+FirstBytes (first_bytes.py), which tells a ClientHello from plain HTTP as it
+does without the header, and then for aiofastnet's TLS layer (server side,
+over this very transport), which drives the handshake and then calls
+FrontProtocol.connection_made. Bytes that came in the same read as the
+header (a ClientHello sent right behind it) are fed to the next layer first,
+so nothing is lost whatever the segmentation.
 
 Every connection must start with a valid header, within the handshake
 timeout; any other start is one log line with the peer and the reason, and a
@@ -21,13 +23,10 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
-
-from aiofastnet.constants import SSL_BIO_SIZE_DEFAULTS, SSL_TIMEOUT_DEFAULTS
-from aiofastnet.ssl_transport import SSLTransport_Transport  # type: ignore[import-not-found]
 
 from mtt.errors import ProtocolError
 from mtt.server.client_address import TrustedProxies
+from mtt.server.first_bytes import FirstBytes, feed
 from mtt.server.front import FrontProtocol, format_peer
 from mtt.server.proxy_protocol import ProxyHeader, ProxyHeaderReader
 from mtt.stats import STATS
@@ -107,31 +106,18 @@ class ProxyPrelude(asyncio.Protocol):
         self._cancel_timer()
         transport = self._transport
         assert transport is not None
-        front = self._make_front(self._client(header))
+        client = self._client(header)
+        front = self._make_front(client)
         rest = self._reader.remainder
-        next_layer: Any
+        next_layer: asyncio.Protocol
         if self._ssl_context is None:
             next_layer = front
-            transport.set_protocol(front)
-            front.connection_made(transport)
-        else:
-            # What aiofastnet.start_tls does, minus its await and with the
-            # bytes already read: a coroutine per connection would buy nothing.
-            tls = SSLTransport_Transport(
-                asyncio.get_running_loop(),
-                front,
-                self._ssl_context,
-                True,  # server side
-                self._handshake_timeout,
-                SSL_TIMEOUT_DEFAULTS["ssl_shutdown_timeout"],
-                SSL_BIO_SIZE_DEFAULTS["ssl_incoming_bio_size"],
-                SSL_BIO_SIZE_DEFAULTS["ssl_outgoing_bio_size"],
-            )
-            next_layer = tls.get_tls_protocol()
-            transport.set_protocol(next_layer)
-            next_layer.connection_made(transport)
+        else:  # TLS or plain HTTP to the TLS port, decided as without the header
+            next_layer = FirstBytes(front, self._ssl_context, self._handshake_timeout, client)
+        transport.set_protocol(next_layer)
+        next_layer.connection_made(transport)
         if rest and not transport.is_closing():
-            _feed(next_layer, rest)
+            feed(next_layer, rest)
 
     def _refuse(self, reason: str, abort: bool = True) -> None:
         log.warning("%s: %s", format_peer(*self._peer), reason)
@@ -149,20 +135,3 @@ class ProxyPrelude(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-
-def _feed(protocol: Any, data: bytes) -> None:
-    """Deliver bytes already read to a protocol, buffered or not (aiofastnet's
-    TLS protocols are Cython classes: not all derive from asyncio's)."""
-    if isinstance(protocol, asyncio.BufferedProtocol):
-        view = memoryview(data)
-        while view:
-            buffer = memoryview(protocol.get_buffer(len(view)))
-            n = min(len(buffer), len(view))
-            if n == 0:
-                return
-            buffer[:n] = view[:n]
-            protocol.buffer_updated(n)
-            view = view[n:]
-    else:
-        protocol.data_received(data)

@@ -12,6 +12,7 @@ import re
 import socket
 import ssl
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import aiofastnet
@@ -27,6 +28,7 @@ from mtt.config import Limits
 from mtt.server.agent import Agent, TunnelAccount
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
+from mtt.server.first_bytes import FirstBytes
 from mtt.server.front import PAGES, FrontProtocol
 from mtt.server.prelude import ProxyPrelude
 from mtt.server.tls_setup import TlsSpec
@@ -224,30 +226,18 @@ class TunnelServer:
                 client=client,
             )
 
+        timeout = self.limits.handshake_timeout
+        ssl_context = self.ssl_context
+        factory: Callable[[], asyncio.Protocol]
         if self.proxy_protocol:  # the PROXY header comes first, then TLS (prelude.py)
-            self._server = await aiofastnet.create_server(
-                loop,
-                lambda: ProxyPrelude(
-                    front, self.ssl_context, self.limits.handshake_timeout, self.trusted
-                ),
-                sock=sock,
-                backlog=4096,
-            )
-            return
-
+            factory = lambda: ProxyPrelude(front, ssl_context, timeout, self.trusted)  # noqa: E731
+        elif ssl_context is not None:  # TLS or plain HTTP, told apart as nginx does
+            factory = lambda: FirstBytes(front(), ssl_context, timeout)  # noqa: E731
+        else:
+            factory = front
         # aiofastnet (by picows' author) runs TLS in C with fewer copies than
         # asyncio's or uvloop's SSL transports: the tunnel data plane's biggest cost.
-        if self.ssl_context is None:
-            self._server = await aiofastnet.create_server(loop, front, sock=sock, backlog=4096)
-        else:
-            self._server = await aiofastnet.create_server(
-                loop,
-                front,
-                sock=sock,
-                backlog=4096,
-                ssl=self.ssl_context,
-                ssl_handshake_timeout=self.limits.handshake_timeout,
-            )
+        self._server = await aiofastnet.create_server(loop, factory, sock=sock, backlog=4096)
 
     def close(self) -> None:
         """Stop accepting and close every established tunnel now."""

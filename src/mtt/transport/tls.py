@@ -1,15 +1,25 @@
 """TLS contexts for the tunnel listener.
 
-TLS 1.2 minimum and ALPN http/1.1, like any web server that speaks
-WebSocket. The server's cipher preference is turned off so a Go client picks
-AES-128-GCM (or ChaCha20 without AES hardware) as Go itself would: cheaper
-than the AES-256-GCM Python's default context forces (PROTOCOL.md §7).
+The listener must look like nginx to anyone who is not a user, and TLS is
+the first thing a prober sees, so the context is set up as Debian's nginx
+sets up its own: OpenSSL's defaults plus nginx's (ssl_ciphers
+HIGH:!aNULL:!MD5 with the server's preference, ssl_protocols TLSv1 to
+TLSv1.3 as /etc/nginx/nginx.conf has them, the options of ngx_ssl_create)
+and, through libssl.py, its session timeout, session cache, SNI and ALPN
+callbacks. With the same OpenSSL and certificate the handshakes are then
+the same; the tests compare JARM fingerprints with a real nginx's.
+
+The server's preference gives TLS 1.3 clients AES-256-GCM where a Go client
+would pick AES-128-GCM: a little more CPU per byte, the price of answering
+like nginx.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
+import logging
 import os
 import secrets
 import ssl
@@ -21,6 +31,24 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mtt.errors import ConfigError
+from mtt.transport import libssl
+
+log = logging.getLogger("mtt.server")
+
+NGINX_CIPHERS = "HIGH:!aNULL:!MD5"  # ssl_ciphers' default
+# What ngx_ssl_create and ssl_prefer_server_ciphers on add to OpenSSL's
+# defaults (OpenSSL 3 names; the 0.9.8-era bug options are 0 there).
+_SSL_OP_DONT_INSERT_EMPTY_FRAGMENTS = 0x800
+_SSL_OP_NO_ANTI_REPLAY = 0x1000000
+NGINX_OPTIONS = (
+    _SSL_OP_DONT_INSERT_EMPTY_FRAGMENTS
+    | ssl.OP_NO_SSLv3
+    | ssl.OP_NO_COMPRESSION
+    | _SSL_OP_NO_ANTI_REPLAY
+    | ssl.OP_IGNORE_UNEXPECTED_EOF
+    | ssl.OP_CIPHER_SERVER_PREFERENCE
+)
+_OPENSSL_DEFAULT_OPTIONS = ssl.OP_ENABLE_MIDDLEBOX_COMPAT | ssl.OP_NO_COMPRESSION
 
 _WORDS = ("cdn", "static", "img", "api", "www", "assets", "media", "mail", "docs", "app")
 _TLDS = ("com", "net", "org", "io")
@@ -66,11 +94,29 @@ def self_signed_pem(server_name: str) -> tuple[bytes, bytes]:
 
 
 def _base_server_context() -> ssl.SSLContext:
+    """A server context with Debian's nginx defaults (see the module's doc)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED  # ssl_protocols TLSv1 ...
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(NGINX_CIPHERS)
+    try:
+        defaults = libssl.default_options()
+    except (OSError, AttributeError, ImportError):
+        defaults = _OPENSSL_DEFAULT_OPTIONS
+    ctx.options = ssl.Options(defaults | NGINX_OPTIONS)
+    problem = libssl.apply(ctx)
+    if problem is not None:
+        ctx.set_alpn_protocols(["http/1.1", "http/1.0", "http/0.9"])
+        _warn_once(problem)
     return ctx
+
+
+@functools.cache
+def _warn_once(problem: str) -> None:
+    log.warning(
+        "TLS: %s; the session timeout (7200 s), SNI and ALPN answers differ from nginx's",
+        problem,
+    )
 
 
 def read_pem_files(cert_file: str, key_file: str) -> tuple[bytes, bytes]:
