@@ -242,7 +242,6 @@ async def serve(config: ServerConfig) -> None:
     except ConfigError:
         await (pool.stop() if config.workers > 1 else asyncio.sleep(0))
         raise
-    log.info("tunnel listener on %s (%s), controller on %s", where, mode, controller_at)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -269,6 +268,8 @@ async def serve(config: ServerConfig) -> None:
             signal.SIGHUP, lambda: spawn(reload_tls("SIGHUP"), name="reload certificate")
         )
         watcher = spawn(_watch_files((config.cert, config.key), reload_tls), name="cert watch")
+    # Ready, signals included: whoever waits for this line may signal at once.
+    log.info("tunnel listener on %s (%s), controller on %s", where, mode, controller_at)
     try:
         await stop.wait()
     finally:
