@@ -29,6 +29,7 @@ from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
 from mtt.server.planes import LocalLink, LocalPlane
+from mtt.server.rlimit import describe, raise_nofile
 from mtt.server.service import UserService
 from mtt.server.tls_setup import resolve_tls, tls_context
 from mtt.server.tunnel_server import TunnelServer
@@ -316,6 +317,8 @@ async def _watch_files(paths: Sequence[str], on_change: Callable[[str], Awaitabl
 def _start(values: dict[str, Any]) -> int:
     config = config_from_flags(values)
     setup_logging(config.verbose, json_format=config.log_json)
+    before, now, error = raise_nofile()  # the workers inherit it
+    (log.warning if error else log.info)("%s", describe(before, now, error))
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(serve(config))
     return 0

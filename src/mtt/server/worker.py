@@ -21,6 +21,7 @@ from mtt.server import channel
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
+from mtt.server.rlimit import describe, raise_nofile
 from mtt.server.rpc import Message, RpcChannel
 from mtt.server.tls_setup import tls_context
 from mtt.server.tunnel_server import TunnelServer
@@ -101,6 +102,9 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     config = config_from_wire(init["config"])
     setup_logging(config.verbose, tag=f"w{index}", json_format=config.log_json)
     log_loop_errors(asyncio.get_running_loop())
+    before, now, error = raise_nofile()  # inherited from the supervisor: normally a no-op
+    if error is not None or now != before:
+        (log.warning if error else log.info)("%s", describe(before, now, error))
     link = SupervisorLink()
     agent = Agent(link)
     agent.apply(Command.from_wire(init["users"]), kick=False)
