@@ -3,6 +3,8 @@ server in descriptors and memory, and that the memory comes back.
 
 The server raises its soft RLIMIT_NOFILE to the hard limit (as the Go server
 does), so a shell's 1024 does not cap it.
+does), so a shell's 1024 does not cap it; a silent connection costs no TLS
+engine until its first bytes arrive; and after a burst the C heap is trimmed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.integration.hostile_helpers import KiB, MiB, client_hello
 from tests.integration.test_tunnel import echo_roundtrip, opener
 from tests.support import ServerProcess, echo_server, running_server
 
@@ -155,3 +158,47 @@ async def test_new_tunnels_open_past_a_soft_limit_of_1024() -> None:
                             assert await echo_roundtrip(ws, bytes([i]) * 100) == bytes([i]) * 100
                 # The tunnels opened while all 1,500 were held, not after a timeout.
                 assert accepted(server) >= 1500
+
+
+@pytest.mark.slow
+def test_silent_connections_cost_no_tls_engine() -> None:
+    """1,000 connections that send nothing: a few KiB each (a TLS layer made at
+    accept cost 53 KiB each); closed, each gets one log line naming its peer."""
+    with running_server("-force-tls", "-workers", "1") as server:
+        with stalled(server, 32):  # warm-up: first-use costs out of the delta
+            pass
+        time.sleep(1)
+        before = server.rss()
+        with stalled(server, 1000):
+            time.sleep(0.5)
+            per_connection = (server.rss() - before) / 1000
+        print(f"RSS per silent connection: {per_connection / KiB:.1f} KiB")
+        assert per_connection < 16 * KiB
+        wait_for(
+            lambda: server.log_text().count("closed before a TLS ClientHello") >= 1032,
+            "one line per connection logged",
+        )
+    line = re.search(r".*closed before a TLS ClientHello.*", server.log_text())
+    assert line is not None and "127.0.0.1:" in line.group(0), line
+
+
+@pytest.mark.slow
+def test_rss_comes_back_after_a_burst_of_stalled_handshakes() -> None:
+    """1,000 silent connections and 1,000 that stall after their ClientHello, then
+    all close: RSS returns close to its level before (it tripled and stayed)."""
+    with running_server("-force-tls", "-workers", "1") as server:
+        hello = client_hello()
+        with stalled(server, 32), stalled(server, 32, hello):
+            pass
+        time.sleep(3)
+        before = server.rss()
+        with stalled(server, 1000), stalled(server, 1000, hello):
+            peak = server.rss()
+        wait_for(lambda: accepted(server) == 0, "closed")
+        deadline = time.monotonic() + 10
+        while server.rss() > before * 1.25 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = server.rss()
+    print(f"RSS {before / MiB:.0f} -> {peak / MiB:.0f} -> {after / MiB:.0f} MiB")
+    assert peak > before + 40 * MiB, "the burst cost nothing: the test proves nothing"
+    assert after < before * 1.25, (before, peak, after)

@@ -27,6 +27,7 @@ from mtt.logs import log_loop_errors, setup_logging
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
+from mtt.server.heap import trim_after_bursts
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
 from mtt.server.planes import LocalLink, LocalPlane
 from mtt.server.rlimit import describe, raise_nofile
@@ -187,6 +188,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
 async def serve(config: ServerConfig) -> None:
     """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
     log_loop_errors(asyncio.get_running_loop())
+    trimming = spawn(trim_after_bursts(), name="heap trim")
     tls, mode = resolve_tls(config)
     service = UserService(await open_store(config), kick_on_delete=config.kick_on_delete)
     try:
@@ -275,6 +277,7 @@ async def serve(config: ServerConfig) -> None:
         await stop.wait()
     finally:
         log.info("shutting down: no new tunnels; open ones get %.0f s", config.grace)
+        trimming.cancel()
         if watcher is not None:
             watcher.cancel()
         await runner.cleanup()

@@ -21,12 +21,14 @@ from mtt.server import channel
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
+from mtt.server.heap import trim_after_bursts
 from mtt.server.rlimit import describe, raise_nofile
 from mtt.server.rpc import Message, RpcChannel
 from mtt.server.tls_setup import tls_context
 from mtt.server.tunnel_server import TunnelServer
 from mtt.smux import SmuxConfig
 from mtt.store.base import Usage
+from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.worker")
 
@@ -105,6 +107,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     before, now, error = raise_nofile()  # inherited from the supervisor: normally a no-op
     if error is not None or now != before:
         (log.warning if error else log.info)("%s", describe(before, now, error))
+    trimming = spawn(trim_after_bursts(), name="heap trim")
     link = SupervisorLink()
     agent = Agent(link)
     agent.apply(Command.from_wire(init["users"]), kick=False)
@@ -135,6 +138,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     # The channel stays up while tunnels drain: their counts still go to the
     # supervisor, and the last of them in one final report.
     await server.drain(grace)
+    trimming.cancel()
     rpc.notify({"op": "final", "report": agent.collect()})
     with contextlib.suppress(OSError):
         await writer.drain()
