@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,7 +192,14 @@ def verdict(results: Results) -> int:
         print(f"{mark} {m.section} / {m.name}: " + (f"{ratio:.2f}x" if ratio else "-"))
     gross = results.gross_regressions()
     for m in gross:
-        print(f"GROSS REGRESSION: {m.section} / {m.name}: {m.ratio():.2f}x of {m.ref_label}")
+        if m.gross_limit is not None:
+            median = statistics.median(m.ours)
+            print(
+                f"GROSS REGRESSION: {m.section} / {m.name}: {median:.3g} {m.unit}, "
+                f"at or above {m.gross_limit:g}"
+            )
+        else:
+            print(f"GROSS REGRESSION: {m.section} / {m.name}: {m.ratio():.2f}x of {m.ref_label}")
     for f in results.failures:
         print(f"FAILED: {f.section} / {f.name}: {f.error.splitlines()[0]}")
     return 1 if gross or results.gating_failures() else 0

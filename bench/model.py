@@ -26,6 +26,7 @@ class Metric:
     direct: list[float] = field(default_factory=list)  # no-tunnel baseline, where one exists
     target: float | None = None  # bound on ours/ref: >= (higher) or <= (lower)
     limit: float | None = None  # absolute bound on ours' median: < limit (lower is better)
+    gross_limit: float | None = None  # quick gate: gross at or above this median (no ratio)
     overlap_ok: bool = False  # "no measurable change": also met if the min-max ranges overlap
     gate: bool = False  # part of the gross-regression exit code
     note: str = ""
@@ -71,8 +72,12 @@ class Metric:
         return ok or (self.overlap_ok and self.overlaps())
 
     def gross_regression(self) -> bool:
+        if not self.gate:
+            return False
+        if self.gross_limit is not None and self.ours:
+            return statistics.median(self.ours) >= self.gross_limit
         g = self.goodness()
-        return self.gate and g is not None and g < GROSS
+        return g is not None and g < GROSS
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -114,9 +114,15 @@ def markdown(results: Results, chart_name: str | None) -> str:
         "RSS per tunnel = (RSS with N open - RSS before) / N, summed over the server's "
         f"processes, on a fresh server after a warm-up of {WARM_TUNNELS} tunnels; then every "
         "tunnel must echo again.",
+        "- Stalled connections: on a fresh server after a warm-up, each wave opens N silent "
+        "TCP connections, then N that send a TLS ClientHello and never answer the server's "
+        "reply; RSS per connection = RSS growth with each set open / N; then all close and "
+        "RSS is read again once the server has closed its side. One process per server "
+        "(ours with -workers 1); one round.",
         "- Quick gate (`--quick`): 1 round, 1 s runs, 200 tunnels; exits 1 when a gated "
-        "metric is worse than half the Go relay's (ratio < 0.5x, or > 2x for costs) or a "
-        "scenario could not be measured.",
+        "metric is worse than half the Go relay's (ratio < 0.5x, or > 2x for costs), when "
+        "RSS after a wave of stalled connections is 50% or more above its level before, or "
+        "a scenario could not be measured.",
         "",
     ]
     if chart_name:

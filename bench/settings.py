@@ -23,6 +23,8 @@ class Settings:
     many_users: int  # users loaded for the "many users" checks (0: skip)
     ping_count: int  # controller pings per round
     client_flows: tuple[str, ...]  # throughput flows for Python client vs Go client
+    stalled_connections: int  # silent and half-handshaken connections per wave (0: skip)
+    stalled_waves: int  # waves of them on the same server
 
     @classmethod
     def full(cls) -> Settings:
@@ -41,6 +43,8 @@ class Settings:
             many_users=1_000_000,
             ping_count=200,
             client_flows=("plain upload", "plain download", "mux upload"),
+            stalled_connections=3_000,
+            stalled_waves=3,
         )
 
     @classmethod
@@ -60,6 +64,8 @@ class Settings:
             many_users=0,
             ping_count=50,
             client_flows=("plain upload",),
+            stalled_connections=1_000,
+            stalled_waves=1,
         )
 
     def describe(self) -> str:
@@ -69,4 +75,11 @@ class Settings:
             f"{self.rate_seconds:g} s per measurement, {self.rate_concurrency} at a time; scale "
             f"{', '.join(f'{n:,}' for n in self.scale_counts)} plain tunnels"
             + (f" and {self.scale_mux_streams:,} smux streams" if self.scale_mux_streams else "")
+            + (
+                f"; {self.stalled_waves} wave{'s' if self.stalled_waves > 1 else ''} of "
+                f"{self.stalled_connections:,} silent + {self.stalled_connections:,} "
+                "half-handshaken connections"
+                if self.stalled_connections
+                else ""
+            )
         )

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.context import Context
-from bench.scenarios import client, control, scale, setup_rate, throughput, workers
+from bench.scenarios import client, control, scale, setup_rate, stalled, throughput, workers
 from bench.settings import Settings
 
 
@@ -23,6 +23,7 @@ SCENARIOS = (
     Scenario("throughput", throughput.SECTION, throughput.steps, throughput.run),
     Scenario("setup", setup_rate.SECTION, setup_rate.steps, setup_rate.run),
     Scenario("scale", scale.SECTION, scale.steps, scale.run),
+    Scenario("stalled", stalled.SECTION, stalled.steps, stalled.run),
     Scenario("control", control.SECTION, control.steps, control.run),
     Scenario("client", client.SECTION, client.steps, client.run, gated=False),
     Scenario("workers", workers.SECTION, workers.steps, workers.run, gated=False),
