@@ -36,7 +36,7 @@ class Limits:
     # Then the close waits this long more (a stream's FIN), or until client data has
     # been quiet this long (a plain tunnel's close frame; the data is discarded) ...
     drain_quiet: float = 0.1
-    # ... but never longer than this (PROTOCOL.md §7).
+    # ... but never longer than this (docs/protocol.md §7).
     drain_max: float = 3.0
     # Controller request body cap (the original's 2 MiB).
     max_control_body: int = 2 * MiB

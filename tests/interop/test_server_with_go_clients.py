@@ -277,7 +277,7 @@ async def test_go_client_survives_hundreds_of_uploads_whose_dst_closes_first(
     """dst reads a little and hangs up while the client is still uploading.
 
     The Go client panics ("concurrent write to websocket connection") and loses
-    every tunnel if the server closes under a write (PROTOCOL.md §7); the stand-in
+    every tunnel if the server closes under a write (docs/protocol.md §7); the stand-in
     keeps that hazard (test_go_peers shows it panicking against a naive server)."""
     accepted = 0
 

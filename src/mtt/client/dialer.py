@@ -2,7 +2,7 @@
 
 The Go client dials `-s` but builds its URL from the server name:
 `wss://<name><path>`, so SNI and the Host header carry the name, not the
-address (PROTOCOL.md §2). The sub-protocol says whether an smux session
+address (docs/protocol.md §2). The sub-protocol says whether an smux session
 follows (§3). TCP connect, TLS and the upgrade share one 10 s deadline, like
 gorilla's HandshakeTimeout.
 

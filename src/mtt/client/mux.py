@@ -3,7 +3,7 @@
 Like the Go client, each local connection becomes one smux stream; a session
 (one WebSocket) carries at most `-mux-max-stream` of them, a new session is
 dialed when every session is full, and a session is closed as soon as its
-last stream ends (PROTOCOL.md §5). Streams that arrive while a session is
+last stream ends (docs/protocol.md §5). Streams that arrive while a session is
 being dialed count against it and wait for it, so N simultaneous
 connections open ceil(N / max) WebSockets, not N.
 
@@ -49,7 +49,7 @@ def frame_messages(out: bytes, limit: int) -> Iterator[memoryview]:
     """Cut whole smux frames into WebSocket messages of at most `limit` bytes.
 
     The Go client writes each frame as its own message; packing small frames
-    together is allowed (frames are a byte stream, PROTOCOL.md §5) and cheaper.
+    together is allowed (frames are a byte stream, docs/protocol.md §5) and cheaper.
     """
     view = memoryview(out)
     size = len(out)

@@ -1,7 +1,7 @@
 """One local TCP connection relayed over one WebSocket (smux_off).
 
 Local bytes go out as binary messages of at most 16 KiB, as the Go client
-writes them (PROTOCOL.md §4); server messages are written to the local
+writes them (docs/protocol.md §4); server messages are written to the local
 connection whatever their size. Back-pressure runs both ways: a WebSocket
 that cannot take more pauses reading the local connection, a local app that
 does not read pauses reading the WebSocket. While the WebSocket is being

@@ -1,6 +1,6 @@
 """The controller's JSON commands, validated in full before anything is applied.
 
-Wire shape (PROTOCOL.md §6): `{"opt": 1|2|3|9, "args_bunch": [{"path", "dst"}]}`
+Wire shape (docs/protocol.md §6): `{"opt": 1|2|3|9, "args_bunch": [{"path", "dst"}]}`
 in, `{"res": 1|2, "err_string": str, "current_users": int}` out. Unlike the
 original, which answers an empty 200 to what it cannot parse, every reply is
 JSON, every error names its cause, and one bad entry rejects the whole request.

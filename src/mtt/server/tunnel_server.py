@@ -1,6 +1,6 @@
 """The tunnel listener: TLS (or plain HTTP), the upgrade, and routing by path.
 
-The route is resolved once, at upgrade time (PROTOCOL.md §3): the tunnel keeps
+The route is resolved once, at upgrade time (docs/protocol.md §3): the tunnel keeps
 its Destination, so a later change to the user table never touches it.
 """
 

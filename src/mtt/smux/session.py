@@ -59,7 +59,7 @@ _SYN, _FIN, _PSH, _NOP, _UPD = (int(c) for c in Cmd)
 
 @dataclass(frozen=True, slots=True)
 class SmuxConfig:
-    """Every limit of one session; defaults are mos-tls-tunnel's (PROTOCOL.md 5)."""
+    """Every limit of one session; defaults are mos-tls-tunnel's (docs/protocol.md §5)."""
 
     is_client: bool = False
     version: int = 1

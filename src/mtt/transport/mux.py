@@ -5,7 +5,7 @@ The protocol lives in mtt.smux (sans-I/O); this module only moves bytes and
 owns the clock. Memory is bounded by the session's receive budget: bytes
 handed out in StreamData count until they are written to a dst that is not
 pushing back; past the budget the WebSocket stops being read, which is the
-only back-pressure smux v1 has (PROTOCOL.md §5). Toward the client, a
+only back-pressure smux v1 has (docs/protocol.md §5). Toward the client, a
 WebSocket that cannot take more pauses reading every dst of the session.
 
 A stream whose dst ends sends its FIN only once the client has received the

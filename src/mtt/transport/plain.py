@@ -1,7 +1,7 @@
 """One WebSocket carrying one plain byte stream to one TCP dst (smux_off).
 
 Each binary (or text, or continuation) message is the next chunk of the
-stream; boundaries mean nothing (PROTOCOL.md §4). Back-pressure runs both
+stream; boundaries mean nothing (docs/protocol.md §4). Back-pressure runs both
 ways: a dst that cannot take more pauses reading the WebSocket, a client that
 cannot take more pauses reading dst, so memory per tunnel stays bounded by the
 write-buffer high-water marks whatever the peers do.
@@ -12,7 +12,7 @@ yet delivered when it reads a close frame): until our buffers and the kernel's
 send queue are empty, at most `close_flush_max` (mtt.transport.delivery).
 Then the tunnel does not close under a client that may still be uploading
 (the Go client panics on a close that races its own write, taking every
-tunnel of that process down, PROTOCOL.md §7): it discards client data until
+tunnel of that process down, docs/protocol.md §7): it discards client data until
 the client has been quiet for `drain_quiet`, at most `drain_max`. Only then
 does the close frame go.
 """
