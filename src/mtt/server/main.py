@@ -185,7 +185,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, nofile: str = "") -> None:
     """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
     log_loop_errors(asyncio.get_running_loop())
     trimming = spawn(trim_after_bursts(), name="heap trim")
@@ -271,6 +271,8 @@ async def serve(config: ServerConfig) -> None:
             signal.SIGHUP, lambda: spawn(reload_tls("SIGHUP"), name="reload certificate")
         )
         watcher = spawn(_watch_files((config.cert, config.key), reload_tls), name="cert watch")
+    if nofile:  # said once the start can no longer fail: a failed start is one line
+        log.info("%s", nofile)
     # Ready, signals included: whoever waits for this line may signal at once.
     log.info("tunnel listener on %s (%s), controller on %s", where, mode, controller_at)
     try:
@@ -320,10 +322,11 @@ async def _watch_files(paths: Sequence[str], on_change: Callable[[str], Awaitabl
 def _start(values: dict[str, Any]) -> int:
     config = config_from_flags(values)
     setup_logging(config.verbose, json_format=config.log_json)
-    before, now, error = raise_nofile()  # the workers inherit it
-    (log.warning if error else log.info)("%s", describe(before, now, error))
+    before, now, error = raise_nofile()  # first, so the workers inherit it
+    if error:
+        log.warning("%s", describe(before, now, error))
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, "" if error else describe(before, now, error)))
     return 0
 
 
