@@ -23,7 +23,7 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
-from tests.interop.gopeers import go_binary
+from harness.gopeers import go_binary
 
 from bench import BUILD_DIR, DOCS_DIR, ROOT
 from bench.context import Context

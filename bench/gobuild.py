@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.interop.gopeers import go_binary
+from harness.gopeers import go_binary
 
 from bench import ROOT
 

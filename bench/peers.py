@@ -2,7 +2,7 @@
 
 Our server is started exactly as the integration tests start it
 (tests/support.start_server: console script, free loopback ports); the Go relay
-and the Go client are the interop tests' peers (tests/interop/go). Each handle
+and the Go client are the interop tests' peers (harness/go). Each handle
 stops its process with a bounded wait.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from tests.interop.gopeers import Peer, go_binary, start_peer, stop_peer
-from tests.support import ServerProcess, start_server
+from harness.gopeers import Peer, go_binary, start_peer, stop_peer
+from harness.server import ServerProcess, start_server
 
 from bench.gobuild import bench_binary
 from bench.procstat import is_listening
@@ -200,7 +200,7 @@ def server_help() -> str:
 
 
 class GoRelay:
-    """tests/interop/go/gorelay: gorilla/websocket + xtaci/smux doing what our server does."""
+    """harness/go/gorelay: gorilla/websocket + xtaci/smux doing what our server does."""
 
     label = "Go relay"
 
@@ -267,7 +267,7 @@ def client_flags(server: str, mux: bool, max_stream: int) -> list[str]:
 
 
 class GoClient:
-    """tests/interop/go/mttclient, the stand-in for the Go mtt-client (wss mode)."""
+    """harness/go/mttclient, the stand-in for the Go mtt-client (wss mode)."""
 
     label = "Go client"
 

@@ -102,7 +102,7 @@ def markdown(results: Results, chart_name: str | None) -> str:
         "each round (A B, then B A, ...), both alive at the same time and fed by the same "
         "load generator, so drift on the machine hits both alike. Cells show the **median** "
         "and (min-max) over the rounds; the ratio is ours / baseline of the medians.",
-        "- Baselines in the same run: the Go relay (`tests/interop/go/gorelay`, gorilla/websocket "
+        "- Baselines in the same run: the Go relay (`harness/go/gorelay`, gorilla/websocket "
         "+ xtaci/smux, same certificate, driven by the same Go client `mttclient`), and iperf3 "
         "straight to the dst with no tunnel at all.",
         "- Throughput: iperf3 -c → mttclient (the Go mtt-client stand-in) → TLS WebSocket → "

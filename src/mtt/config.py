@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtt.controller.policy import DstPolicy
+from mtt.core.policy import DstPolicy
 from mtt.smux.session import SmuxConfig
 
 KiB = 1024

@@ -20,7 +20,7 @@ import pytest
 
 from mtt.config import Limits
 from mtt.controller.http import ControllerSettings, start_controller
-from mtt.server.service import UserService
+from mtt.service.user_service import UserService
 from mtt.store.memory import MemoryStore
 from tests.integration.test_tunnel import echo_roundtrip, opener
 from tests.support import echo_server, running_server

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mtt.server.front import TO_HTTPS_PAGE
+from mtt.accept.front import TO_HTTPS_PAGE
 from tests.integration.hostile_helpers import client_hello
 from tests.integration.test_proxy_protocol import v1, wait_for_log
 from tests.support import ServerProcess, running_server

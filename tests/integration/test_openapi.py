@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from mtt.controller.api import Opt
+from mtt.core.commands import Opt
 from tests.support import ServerProcess, running_server
 
 CHECKS = [

@@ -4,10 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
-from mtt.transport.tls import self_signed_pem
-
-from .gopeers import (
+from harness.gopeers import (
     Peer,
     go_binary,
     start_download_source,
@@ -17,6 +14,8 @@ from .gopeers import (
     stop_peer,
     stop_server,
 )
+
+from mtt.transport.tls import self_signed_pem
 
 
 @pytest.fixture(scope="session")

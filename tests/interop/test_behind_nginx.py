@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.gopeers import run_wsload
+from harness.server import ServerProcess, start_server
 
-from tests.support import ServerProcess, start_server
-
-from .gopeers import run_wsload
 from .test_server_with_go_clients import add_routes, echo_through, start_mttclient
 
 pytestmark = pytest.mark.interop

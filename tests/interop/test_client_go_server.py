@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from harness.gopeers import Peer
 
 from tests.client_support import ClientProcess, echo_round_trip, running_client
-
-from .gopeers import Peer
 
 pytestmark = pytest.mark.interop
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness.gopeers import Peer, running_peer
 
 from tests.integration.hostile_helpers import (
     INVALID_CLOSE_CODES,
@@ -27,8 +28,6 @@ from tests.integration.hostile_helpers import (
     ws_frame,
 )
 from tests.support import ServerProcess, running_server
-
-from .gopeers import Peer, running_peer
 
 pytestmark = pytest.mark.interop
 

@@ -23,9 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from . import gopeers
-from .gopeers import (
+from harness import gopeers
+from harness.gopeers import (
     Peer,
     go_binary,
     run_wsload,

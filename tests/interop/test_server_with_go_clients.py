@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.gopeers import run_wsload
 
 from tests.support import ServerProcess, pattern, running_server
-
-from .gopeers import run_wsload
 
 pytestmark = pytest.mark.interop
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtt.errors import ConfigError
-from mtt.server.client_address import TrustedProxies, forwarded_ip
+from mtt.wire.client_address import TrustedProxies, forwarded_ip
 
 TRUSTED = TrustedProxies(["10.0.0.0/8", "192.168.1.1", "2001:db8::/32"])
 

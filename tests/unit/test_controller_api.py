@@ -5,9 +5,9 @@ import json
 import pytest
 
 from mtt.address import Destination, parse_destination
-from mtt.controller.api import apply_command, parse_command, reply
+from mtt.core.commands import apply_command, parse_command, reply
+from mtt.core.users import UserTable
 from mtt.errors import ControlError
-from mtt.server.users import UserTable
 
 
 def run(table: UserTable, doc: object) -> dict[str, object]:

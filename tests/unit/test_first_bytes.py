@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from mtt.server.first_bytes import (
+from mtt.accept.first_bytes import (
     ClientHelloReader,
     Start,
     classify,

@@ -3,8 +3,8 @@ it is busy, and not more often than its cost allows."""
 
 from __future__ import annotations
 
-from mtt.server import heap
-from mtt.server.heap import BurstTrimmer, Heap
+from mtt.workers import heap
+from mtt.workers.heap import BurstTrimmer, Heap
 
 MiB = 1 << 20
 

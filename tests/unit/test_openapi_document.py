@@ -8,7 +8,7 @@ from typing import Any
 
 import schemathesis
 
-from mtt.controller.api import Opt
+from mtt.core.commands import Opt
 
 
 def _document() -> dict[str, Any]:

@@ -4,7 +4,7 @@ import pytest
 
 from mtt.address import Destination
 from mtt.controller.http import check_exposure, is_loopback_only
-from mtt.controller.policy import DstPolicy, parse_rule
+from mtt.core.policy import DstPolicy, parse_rule
 from mtt.errors import ConfigError
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mtt.errors import ProtocolError
-from mtt.server.proxy_protocol import (
+from mtt.wire.proxy_header import (
     MAX_V2_HEADER,
     NEED_DATA,
     V2_SIGNATURE,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtt.server.request_line import MAX_LINE, RequestLineReader, Verdict, request_line_verdict
+from mtt.wire.request_line import MAX_LINE, RequestLineReader, Verdict, request_line_verdict
 
 
 @pytest.mark.parametrize(

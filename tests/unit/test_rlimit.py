@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 
-from mtt.server.rlimit import UNLIMITED_CAP, describe, raise_nofile
+from mtt.workers.rlimit import UNLIMITED_CAP, describe, raise_nofile
 
 
 class FakeLimits:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mtt.server.tunnel_server import choose_subprotocol, routing_key
+from mtt.accept.tunnel_server import choose_subprotocol, routing_key
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from mtt.address import Destination
-from mtt.controller.api import Command, Entry, Opt
+from mtt.core.commands import Command, Entry, Opt
+from mtt.core.usage import Usage
+from mtt.core.users import User, UserLimits
 from mtt.errors import ConfigError, StoreError
-from mtt.server.users import User, UserLimits
-from mtt.store.base import Usage
 from mtt.store.sqlite import SqliteStore
 
 LIMITS = UserLimits(rate=1000, max_tunnels=2, max_ips=3, quota=10**9, expire=2_000_000_000)

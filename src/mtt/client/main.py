@@ -27,8 +27,8 @@ from mtt.client.dialer import Dialer
 from mtt.client.mux import MuxLocalStream, MuxPool
 from mtt.client.plain import PlainClientTunnel, Tunnels
 from mtt.errors import ConfigError
-from mtt.server.listen import tcp_listen_socket
 from mtt.transport.dst import DstConnection
+from mtt.transport.listen import tcp_listen_socket
 
 log = logging.getLogger("mtt.client")
 

@@ -30,12 +30,12 @@ from aiohttp.streams import StreamReader
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mtt.config import Limits
-from mtt.controller.api import CHANGES, RES_ERR, Opt, parse_command
 from mtt.controller.metrics import render_metrics
-from mtt.controller.policy import DstPolicy
+from mtt.core.commands import CHANGES, RES_ERR, Opt, parse_command
+from mtt.core.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError
-from mtt.server.listen import split_host_port
-from mtt.server.service import UserService
+from mtt.service.user_service import UserService
+from mtt.transport.listen import split_host_port
 
 log = logging.getLogger("mtt.controller")
 

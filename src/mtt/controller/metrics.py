@@ -20,8 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from mtt.server.service import UserService
-from mtt.stats import LATENCY_BUCKETS
+from mtt.core.stats import LATENCY_BUCKETS
+from mtt.service.user_service import UserService
 
 TUNNEL_MODES = ("plain", "smux")
 HANDSHAKE_REASONS = (

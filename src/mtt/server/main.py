@@ -13,6 +13,9 @@ from typing import Any
 
 import uvloop
 
+from mtt.accept.fallback import Fallback
+from mtt.accept.tls_setup import resolve_tls, tls_context
+from mtt.accept.tunnel_server import TunnelServer
 from mtt.cli import FlagSet, run_cli
 from mtt.config import Limits, ServerConfig
 from mtt.controller.http import (
@@ -21,22 +24,19 @@ from mtt.controller.http import (
     check_exposure,
     start_controller,
 )
-from mtt.controller.policy import DstPolicy, parse_rule
+from mtt.core.policy import DstPolicy, parse_rule
 from mtt.errors import ConfigError, StoreError
 from mtt.logs import log_loop_errors, setup_logging
-from mtt.server.agent import Agent
-from mtt.server.client_address import TrustedProxies
-from mtt.server.fallback import Fallback
-from mtt.server.heap import trim_after_bursts
-from mtt.server.listen import tcp_listen_socket, unix_listen_socket
-from mtt.server.planes import LocalLink, LocalPlane
-from mtt.server.rlimit import describe, raise_nofile
-from mtt.server.service import UserService
-from mtt.server.tls_setup import resolve_tls, tls_context
-from mtt.server.tunnel_server import TunnelServer
-from mtt.server.workers import WorkerPool
+from mtt.service.agent import Agent
+from mtt.service.planes import LocalLink, LocalPlane
+from mtt.service.user_service import UserService
 from mtt.store.factory import default_db_path, open_store
+from mtt.transport.listen import tcp_listen_socket, unix_listen_socket
 from mtt.transport.tasks import spawn
+from mtt.wire.client_address import TrustedProxies
+from mtt.workers.heap import trim_after_bursts
+from mtt.workers.rlimit import describe, raise_nofile
+from mtt.workers.supervisor import WorkerPool
 
 log = logging.getLogger("mtt.server")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mtt.controller.api import Command, Opt
-from mtt.store.base import RemoteChange, Served, StoreSnapshot, Usage
+from mtt.core.commands import Command, Opt
+from mtt.core.usage import Usage
+from mtt.store.base import RemoteChange, Served, StoreSnapshot
 
 
 class MemoryStore:

@@ -45,10 +45,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mtt.address import Destination
-from mtt.controller.api import Command, Opt
+from mtt.core.commands import Command, Opt
+from mtt.core.usage import Usage
+from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits
 from mtt.errors import ConfigError, StoreError
-from mtt.server.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits
-from mtt.store.base import RemoteChange, Served, StoreSnapshot, Usage
+from mtt.store.base import RemoteChange, Served, StoreSnapshot
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")

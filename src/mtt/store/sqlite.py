@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from mtt.address import Destination
-from mtt.controller.api import Command, Opt
+from mtt.core.commands import Command, Opt
+from mtt.core.usage import Usage
+from mtt.core.users import NO_LIMITS, User, UserLimits
 from mtt.errors import ConfigError, StoreError
-from mtt.server.users import NO_LIMITS, User, UserLimits
-from mtt.store.base import RemoteChange, Served, StoreSnapshot, Usage
+from mtt.store.base import RemoteChange, Served, StoreSnapshot
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")

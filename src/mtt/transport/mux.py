@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
+from mtt.core.stats import STATS
 from mtt.errors import SmuxProtocolError
 from mtt.smux import (
     SessionEnded,
@@ -34,7 +35,6 @@ from mtt.smux import (
     StreamRefused,
     StreamWritable,
 )
-from mtt.stats import STATS
 from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.plain import TunnelRegistry
@@ -43,7 +43,7 @@ from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
 
 if TYPE_CHECKING:
-    from mtt.server.agent import TunnelAccount, UserMeter
+    from mtt.core.meter import Account, Meter
 
 log = logging.getLogger("mtt.tunnel")
 
@@ -240,8 +240,8 @@ class MuxStream:
         self.closed = True
         t = self._tunnel
         meter = t.meter
-        if meter is not None and meter.throttles[1] is not None:
-            meter.throttles[1].forget(self)
+        if meter is not None:
+            meter.forget(self)
         if self._dial_task is not None and not self._dial_task.done():
             self._dial_task.cancel()
         if self._dst is not None:
@@ -260,11 +260,11 @@ class MuxTunnel(CheckedListener):
     """Drives an SmuxSession over one WebSocket."""
 
     def __init__(
-        self, account: TunnelAccount, peer: str, limits: Limits, registry: TunnelRegistry
+        self, account: Account, peer: str, limits: Limits, registry: TunnelRegistry
     ) -> None:
         super().__init__()
         self._account = account
-        self.meter: UserMeter | None = None
+        self.meter: Meter | None = None
         self._throttled_up = False
         # Messages picows handed over after the rate paused reading (the rest of
         # one read, which may be megabytes): parsed as the rate allows.

@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Protocol
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
-from mtt.server.throttle import UP
-from mtt.stats import STATS
+from mtt.core.rate import UP
+from mtt.core.stats import STATS
 from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
 
 if TYPE_CHECKING:
-    from mtt.server.agent import TunnelAccount, UserMeter
+    from mtt.core.meter import Account, Meter
 
 
 log = logging.getLogger("mtt.tunnel")
@@ -84,11 +84,11 @@ class PlainTunnel(CheckedListener):
     """Relays one WebSocket to one dst connection."""
 
     def __init__(
-        self, account: TunnelAccount, peer: str, limits: Limits, registry: TunnelRegistry
+        self, account: Account, peer: str, limits: Limits, registry: TunnelRegistry
     ) -> None:
         super().__init__()
         self._account = account
-        self._meter: UserMeter | None = None
+        self._meter: Meter | None = None
         self._dst_throttled = False
         # Client data picows handed over after the rate paused reading (the rest
         # of one read, which may be megabytes): relayed as the rate allows.

@@ -39,7 +39,7 @@ from typing import Any
 from aiofastnet.constants import SSL_BIO_SIZE_DEFAULTS, SSL_TIMEOUT_DEFAULTS
 from aiofastnet.ssl_transport import SSLTransport_Transport  # type: ignore[import-not-found]
 
-from mtt.server.front import FrontProtocol, format_peer
+from mtt.accept.front import FrontProtocol, format_peer
 
 log = logging.getLogger("mtt.server")
 

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mtt.errors import ProtocolError
-from mtt.server import channel
 from mtt.transport.tasks import spawn
+from mtt.workers import channel
 
 log = logging.getLogger("mtt.rpc")
 

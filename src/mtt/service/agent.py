@@ -15,11 +15,12 @@ from collections import Counter
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from mtt.controller.api import Command, apply_command
-from mtt.server.throttle import DOWN, UP, Pausable, Throttle
-from mtt.server.users import User, UserTable
-from mtt.stats import STATS
-from mtt.store.base import Usage
+from mtt.core.commands import Command, apply_command
+from mtt.core.meter import MeteredTunnel
+from mtt.core.rate import DOWN, UP, Pausable, Throttle
+from mtt.core.stats import STATS
+from mtt.core.usage import Usage
+from mtt.core.users import User, UserTable
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.agent")
@@ -35,10 +36,6 @@ class ServiceLink(Protocol):
         ...
 
     async def tokens(self, path: str, direction: int, want: int) -> int: ...
-
-
-class MeteredTunnel(Pausable, Protocol):
-    def kick(self) -> None: ...
 
 
 class Gauges(Protocol):
@@ -88,6 +85,12 @@ class UserMeter:
         throttle = self.throttles[DOWN]
         if throttle is not None:
             throttle.charge(size, tunnel)
+
+    def forget(self, tunnel: Pausable) -> None:
+        """tunnel (an smux stream) is gone: drop it from the download rate's waiters."""
+        throttle = self.throttles[DOWN]
+        if throttle is not None:
+            throttle.forget(tunnel)
 
     def take_delta(self) -> Usage:
         delta = Usage(self.up, self.down, self.up + self.down, self.opened, self.last_seen)

@@ -19,14 +19,14 @@ import sys
 from typing import Any
 
 from mtt.config import ServerConfig
-from mtt.controller.api import Command
+from mtt.core.commands import Command
+from mtt.core.usage import Usage
 from mtt.errors import ProtocolError
-from mtt.server import channel
-from mtt.server.listen import tcp_listen_socket, unix_listen_socket
-from mtt.server.rpc import Message, RpcChannel, encode_request
-from mtt.server.service import UserService
-from mtt.store.base import Usage
+from mtt.service.user_service import UserService
+from mtt.transport.listen import tcp_listen_socket, unix_listen_socket
 from mtt.transport.tasks import spawn
+from mtt.workers import channel
+from mtt.workers.rpc import Message, RpcChannel, encode_request
 
 log = logging.getLogger("mtt.workers")
 
@@ -59,7 +59,7 @@ class Worker:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "mtt.server.worker",
+                "mtt.workers.worker",
                 str(self.index),
                 str(listen_sock.fileno()),
                 str(child.fileno()),

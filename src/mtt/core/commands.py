@@ -20,9 +20,9 @@ from enum import IntEnum
 from typing import Any
 
 from mtt.address import Destination, parse_destination, quote
-from mtt.controller.policy import DstPolicy
+from mtt.core.policy import DstPolicy
+from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits, UserTable
 from mtt.errors import ControlError
-from mtt.server.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits, UserTable
 
 MAX_PATH_LENGTH = 4096
 MAX_NUMBER = 2**53  # what every JSON implementation a panel may use holds exactly

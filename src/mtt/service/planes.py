@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtt.controller.api import Command
-from mtt.server.agent import Agent
-from mtt.server.service import UserService
-from mtt.store.base import Usage
+from mtt.core.commands import Command
+from mtt.core.usage import Usage
+from mtt.service.agent import Agent
+from mtt.service.user_service import UserService
 from mtt.transport.tasks import spawn
 
 LOCAL_AGENT = 0

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mtt.controller.api import (
+from mtt.core.commands import (
     CHANGES,
     RES_ERR,
     RES_OK,
@@ -28,11 +28,12 @@ from mtt.controller.api import (
     apply_command,
     reply,
 )
+from mtt.core.rate import TokenSchedule
+from mtt.core.stats import StatsTotals
+from mtt.core.usage import Usage
+from mtt.core.users import LIMIT_FIELDS, User, UserTable
 from mtt.errors import StoreError
-from mtt.server.throttle import TokenSchedule
-from mtt.server.users import LIMIT_FIELDS, User, UserTable
-from mtt.stats import StatsTotals
-from mtt.store.base import Store, Usage
+from mtt.store.base import Store
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.service")

@@ -1,4 +1,4 @@
-"""Go test peers (built from tests/interop/go/*) and the asyncio dst servers they talk to.
+"""Go peers (built from harness/go/*) and the asyncio dst servers they talk to.
 
 The Go programs are faithful stand-ins for the Go mos-tls-tunnel programs:
 
@@ -38,9 +38,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-INTEROP_DIR = pathlib.Path(__file__).resolve().parent
-GO_SRC_DIR = INTEROP_DIR / "go"
-BUILD_DIR = INTEROP_DIR / ".build"
+PEERS_DIR = pathlib.Path(__file__).resolve().parent
+GO_SRC_DIR = PEERS_DIR / "go"
+BUILD_DIR = PEERS_DIR / ".build"
 GOPATH = "/usr/share/gocode"
 
 BUILD_TIMEOUT_S = 600.0
@@ -100,7 +100,7 @@ def _file_lock(path: pathlib.Path, timeout: float) -> Iterator[None]:
 
 
 def go_binary(name: str, src_root: pathlib.Path | None = None) -> pathlib.Path:
-    """Build <src_root>/<name> (default tests/interop/go; the benchmarks pass bench/go),
+    """Build <src_root>/<name> (default harness/go; the benchmarks pass bench/go),
     cached by a hash of its sources; return the binary."""
     src = (src_root or GO_SRC_DIR) / name
     if not (src / "main.go").is_file():

@@ -24,12 +24,12 @@ import logging
 import ssl
 from collections.abc import Callable
 
+from mtt.accept.first_bytes import FirstBytes, feed
+from mtt.accept.front import FrontProtocol, format_peer
+from mtt.core.stats import STATS
 from mtt.errors import ProtocolError
-from mtt.server.client_address import TrustedProxies
-from mtt.server.first_bytes import FirstBytes, feed
-from mtt.server.front import FrontProtocol, format_peer
-from mtt.server.proxy_protocol import ProxyHeader, ProxyHeaderReader
-from mtt.stats import STATS
+from mtt.wire.client_address import TrustedProxies
+from mtt.wire.proxy_header import ProxyHeader, ProxyHeaderReader
 
 log = logging.getLogger("mtt.server")
 

@@ -24,17 +24,17 @@ from picows import (
 )
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
+from mtt.accept.fallback import Fallback
+from mtt.accept.first_bytes import FirstBytes
+from mtt.accept.front import PAGES, FrontProtocol
+from mtt.accept.prelude import ProxyPrelude
+from mtt.accept.tls_setup import TlsSpec
 from mtt.config import Limits
-from mtt.server.agent import Agent, TunnelAccount
-from mtt.server.client_address import TrustedProxies
-from mtt.server.fallback import Fallback
-from mtt.server.first_bytes import FirstBytes
-from mtt.server.front import PAGES, FrontProtocol
-from mtt.server.prelude import ProxyPrelude
-from mtt.server.tls_setup import TlsSpec
+from mtt.service.agent import Agent, TunnelAccount
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
 from mtt.transport.tls import load_pem_into
+from mtt.wire.client_address import TrustedProxies
 
 log = logging.getLogger("mtt.server")
 

@@ -23,14 +23,14 @@ from typing import Any
 
 import h11
 
+from mtt.accept.fallback import Fallback, FallbackRelay
 from mtt.address import quote
 from mtt.config import Limits
-from mtt.server.agent import Agent
-from mtt.server.client_address import TrustedProxies
-from mtt.server.fallback import Fallback, FallbackRelay
-from mtt.server.request_line import RequestLineReader, Verdict
-from mtt.stats import STATS
+from mtt.core.stats import STATS
+from mtt.service.agent import Agent
 from mtt.transport.tasks import spawn
+from mtt.wire.client_address import TrustedProxies
+from mtt.wire.request_line import RequestLineReader, Verdict
 
 log = logging.getLogger("mtt.server")
 

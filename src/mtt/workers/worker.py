@@ -1,5 +1,5 @@
 """A worker process: serves tunnels on the listening socket it was handed and
-applies the user-table changes its supervisor sends (mtt.server.workers)."""
+applies the user-table changes its supervisor sends (mtt.workers.supervisor)."""
 
 from __future__ import annotations
 
@@ -13,22 +13,22 @@ from typing import Any
 
 import uvloop
 
+from mtt.accept.fallback import Fallback
+from mtt.accept.tls_setup import tls_context
+from mtt.accept.tunnel_server import TunnelServer
 from mtt.config import Limits, ServerConfig
-from mtt.controller.api import Command
+from mtt.core.commands import Command
+from mtt.core.usage import Usage
 from mtt.errors import ConfigError
 from mtt.logs import log_loop_errors, setup_logging
-from mtt.server import channel
-from mtt.server.agent import Agent
-from mtt.server.client_address import TrustedProxies
-from mtt.server.fallback import Fallback
-from mtt.server.heap import trim_after_bursts
-from mtt.server.rlimit import describe, raise_nofile
-from mtt.server.rpc import Message, RpcChannel
-from mtt.server.tls_setup import tls_context
-from mtt.server.tunnel_server import TunnelServer
+from mtt.service.agent import Agent
 from mtt.smux import SmuxConfig
-from mtt.store.base import Usage
 from mtt.transport.tasks import spawn
+from mtt.wire.client_address import TrustedProxies
+from mtt.workers import channel
+from mtt.workers.heap import trim_after_bursts
+from mtt.workers.rlimit import describe, raise_nofile
+from mtt.workers.rpc import Message, RpcChannel
 
 log = logging.getLogger("mtt.worker")
 

@@ -1,0 +1,1 @@
+"""Processes: the supervisor and its workers, their RPC, and per-process settings."""
