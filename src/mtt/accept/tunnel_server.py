@@ -17,12 +17,13 @@ from typing import Any
 
 import aiofastnet
 from picows import (
+    WSAutoPingStrategy,
     WSListener,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
 )
-from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from mtt.accept.fallback import Fallback
 from mtt.accept.first_bytes import FirstBytes
