@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from mtt.errors import ConfigError
+from mtt.errors import ConfigError, HelpRequested
 
 _UNIT_SECONDS = {
     "ns": 1e-9,
@@ -123,10 +123,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": parse_int,
     "duration": parse_duration,
 }
-
-
-class HelpRequested(Exception):
-    """`-h` or `-help` was given: print usage and exit 0."""
 
 
 @dataclass

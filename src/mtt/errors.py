@@ -2,12 +2,15 @@
 
     MttError
     ├── ConfigError          bad flag, unreadable cert/key: exit with one line
+    ├── HelpRequested        -h or -help given: print the usage, exit 0
     ├── ProtocolError        a peer broke a protocol: close that connection
     │   └── SmuxProtocolError    bad smux frame or state (ends the whole session)
-    └── ControlError         a controller request that cannot be applied (res 2)
+    ├── ControlError         a controller request that cannot be applied (400, res 2)
+    └── StoreError           the user store cannot take a change now (503, res 2)
 
 Peer bytes only ever raise ProtocolError subclasses; the I/O layer turns them
-into a logged close, never a traceback.
+into a logged close, never a traceback. Every class the package defines is
+drawn here (tests/unit/test_errors.py checks it).
 """
 
 
@@ -17,6 +20,10 @@ class MttError(Exception):
 
 class ConfigError(MttError):
     """A command-line flag or a file named by one is unusable."""
+
+
+class HelpRequested(MttError):
+    """`-h` or `-help` was given: print usage and exit 0."""
 
 
 class ProtocolError(MttError):

@@ -31,9 +31,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mtt.config import Limits
 from mtt.controller.metrics import render_metrics
-from mtt.core.commands import CHANGES, RES_ERR, Opt, parse_command
+from mtt.controller.replies import error_reply, result_reply
+from mtt.core.commands import CHANGES, Opt, parse_command
 from mtt.core.policy import DstPolicy
-from mtt.errors import ConfigError, ControlError
+from mtt.errors import ConfigError, ControlError, StoreError
 from mtt.service.user_service import UserService
 from mtt.transport.listen import split_host_port
 
@@ -140,13 +141,13 @@ async def _handle(request: web.Request) -> web.Response:
     peer = request.remote or "unix"
     if settings.token and not _authorized(request, settings.token):
         log.warning("controller: %s: missing or wrong bearer token", peer)
-        response = _json(401, service.reply(RES_ERR, "missing or wrong bearer token"))
+        response = _json(401, error_reply(service, "missing or wrong bearer token"))
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
     if request.method != "POST":
         log.warning("controller: %s: method %s not allowed", peer, request.method)
         response = _json(
-            405, service.reply(RES_ERR, f"method {request.method} not allowed, use POST")
+            405, error_reply(service, f"method {request.method} not allowed, use POST")
         )
         response.headers["Allow"] = "POST"
         return response
@@ -159,16 +160,21 @@ async def _handle(request: web.Request) -> web.Response:
             "controller: %s: body not complete within %g s, closed", peer, settings.body_timeout
         )
         late = f"body not complete within {settings.body_timeout:g} s"
-        return await _reply_and_close(request, _json(408, service.reply(RES_ERR, late)))
+        return await _reply_and_close(request, _json(408, error_reply(service, late)))
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
-        return _json(413, service.reply(RES_ERR, f"body larger than {cap} bytes"))
+        return _json(413, error_reply(service, f"body larger than {cap} bytes"))
     try:
         command = parse_command(body, settings.policy)
     except ControlError as exc:
         log.warning("controller: %s: rejected: %s", peer, exc)
-        return _json(400, service.reply(RES_ERR, str(exc)))
-    status, answer = await service.execute(command)
+        return _json(400, error_reply(service, str(exc)))
+    try:
+        status, answer = 200, result_reply(await service.execute(command))
+    except StoreError as exc:
+        if command.opt in CHANGES:
+            log.error("controller: %s: opt %d not applied: %s", peer, command.opt, exc)
+        status, answer = 503, error_reply(service, f"user store unavailable: {exc}")
     log.log(
         logging.INFO if command.opt in CHANGES or command.opt is Opt.KICK else logging.DEBUG,
         "controller: %s: opt %d: res %d, %d users, revision %d",
@@ -193,7 +199,7 @@ def _unauthorized(request: web.Request) -> web.Response | None:
         return None
     log.warning("controller: %s: missing or wrong bearer token", request.remote or "unix")
     service = request.app[_SERVICE]
-    response = _json(401, service.reply(RES_ERR, "missing or wrong bearer token"))
+    response = _json(401, error_reply(service, "missing or wrong bearer token"))
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
@@ -441,8 +447,8 @@ class _ControllerRunner(web.AppRunner):
         service = self.app[_SERVICE]
         settings = self.app[_SETTINGS]
 
-        def error_reply(status: int, text: str) -> web.Response:
-            return _json(status, service.reply(RES_ERR, text))
+        def error_response(status: int, text: str) -> web.Response:
+            return _json(status, error_reply(service, text))
 
         cap = connection_cap(settings.max_connections)
         log.debug("controller: at most %d connections", cap)
@@ -451,7 +457,7 @@ class _ControllerRunner(web.AppRunner):
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=plain._loop,
-            error_reply=error_reply,
+            error_reply=error_response,
             cap=_ConnectionCap(cap),
             head_timeout=settings.head_timeout,
             **plain._kwargs,

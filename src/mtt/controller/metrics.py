@@ -9,7 +9,6 @@ users, and the label is the user's path, which is a credential.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,6 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from mtt.core.stats import LATENCY_BUCKETS
+from mtt.service.results import UserReport
 from mtt.service.user_service import UserService
 
 TUNNEL_MODES = ("plain", "smux")
@@ -47,7 +47,7 @@ async def render_metrics(service: UserService, per_user: bool) -> bytes:
 
 
 class _Snapshot(Collector):
-    def __init__(self, service: UserService, users: list[dict[str, Any]] | None) -> None:
+    def __init__(self, service: UserService, users: list[UserReport] | None) -> None:
         self._service = service
         self._users = users
 
@@ -111,7 +111,7 @@ def _by_reason(
     return family
 
 
-def _per_user(users: list[dict[str, Any]]) -> Iterator[Metric]:
+def _per_user(users: list[UserReport]) -> Iterator[Metric]:
     traffic = CounterMetricFamily(
         "mtt_user_bytes",
         "A user's payload bytes since its counters were last reset",
@@ -122,11 +122,11 @@ def _per_user(users: list[dict[str, Any]]) -> Iterator[Metric]:
         "mtt_user_quota_used_bytes", "Bytes counted against a user's quota", labels=["user"]
     )
     for user in users:
-        path = user["path"]
-        traffic.add_metric([path, "up"], user["bytes_up"])
-        traffic.add_metric([path, "down"], user["bytes_down"])
-        active.add_metric([path], user["active_tunnels"])
-        used.add_metric([path], user["quota_used"])
+        path = user.path
+        traffic.add_metric([path, "up"], user.usage.bytes_up)
+        traffic.add_metric([path, "down"], user.usage.bytes_down)
+        active.add_metric([path], user.active_tunnels)
+        used.add_metric([path], user.usage.quota_used)
     yield traffic
     yield active
     yield used

@@ -18,21 +18,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mtt.core.commands import (
-    CHANGES,
-    RES_ERR,
-    RES_OK,
-    Command,
-    Entry,
-    Opt,
-    apply_command,
-    reply,
-)
+from mtt.core.commands import CHANGES, Command, Entry, Opt, apply_command
 from mtt.core.rate import TokenSchedule
 from mtt.core.stats import StatsTotals
 from mtt.core.usage import Usage
-from mtt.core.users import LIMIT_FIELDS, User, UserTable
+from mtt.core.users import User, UserTable
 from mtt.errors import StoreError
+from mtt.service.results import Changed, Kicked, Listed, Pong, Result, UserReport
 from mtt.store.base import Store
 from mtt.transport.tasks import spawn
 
@@ -109,32 +101,19 @@ class UserService:
 
     # -- the controller ------------------------------------------------------------
 
-    async def execute(self, command: Command) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, reply) for a validated command."""
+    async def execute(self, command: Command) -> Result:
+        """Carry out a validated command; StoreError if the store cannot take it."""
         opt = command.opt
         if opt in CHANGES:
-            try:
-                revision, count = await self.change(command)
-            except StoreError as exc:
-                log.error("controller: opt %d not applied: %s", opt, exc)
-                return 503, self.reply(RES_ERR, f"user store unavailable: {exc}")
-            # This change's own revision: by the time we answer, later changes
-            # may have bumped self.revision, and a panel syncing by revision
-            # must not take another writer's change for its own.
-            return 200, reply(RES_OK, count, "", revision)
+            revision, count = await self.change(command)
+            return Changed(revision, count)
         if opt is Opt.LIST:
-            try:
-                users = await self.list_users(command.paths or None, command.reset)
-            except StoreError as exc:
-                return 503, self.reply(RES_ERR, f"user store unavailable: {exc}")
-            return 200, {**self.reply(RES_OK), "users": users}
+            reports = await self.list_users(command.paths or None, command.reset)
+            return Listed(tuple(reports), len(self.table), self.revision)
         if opt is Opt.KICK:
             kicked = await self.plane.kick(command.paths) if self.plane is not None else 0
-            return 200, {**self.reply(RES_OK), "kicked": kicked}
-        return 200, self.reply(RES_OK)
-
-    def reply(self, res: int, err_string: str = "") -> dict[str, Any]:
-        return reply(res, len(self.table), err_string, self.revision)
+            return Kicked(kicked, len(self.table), self.revision)
+        return Pong(len(self.table), self.revision)
 
     async def change(self, command: Command) -> tuple[int, int]:
         """Store, then serve: once the store has it, the change is applied
@@ -259,7 +238,7 @@ class UserService:
         if deltas:
             await self.store.add_usage(deltas)
 
-    async def list_users(self, paths: Iterable[str] | None, reset: bool) -> list[dict[str, Any]]:
+    async def list_users(self, paths: Iterable[str] | None, reset: bool) -> list[UserReport]:
         async with self._usage_lock:
             if self.plane is not None:
                 await self._collect_locked()
@@ -347,7 +326,7 @@ def _entries(items: Iterable[tuple[str, User]]) -> tuple[Entry, ...]:
     return tuple(Entry(path, user) for path, user in items)
 
 
-def _describe(path: str, user: User, usage: Usage, live: Live, now: float) -> dict[str, Any]:
+def _describe(path: str, user: User, usage: Usage, live: Live, now: float) -> UserReport:
     limits = user.limits
     if limits.expire and now >= limits.expire:
         state = "expired"
@@ -355,17 +334,4 @@ def _describe(path: str, user: User, usage: Usage, live: Live, now: float) -> di
         state = "over_quota"
     else:
         state = "ok"
-    out: dict[str, Any] = {"path": path, "dst": str(user.dst)}
-    for name in LIMIT_FIELDS:
-        out[name] = getattr(limits, name)
-    out.update(
-        bytes_up=usage.bytes_up,
-        bytes_down=usage.bytes_down,
-        quota_used=usage.quota_used,
-        active_tunnels=live.active,
-        total_tunnels=usage.total_tunnels,
-        last_seen=int(usage.last_seen),
-        client_ips=sorted(live.ips),
-        state=state,
-    )
-    return out
+    return UserReport(path, user, usage, live.active, tuple(sorted(live.ips)), state)

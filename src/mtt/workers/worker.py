@@ -127,9 +127,9 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    reading = asyncio.ensure_future(rpc.run())
-    stopped = asyncio.ensure_future(stop.wait())
-    told = asyncio.ensure_future(control.stopped.wait())
+    reading = spawn(rpc.run(), name="read the supervisor's channel")
+    stopped = spawn(stop.wait(), name="wait for SIGTERM")
+    told = spawn(control.stopped.wait(), name="wait for the supervisor's stop")
     await asyncio.wait((reading, stopped, told), return_when=asyncio.FIRST_COMPLETED)
     # Told to stop: take the grace given; the supervisor gone without a word: none.
     grace = control.stop_grace or 0.0
