@@ -9,14 +9,14 @@ malformed requests get nginx's 400. The request head is parsed by h11 with a
 size cap, under the handshake deadline. Plain HTTP sent to the TLS listener
 (first_bytes.py) gets what nginx sends there: its "plain HTTP request was
 sent to HTTPS port" 400, or a 400 as soon as the request line goes wrong.
+What to answer is decided by the sans-I/O mtt.wire.request_head (and the
+pages are mtt.wire.nginx_pages'); this module moves the bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import logging
-from base64 import b64decode
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
@@ -24,12 +24,22 @@ from typing import Any
 import h11
 
 from mtt.accept.fallback import Fallback, FallbackRelay
-from mtt.address import quote
 from mtt.config import Limits
 from mtt.core.stats import STATS
 from mtt.service.agent import Agent
 from mtt.transport.tasks import spawn
+from mtt.wire import request_head
 from mtt.wire.client_address import TrustedProxies
+from mtt.wire.nginx_pages import TO_HTTPS_PAGE, http09_page
+from mtt.wire.nginx_pages import http_response as nginx_response
+from mtt.wire.request_head import (
+    BadRequest,
+    NotFound,
+    PlainHttpOnTlsPort,
+    RequestHead,
+    ToFallback,
+    Upgrade,
+)
 from mtt.wire.request_line import RequestLineReader, Verdict
 
 log = logging.getLogger("mtt.server")
@@ -39,93 +49,16 @@ MAX_KEEPALIVE_REQUESTS = 100  # then close, like nginx's keepalive_requests
 LINGERING_TIMEOUT = 5.0  # nginx's lingering_timeout: how long an unread body is waited for
 
 
-def _page(status: int, reason: str) -> bytes:
-    return (
-        f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
-        f"<center><h1>{status} {reason}</h1></center>\r\n<hr><center>nginx</center>\r\n"
-        "</body>\r\n</html>\r\n"
-    ).encode()
-
-
-PAGES = {
-    403: ("Forbidden", _page(403, "Forbidden")),
-    404: ("Not Found", _page(404, "Not Found")),
-    400: ("Bad Request", _page(400, "Bad Request")),
-    505: ("HTTP Version Not Supported", _page(505, "HTTP Version Not Supported")),
-}
-# nginx's page for its status 497, sent as a 400 (ngx_http_error_497_page).
-TO_HTTPS_PAGE = (
-    b"<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS port</title></head>\r\n"
-    b"<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
-    b"<center>The plain HTTP request was sent to HTTPS port</center>\r\n"
-    b"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-)
-
-
 def http_response(
     status: int, head_only: bool = False, keep_alive: bool = False, body: bytes | None = None
 ) -> bytes:
-    """What nginx (server_tokens off) answers, byte for byte but for the date;
-    body replaces the status's page (a 400 with nginx's 497 page)."""
-    reason, page = PAGES[status]
-    body = page if body is None else body
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        "Server: nginx\r\n"
-        f"Date: {formatdate(usegmt=True)}\r\n"
-        "Content-Type: text/html\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
-    ).encode()
-    return head if head_only else head + body
+    """nginx's response (nginx_pages.py), dated now."""
+    return nginx_response(status, formatdate(usegmt=True), head_only, keep_alive, body)
 
 
-def upgrade_problem(request: h11.Request) -> str | None:
-    """Why this is not a WebSocket upgrade we accept (RFC 6455 §4.2.1), or None."""
-    if request.method != b"GET":
-        return f"method {request.method.decode('latin-1')}"
-    headers: dict[bytes, list[bytes]] = {}
-    for name, value in request.headers:
-        headers.setdefault(name, []).append(value)
-    upgrade = b",".join(headers.get(b"upgrade", [])).lower()
-    if b"websocket" not in [v.strip() for v in upgrade.split(b",")]:
-        return "no Upgrade: websocket"
-    connection = b",".join(headers.get(b"connection", [])).lower()
-    if b"upgrade" not in [v.strip() for v in connection.split(b",")]:
-        return "no Connection: upgrade"
-    if headers.get(b"sec-websocket-version") != [b"13"]:
-        return "Sec-WebSocket-Version is not 13"
-    keys = headers.get(b"sec-websocket-key", [])
-    try:
-        if len(keys) != 1 or len(b64decode(keys[0], validate=True)) != 16:
-            return "bad Sec-WebSocket-Key"
-    except (binascii.Error, ValueError):
-        return "bad Sec-WebSocket-Key"
-    return None
-
-
-def head_size(request: h11.Request) -> int:
-    """The size of the request head as sent (request line, headers, CRLFs)."""
-    size = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n\r\n")
-    return size + sum(len(name) + len(value) + 4 for name, value in request.headers)
-
-
-def canonical_upgrade(request: h11.Request) -> bytes:
-    """The request as the WebSocket layer gets it: only what the tunnel needs,
-    in the one spelling its parser accepts."""
-    headers = {name: value for name, value in request.headers}
-    lines = [
-        b"GET " + request.target + b" HTTP/1.1",
-        b"Host: " + headers.get(b"host", b"localhost"),
-        b"Upgrade: websocket",
-        b"Connection: Upgrade",
-        b"Sec-WebSocket-Key: " + headers[b"sec-websocket-key"],
-        b"Sec-WebSocket-Version: 13",
-    ]
-    protocols = [value for name, value in request.headers if name == b"sec-websocket-protocol"]
-    if protocols:
-        lines.append(b"Sec-WebSocket-Protocol: " + b", ".join(protocols))
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+def request_head_of(request: h11.Request) -> RequestHead:
+    """h11's parse of a request head, as the sans-I/O verdict takes it."""
+    return RequestHead(request.method, request.target, request.http_version, request.headers)
 
 
 def format_peer(ip: str, port: int | None) -> str:
@@ -149,17 +82,17 @@ class FrontProtocol(asyncio.Protocol):
     def __init__(
         self,
         agent: Agent,
-        routing_key: Callable[[bytes], str | None],
-        make_ws_protocol: Callable[[FrontProtocol, bool], Any],
+        make_ws_protocol: Callable[[FrontProtocol, Upgrade, bool], Any],
         limits: Limits,
         fallback: Fallback | None = None,
         *,
+        default_mux: bool,
         trusted: TrustedProxies | None = None,
         client: tuple[str, int] | None = None,
     ) -> None:
         self._agent = agent
         self._table = agent.table
-        self._routing_key = routing_key
+        self._default_mux = default_mux
         self._make_ws_protocol = make_ws_protocol
         self._handshake_timeout = limits.handshake_timeout
         self._limits = limits
@@ -254,7 +187,7 @@ class FrontProtocol(asyncio.Protocol):
             self._reject(505, "plain HTTP to the TLS port: HTTP version not supported")
         elif verdict.verdict is Verdict.HTTP09:
             # nginx answers HTTP/0.9 with the page alone; only GET exists there.
-            page = TO_HTTPS_PAGE if verdict.method == b"GET" else PAGES[400][1]
+            page = http09_page(verdict.method)
             log.warning("%s: plain HTTP/0.9 request to the TLS port", self.peer)
             STATS.handshake_failed("bad_request")
             if self._transport is not None and not self._transport.is_closing():
@@ -307,64 +240,64 @@ class FrontProtocol(asyncio.Protocol):
                 self.peer = format_peer(*self._client)
             else:  # X-Forwarded-For names no port
                 self.peer = format_peer(self.client_ip, None)
-        if head_size(request) > MAX_REQUEST_HEAD:
-            # h11 caps only a head still incomplete; one that arrived whole is
-            # checked here, before routing, so its size tells nothing about paths.
-            self._reject(400, "request head larger than 16 KiB")
-            return
-        if self._on_tls_port:
-            self._to_https_page(request)
-            return
-        key = self._routing_key(request.target)
-        user = self._table.lookup(key) if key is not None else None
-        if key is None or user is None:
-            reason = f"no user for path {quote(request.target.decode('latin-1'), 200)}"
-            STATS.handshake_failed("unknown_path")
-        elif (problem := upgrade_problem(request)) is not None:
-            reason = f"{key}: not a WebSocket upgrade ({problem})"
-            STATS.handshake_failed("not_websocket")
-        else:
-            head = canonical_upgrade(request)
-            verdict = self._agent.admission(key, user, self.client_ip)
-            if verdict is None:
-                self._hand_over(head, admitted=False)
-            else:
-                self._done = True
-                self._early = bytearray()
-                assert self._transport is not None
-                self._transport.pause_reading()
-                spawn(self._admit(key, head, verdict), name=f"admit {self.peer}")
-            return
-        if self._fallback is not None:
-            self._to_fallback(self._fallback)
-            return
-        log.warning("%s: %s", self.peer, reason)
-        keep_alive = (
-            self._requests < MAX_KEEPALIVE_REQUESTS
-            and request.http_version == b"1.1"
-            and not any(
-                name == b"connection" and b"close" in value.lower()
-                for name, value in request.headers
-            )
+        verdict = request_head.verdict(
+            request_head_of(request),
+            route_exists=self._table.__contains__,
+            default_mux=self._default_mux,
+            max_head=MAX_REQUEST_HEAD,
+            keep_alive_allowed=self._requests < MAX_KEEPALIVE_REQUESTS,
+            fallback=self._fallback is not None,
+            on_tls_port=self._on_tls_port,
         )
+        if isinstance(verdict, Upgrade):
+            self._upgrade(verdict)
+        elif isinstance(verdict, NotFound):
+            self._not_found(verdict)
+        elif isinstance(verdict, ToFallback):
+            STATS.handshake_failed(verdict.failure)
+            assert self._fallback is not None
+            self._to_fallback(self._fallback)
+        elif isinstance(verdict, BadRequest):
+            self._reject(400, verdict.reason)
+        else:
+            self._to_https_page(verdict)
+
+    def _upgrade(self, upgrade: Upgrade) -> None:
+        """Hand a valid upgrade over, after the user service's admission for a
+        user with server-wide limits."""
+        user = self._table.lookup(upgrade.key)
+        assert user is not None  # the verdict just found it
+        admission = self._agent.admission(upgrade.key, user, self.client_ip)
+        if admission is None:
+            self._hand_over(upgrade, admitted=False)
+            return
+        self._done = True
+        self._early = bytearray()
+        assert self._transport is not None
+        self._transport.pause_reading()
+        spawn(self._admit(upgrade, admission), name=f"admit {self.peer}")
+
+    def _not_found(self, verdict: NotFound) -> None:
+        STATS.handshake_failed(verdict.failure)
+        log.warning("%s: %s", self.peer, verdict.reason)
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.write(http_response(404, request.method == b"HEAD", keep_alive))
-        if not keep_alive:
+            transport.write(http_response(404, verdict.head_only, verdict.keep_alive))
+        if not verdict.keep_alive:
             self._close()
             return
         # h11 must see our side of the exchange to allow the next request.
         self._http.send(h11.Response(status_code=404, headers=[("content-length", "0")]))
         self._http.send(h11.EndOfMessage())
 
-    def _to_https_page(self, request: h11.Request) -> None:
+    def _to_https_page(self, verdict: PlainHttpOnTlsPort) -> None:
         """nginx's answer to plain HTTP on its TLS port; a body announced and
         not yet sent is read and dropped for up to 5 s before the close."""
         log.warning("%s: plain HTTP request to the TLS port", self.peer)
         STATS.handshake_failed("bad_request")
         self._done = True
         self._cancel_timer()
-        page = http_response(400, request.method == b"HEAD", body=TO_HTTPS_PAGE)
+        page = http_response(400, verdict.head_only, body=TO_HTTPS_PAGE)
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(page)
         if self._http.their_state is not h11.SEND_BODY:
@@ -392,10 +325,11 @@ class FrontProtocol(asyncio.Protocol):
             self._handshake_timeout, self._on_timeout
         )
 
-    async def _admit(self, key: str, head: bytes, verdict: Awaitable[str | None]) -> None:
+    async def _admit(self, upgrade: Upgrade, admission: Awaitable[str | None]) -> None:
         """Ask the user service about server-wide limits, then open or refuse."""
+        key = upgrade.key
         try:
-            refused = await verdict
+            refused = await admission
         except ConnectionError:
             refused = "user service unreachable"
         self._cancel_timer()
@@ -411,19 +345,19 @@ class FrontProtocol(asyncio.Protocol):
             transport.close()
             return
         transport.resume_reading()
-        self._hand_over(head, admitted=True)
+        self._hand_over(upgrade, admitted=True)
 
-    def _hand_over(self, head: bytes, admitted: bool) -> None:
+    def _hand_over(self, upgrade: Upgrade, admitted: bool) -> None:
         """Give the connection to the WebSocket layer, replaying the request."""
         self._done = True
         self._cancel_timer()
         transport = self._transport
         assert transport is not None
         trailing, _ = self._http.trailing_data
-        data = head + bytes(trailing) + (self._early or b"")
+        data = upgrade.head + bytes(trailing) + (self._early or b"")
         self._early = None
         STATS.handshake_done(asyncio.get_running_loop().time() - self._accepted)
-        ws_protocol = self._make_ws_protocol(self, admitted)
+        ws_protocol = self._make_ws_protocol(self, upgrade, admitted)
         transport.set_protocol(ws_protocol)
         ws_protocol.connection_made(transport)
         view = memoryview(data)

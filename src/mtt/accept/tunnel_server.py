@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import ssl
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +25,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
 from mtt.accept.fallback import Fallback
 from mtt.accept.first_bytes import FirstBytes
-from mtt.accept.front import PAGES, FrontProtocol
+from mtt.accept.front import FrontProtocol
 from mtt.accept.prelude import ProxyPrelude
 from mtt.accept.tls_setup import TlsSpec
 from mtt.config import Limits
@@ -36,39 +34,10 @@ from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
 from mtt.transport.tls import load_pem_into
 from mtt.wire.client_address import TrustedProxies
+from mtt.wire.nginx_pages import PAGES
+from mtt.wire.request_head import Upgrade, choose_subprotocol, routing_key  # noqa: F401 (re-exported)
 
 log = logging.getLogger("mtt.server")
-
-SMUX_ON = "smux_on"
-SMUX_OFF = "smux_off"
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
-
-
-def routing_key(target: bytes) -> str | None:
-    """The user-table key of a request target: path only, percent-decoded.
-
-    None when the target cannot name a user (bad escape, not UTF-8).
-    """
-    if target.startswith((b"http://", b"https://")):  # absolute form
-        target = urllib.parse.urlsplit(target).path or b"/"
-    path = target.split(b"?", 1)[0].split(b"#", 1)[0]
-    if _BAD_ESCAPE.search(path):
-        return None
-    try:
-        return urllib.parse.unquote_to_bytes(path).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def choose_subprotocol(header: str | None, default_mux: bool) -> tuple[bool, str | None]:
-    """(mux?, sub-protocol to echo), preferring smux_on like gorilla's Upgrader."""
-    if header:
-        offered = {item.strip() for item in header.split(",")}
-        if SMUX_ON in offered:
-            return True, SMUX_ON
-        if SMUX_OFF in offered:
-            return False, SMUX_OFF
-    return default_mux, None
 
 
 class _NoTcpOptionsSocket:
@@ -140,15 +109,18 @@ class TunnelServer:
         self.unix = False
         self._ws_logger = logging.getLogger("mtt.ws")
 
-    def _protocol_factory(self, front: FrontProtocol, admitted: bool) -> WSProtocol:
+    def _protocol_factory(
+        self, front: FrontProtocol, upgrade: Upgrade, admitted: bool
+    ) -> WSProtocol:
         """The WebSocket layer for a connection whose request head the front
-        layer accepted (and, for users with server-wide limits, admitted)."""
+        layer accepted as `upgrade` (and, for users with server-wide limits,
+        admitted)."""
         limits = self.limits
         peer = front.peer  # the client's, as the front layer settled it
         client_ip = front.client_ip
 
         def route(request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
-            return self._route(request, peer, client_ip, admitted)
+            return self._route(upgrade, peer, client_ip, admitted)
 
         protocol_class = _UnixWSProtocol if self.unix else WSProtocol
         return protocol_class(
@@ -170,13 +142,15 @@ class TunnelServer:
         )
 
     def _route(
-        self, request: WSUpgradeRequest, peer: str, client_ip: str, admitted: bool
+        self, upgrade: Upgrade, peer: str, client_ip: str, admitted: bool
     ) -> WSUpgradeResponseWithListener:
-        key = routing_key(request.path)
-        user = self.table.lookup(key) if key is not None else None
+        """The 101 with the tunnel the front layer's verdict chose, unless the
+        user was deleted while being admitted."""
+        key, mux, subprotocol = upgrade.key, upgrade.mux, upgrade.subprotocol
+        user = self.table.lookup(key)
         if user is None:  # deleted since the front layer looked
             log.info("%s: user %s deleted during the upgrade", peer, key)
-            if admitted and key is not None:
+            if admitted:
                 self.agent.abandon(key, client_ip)
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_error_response(
@@ -184,10 +158,6 @@ class TunnelServer:
                 ),
                 None,
             )
-        assert key is not None
-        mux, subprotocol = choose_subprotocol(
-            request.headers.get("Sec-WebSocket-Protocol"), self.default_mux
-        )
         account = TunnelAccount(self.agent, key, user, client_ip, admitted)
         listener: WSListener
         if mux:
@@ -219,10 +189,10 @@ class TunnelServer:
         def front(client: tuple[str, int] | None = None) -> FrontProtocol:
             return FrontProtocol(
                 self.agent,
-                routing_key,
                 self._protocol_factory,
                 self.limits,
                 self.fallback,
+                default_mux=self.default_mux,
                 trusted=self.trusted,
                 client=client,
             )
