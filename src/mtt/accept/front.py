@@ -24,7 +24,7 @@ from typing import Any
 import h11
 
 from mtt.accept.fallback import Fallback, FallbackRelay
-from mtt.address import quote
+from mtt.address import format_hostport, quote
 from mtt.config import Limits
 from mtt.core.stats import STATS
 from mtt.service.agent import Agent
@@ -135,7 +135,7 @@ def format_peer(ip: str, port: int | None) -> str:
         return "unix"
     if port is None:
         return ip
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return format_hostport(ip, port)
 
 
 class FrontProtocol(asyncio.Protocol):

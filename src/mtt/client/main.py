@@ -20,7 +20,7 @@ from typing import Any
 
 import uvloop
 
-from mtt.address import parse_destination
+from mtt.address import format_hostport, parse_destination
 from mtt.cli import FlagSet, run_cli
 from mtt.client import ClientConfig, ClientLimits, sip003
 from mtt.client.dialer import Dialer
@@ -207,7 +207,7 @@ async def serve(config: ClientConfig, ready: Callable[[str], None] | None = None
     sock = tcp_listen_socket(config.bind, fast_open=config.fast_open)
     server = await loop.create_server(client.new_connection, sock=sock)
     host, port = sock.getsockname()[:2]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = format_hostport(host, port)
     mode = f"smux, up to {config.mux_max_stream} streams a session" if config.mux else "plain"
     log.info(
         "listening on %s (to %s as %s, %s)", where, client.dialer.target, config.server_name, mode

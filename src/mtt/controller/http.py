@@ -29,6 +29,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from mtt.address import format_hostport
 from mtt.config import Limits
 from mtt.controller.metrics import render_metrics
 from mtt.core.commands import CHANGES, RES_ERR, Opt, parse_command
@@ -504,4 +505,4 @@ async def start_controller(
         os.chmod(address, 0o660)  # the panel's group may use it, nobody else
         return runner, address
     bound = runner.addresses[0]
-    return runner, f"{bound[0]}:{bound[1]}"
+    return runner, format_hostport(bound[0], bound[1])

@@ -16,6 +16,7 @@ import uvloop
 from mtt.accept.fallback import Fallback
 from mtt.accept.tls_setup import resolve_tls, tls_context
 from mtt.accept.tunnel_server import TunnelServer
+from mtt.address import format_hostport
 from mtt.cli import FlagSet, run_cli
 from mtt.config import Limits, ServerConfig
 from mtt.controller.http import (
@@ -225,7 +226,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         )
         await server.start(sock)
         bound = sock.getsockname()
-        where = bound if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
+        where = bound if isinstance(bound, str) else format_hostport(bound[0], bound[1])
         service.attach(LocalPlane(agent))
     try:
         runner, controller_at = await start_controller(

@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Any
 
+from mtt.address import format_hostport
 from mtt.config import ServerConfig
 from mtt.core.commands import Command
 from mtt.core.usage import Usage
@@ -159,14 +160,14 @@ class WorkerPool:
             return self._shared
         host = self.config.bind.rsplit(":", 1)[0]
         return tcp_listen_socket(
-            f"{host}:{self._port}", fast_open=self.config.fast_open, reuse_port=True
+            format_hostport(host, self._port), fast_open=self.config.fast_open, reuse_port=True
         )
 
     def bound_address(self) -> str:
         if self.config.bind_unix:
             return self.config.bind
         host = self.config.bind.rsplit(":", 1)[0]
-        return f"{host}:{self._port}"
+        return format_hostport(host, self._port)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class WorkerPool:
             probe.close()
             # Hold the port (bound, never listening) so a restarted worker gets it back.
             self._placeholder = tcp_listen_socket(
-                f"{host}:{self._port}", reuse_port=True, listen=False
+                format_hostport(host, self._port), reuse_port=True, listen=False
             )
         await asyncio.gather(*(self._start_worker(w) for w in self.workers))
         for worker in self.workers:
