@@ -28,7 +28,7 @@ from mtt.core.commands import (
     apply_command,
     reply,
 )
-from mtt.core.rate import TokenSchedule
+from mtt.core.rate import Direction, TokenSchedule
 from mtt.core.stats import StatsTotals
 from mtt.core.usage import Usage
 from mtt.core.users import LIMIT_FIELDS, User, UserTable
@@ -67,7 +67,7 @@ class UserService:
         self.live: dict[str, Live] = {}
         # Tunnels admitted against server-wide limits: path -> (agent, ip) -> count.
         self._admitted: dict[str, Counter[tuple[int, str]]] = {}
-        self._schedules: dict[tuple[str, int], TokenSchedule] = {}
+        self._schedules: dict[tuple[str, Direction], TokenSchedule] = {}
         self._change_lock = asyncio.Lock()
         self._reload_queued = False
         self._usage_lock = asyncio.Lock()
@@ -329,7 +329,7 @@ class UserService:
             if not admitted:
                 del self._admitted[path]
 
-    async def tokens(self, path: str, direction: int, want: int) -> int:
+    async def tokens(self, path: str, direction: Direction, want: int) -> int:
         user = self.table.lookup(path)
         if user is None or not user.limits.rate:
             return max(want, 1 << 30)  # no limit (any more)

@@ -21,6 +21,7 @@ from typing import Any
 from mtt.address import format_hostport
 from mtt.config import ServerConfig
 from mtt.core.commands import Command
+from mtt.core.rate import Direction
 from mtt.core.usage import Usage
 from mtt.errors import ProtocolError
 from mtt.service.user_service import UserService
@@ -93,7 +94,9 @@ class Worker:
         if op == "admit":
             return self._admit(message["path"], message["ip"])
         if op == "tokens":
-            return self._tokens(message["path"], int(message["dir"]), int(message["want"]))
+            return self._tokens(
+                message["path"], Direction(int(message["dir"])), int(message["want"])
+            )
         if op == "release":
             usage = Usage.from_wire(message["usage"])
             spawn(
@@ -110,7 +113,7 @@ class Worker:
     async def _admit(self, path: str, ip: str) -> Message:
         return {"refused": await self.service.admit(self.index, path, ip)}
 
-    async def _tokens(self, path: str, direction: int, want: int) -> Message:
+    async def _tokens(self, path: str, direction: Direction, want: int) -> Message:
         return {"grant": await self.service.tokens(path, direction, want)}
 
     async def request(self, body: bytes) -> Message:
