@@ -34,10 +34,6 @@ from mtt.wire.request_line import RequestLineReader, Verdict
 
 log = logging.getLogger("mtt.server")
 
-MAX_REQUEST_HEAD = 16 * 1024  # nginx's large_client_header_buffers is 4 x 8 KiB
-MAX_KEEPALIVE_REQUESTS = 100  # then close, like nginx's keepalive_requests
-LINGERING_TIMEOUT = 5.0  # nginx's lingering_timeout: how long an unread body is waited for
-
 
 def _page(status: int, reason: str) -> bytes:
     return (
@@ -166,7 +162,7 @@ class FrontProtocol(asyncio.Protocol):
         self._fallback = fallback
         self._raw = bytearray()  # what the client sent, replayed to a fallback site
         self._transport: asyncio.Transport | None = None
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_request_head)
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
         self._requests = 0
@@ -307,7 +303,7 @@ class FrontProtocol(asyncio.Protocol):
                 self.peer = format_peer(*self._client)
             else:  # X-Forwarded-For names no port
                 self.peer = format_peer(self.client_ip, None)
-        if head_size(request) > MAX_REQUEST_HEAD:
+        if head_size(request) > self._limits.max_request_head:
             # h11 caps only a head still incomplete; one that arrived whole is
             # checked here, before routing, so its size tells nothing about paths.
             self._reject(400, "request head larger than 16 KiB")
@@ -340,7 +336,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         log.warning("%s: %s", self.peer, reason)
         keep_alive = (
-            self._requests < MAX_KEEPALIVE_REQUESTS
+            self._requests < self._limits.max_keepalive_requests
             and request.http_version == b"1.1"
             and not any(
                 name == b"connection" and b"close" in value.lower()
@@ -371,7 +367,9 @@ class FrontProtocol(asyncio.Protocol):
             self._close()
             return
         self._discarding = True
-        self._timer = asyncio.get_running_loop().call_later(LINGERING_TIMEOUT, self._close)
+        self._timer = asyncio.get_running_loop().call_later(
+            self._limits.lingering_timeout, self._close
+        )
         self._discard_body(b"")
 
     def _discard_body(self, data: bytes) -> None:

@@ -27,6 +27,7 @@ from mtt.client.dialer import Dialer
 from mtt.client.mux import MuxLocalStream, MuxPool
 from mtt.client.plain import PlainClientTunnel, Tunnels
 from mtt.errors import ConfigError
+from mtt.smux import SmuxConfig
 from mtt.transport.dst import DstConnection
 from mtt.transport.listen import tcp_listen_socket
 
@@ -49,7 +50,7 @@ GO_DEFAULTS: dict[str, Any] = {
     "V": False,
     "vpn": False,
 }
-MAX_STREAMS = 16  # what the server accepts per session
+MAX_STREAMS = SmuxConfig().max_streams  # what the server accepts per session
 
 
 def build_flags(defaults: Mapping[str, Any] | None = None) -> FlagSet:
@@ -225,7 +226,7 @@ async def serve(config: ClientConfig, ready: Callable[[str], None] | None = None
         client.tunnels.shutdown()
         # Let the close frames and FINs reach the sockets, briefly; then drop the rest.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(client.tunnels.all_closed.wait(), 1.0)
+            await asyncio.wait_for(client.tunnels.all_closed.wait(), config.limits.shutdown_linger)
         client.tunnels.abort()
 
 

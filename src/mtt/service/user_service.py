@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mtt.config import Limits
 from mtt.core.commands import (
     CHANGES,
     RES_ERR,
@@ -38,7 +39,7 @@ from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.service")
 
-COLLECT_INTERVAL = 1.0  # how stale quota decisions and metrics may be for open tunnels
+_LIMITS = Limits()
 
 
 class Plane(Protocol):
@@ -214,7 +215,7 @@ class UserService:
 
     async def _collect_loop(self) -> None:
         while True:
-            await asyncio.sleep(COLLECT_INTERVAL)
+            await asyncio.sleep(_LIMITS.collect_interval)
             try:
                 await self.collect()
             except (StoreError, ConnectionError, OSError) as exc:
