@@ -18,7 +18,18 @@ class Destination:
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_hostport(self.host, self.port)
+
+
+def format_hostport(host: str, port: int | str) -> str:
+    """host:port as Go's net.JoinHostPort writes it: an IPv6 host in brackets.
+
+    The one formatter of addresses, so every log line and reply reads back with
+    parse_destination; a host already in brackets is kept as it is.
+    """
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
 
 
 def parse_destination(text: str, *, allow_empty_host: bool = False) -> Destination:

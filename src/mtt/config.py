@@ -50,6 +50,46 @@ class Limits:
     # Open controller connections; past it new ones get a 503 and are closed at once. At start it
     # is lowered to a quarter of RLIMIT_NOFILE, so a flood leaves descriptors to the tunnels.
     controller_max_connections: int = 1024
+    # The controller takes at most 1/controller_fd_share of the descriptors (the quarter above):
+    # the tunnel listener, in the same process with -workers 1, keeps the rest through a flood.
+    controller_fd_share: int = 4
+    # A flood of refused controller connections is logged once, then at most this often.
+    controller_refusal_log_interval: float = 60.0
+    # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB).
+    max_request_head: int = 16 * KiB
+    # Requests on one keep-alive connection of the tunnel port's HTTP front; then it closes,
+    # like nginx's keepalive_requests.
+    max_keepalive_requests: int = 100
+    # How long an unread request body is waited for before the connection closes after an
+    # error reply (nginx's lingering_timeout).
+    lingering_timeout: float = 5.0
+    # Queue of not yet accepted connections of every listening socket (tunnel, workers, client).
+    listen_backlog: int = 4096
+    # How often open tunnels' counters are collected: how stale quota decisions and metrics
+    # may be for open tunnels.
+    collect_interval: float = 1.0
+    # How often -cert and -key are checked for a new certificate (SIGHUP reloads at once).
+    cert_poll_interval: float = 5.0
+    # Largest message on the supervisor-worker channel: a full snapshot of a million users
+    # is well below this; a larger length is a broken channel.
+    max_worker_message: int = 1 << 30
+    # A started worker must say it is ready within this ...
+    worker_start_timeout: float = 30.0
+    # ... and apply a change within this, or it is restarted ...
+    worker_apply_timeout: float = 60.0
+    # ... after this pause, so a worker that dies at once does not spin.
+    worker_restart_delay: float = 1.0
+    # At shutdown, workers get the grace period plus this to exit before they are killed ...
+    worker_exit_margin: float = 15.0
+    # ... and their final reports this long to arrive.
+    worker_final_report_wait: float = 5.0
+    # Every read and connect of a Redis store (-store redis://): a stalled Redis is an error.
+    redis_socket_timeout: float = 5.0
+    # How often a node compares its user table's revision with Redis's (a lost change
+    # message is repaired within redis_check_interval + redis_settle) ...
+    redis_check_interval: float = 2.0
+    # ... and how long a revision Redis has may stay unannounced before a reload.
+    redis_settle: float = 0.5
     # smux sessions inside WebSockets.
     smux: SmuxConfig = field(default_factory=SmuxConfig)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import h11
 import pytest
 
-from mtt.accept.front import MAX_REQUEST_HEAD, request_head_of
+from mtt.accept.front import request_head_of
+from mtt.config import Limits
 from mtt.wire.nginx_pages import TO_HTTPS_PAGE, http09_page, http_response
 from mtt.wire.request_head import (
     BadRequest,
@@ -128,6 +129,7 @@ def unknown(shown: str, **kw: bool) -> NotFound:
 
 
 _LONG = "/" + "x" * 300
+MAX_REQUEST_HEAD = Limits().max_request_head
 _PADDING = "X-Padding: " + "p" * (MAX_REQUEST_HEAD - len(request()) - len("X-Padding: \r\n"))
 _AT_THE_CAP = request(extra=(_PADDING,))
 _OVER_THE_CAP = request(extra=(_PADDING + "p",))

@@ -24,6 +24,7 @@ from typing import Any
 import h11
 
 from mtt.accept.fallback import Fallback, FallbackRelay
+from mtt.address import format_hostport
 from mtt.config import Limits
 from mtt.core.stats import STATS
 from mtt.service.agent import Agent
@@ -43,10 +44,6 @@ from mtt.wire.request_head import (
 from mtt.wire.request_line import RequestLineReader, Verdict
 
 log = logging.getLogger("mtt.server")
-
-MAX_REQUEST_HEAD = 16 * 1024  # nginx's large_client_header_buffers is 4 x 8 KiB
-MAX_KEEPALIVE_REQUESTS = 100  # then close, like nginx's keepalive_requests
-LINGERING_TIMEOUT = 5.0  # nginx's lingering_timeout: how long an unread body is waited for
 
 
 def http_response(
@@ -68,7 +65,7 @@ def format_peer(ip: str, port: int | None) -> str:
         return "unix"
     if port is None:
         return ip
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return format_hostport(ip, port)
 
 
 class FrontProtocol(asyncio.Protocol):
@@ -99,7 +96,7 @@ class FrontProtocol(asyncio.Protocol):
         self._fallback = fallback
         self._raw = bytearray()  # what the client sent, replayed to a fallback site
         self._transport: asyncio.Transport | None = None
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_request_head)
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
         self._requests = 0
@@ -244,8 +241,8 @@ class FrontProtocol(asyncio.Protocol):
             request_head_of(request),
             route_exists=self._table.__contains__,
             default_mux=self._default_mux,
-            max_head=MAX_REQUEST_HEAD,
-            keep_alive_allowed=self._requests < MAX_KEEPALIVE_REQUESTS,
+            max_head=self._limits.max_request_head,
+            keep_alive_allowed=self._requests < self._limits.max_keepalive_requests,
             fallback=self._fallback is not None,
             on_tls_port=self._on_tls_port,
         )
@@ -304,7 +301,9 @@ class FrontProtocol(asyncio.Protocol):
             self._close()
             return
         self._discarding = True
-        self._timer = asyncio.get_running_loop().call_later(LINGERING_TIMEOUT, self._close)
+        self._timer = asyncio.get_running_loop().call_later(
+            self._limits.lingering_timeout, self._close
+        )
         self._discard_body(b"")
 
     def _discard_body(self, data: bytes) -> None:

@@ -208,7 +208,9 @@ class TunnelServer:
             factory = front
         # aiofastnet (by picows' author) runs TLS in C with fewer copies than
         # asyncio's or uvloop's SSL transports: the tunnel data plane's biggest cost.
-        self._server = await aiofastnet.create_server(loop, factory, sock=sock, backlog=4096)
+        self._server = await aiofastnet.create_server(
+            loop, factory, sock=sock, backlog=self.limits.listen_backlog
+        )
 
     def close(self) -> None:
         """Stop accepting and close every established tunnel now."""

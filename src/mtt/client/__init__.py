@@ -37,6 +37,9 @@ class ClientLimits:
     max_ws_frame: int = 1024 * KiB
     # How long a closed tunnel may wait for a slow peer to take its last bytes.
     close_linger: float = 5.0
+    # At shutdown, how long the close frames and FINs get to reach the sockets; then the rest
+    # is dropped.
+    shutdown_linger: float = 1.0
     # smux as mos-tls-tunnel configures it (docs/protocol.md §5), client side.
     smux: SmuxConfig = field(default_factory=lambda: SmuxConfig(is_client=True, version=1))
 

@@ -20,13 +20,14 @@ from typing import Any
 
 import uvloop
 
-from mtt.address import parse_destination
+from mtt.address import format_hostport, parse_destination
 from mtt.cli import FlagSet, run_cli
 from mtt.client import ClientConfig, ClientLimits, sip003
 from mtt.client.dialer import Dialer
 from mtt.client.mux import MuxLocalStream, MuxPool
 from mtt.client.plain import PlainClientTunnel, Tunnels
 from mtt.errors import ConfigError
+from mtt.smux import SmuxConfig
 from mtt.transport.dst import DstConnection
 from mtt.transport.listen import tcp_listen_socket
 
@@ -49,7 +50,7 @@ GO_DEFAULTS: dict[str, Any] = {
     "V": False,
     "vpn": False,
 }
-MAX_STREAMS = 16  # what the server accepts per session
+MAX_STREAMS = SmuxConfig().max_streams  # what the server accepts per session
 
 
 def build_flags(defaults: Mapping[str, Any] | None = None) -> FlagSet:
@@ -207,7 +208,7 @@ async def serve(config: ClientConfig, ready: Callable[[str], None] | None = None
     sock = tcp_listen_socket(config.bind, fast_open=config.fast_open)
     server = await loop.create_server(client.new_connection, sock=sock)
     host, port = sock.getsockname()[:2]
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = format_hostport(host, port)
     mode = f"smux, up to {config.mux_max_stream} streams a session" if config.mux else "plain"
     log.info(
         "listening on %s (to %s as %s, %s)", where, client.dialer.target, config.server_name, mode
@@ -225,7 +226,7 @@ async def serve(config: ClientConfig, ready: Callable[[str], None] | None = None
         client.tunnels.shutdown()
         # Let the close frames and FINs reach the sockets, briefly; then drop the rest.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(client.tunnels.all_closed.wait(), 1.0)
+            await asyncio.wait_for(client.tunnels.all_closed.wait(), config.limits.shutdown_linger)
         client.tunnels.abort()
 
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from picows import WSCloseCode, WSFrame, WSHandshakeError, WSListener, WSMsgType, WSTransport
 
+from mtt.address import format_hostport
 from mtt.client import ClientConfig
 from mtt.client.dialer import SMUX_OFF, Dialer, describe_error
 from mtt.transport.dst import DstConnection
@@ -42,8 +43,7 @@ def local_peer(conn: DstConnection) -> str:
 
 def peer_name(peer: object) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return format_hostport(str(peer[0]), peer[1])
     return "local"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mtt.address import format_hostport
 from mtt.errors import ConfigError
 
 ADDRESS_VARS = ("SS_REMOTE_HOST", "SS_REMOTE_PORT", "SS_LOCAL_HOST", "SS_LOCAL_PORT")
@@ -32,10 +33,8 @@ class PluginEnv:
 
 
 def join_host_port(host: str, port: str) -> str:
-    """Go's net.JoinHostPort: an IPv6 host gets brackets."""
-    if ":" in host and not host.startswith("["):
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
+    """Go's net.JoinHostPort: an IPv6 host gets brackets (SIP003 passes the port as text)."""
+    return format_hostport(host, port)
 
 
 def split_options(text: str) -> list[tuple[str, str | None]]:

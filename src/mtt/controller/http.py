@@ -29,6 +29,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from mtt.address import format_hostport
 from mtt.config import Limits
 from mtt.controller.metrics import render_metrics
 from mtt.controller.replies import error_reply, result_reply
@@ -43,11 +44,6 @@ log = logging.getLogger("mtt.controller")
 _SERVICE: web.AppKey[UserService] = web.AppKey("service")
 TOKEN_ENV = "MTT_CONTROLLER_TOKEN"
 _LIMITS = Limits()
-# The controller takes at most this share of the descriptors (1/FD_SHARE): the tunnel
-# listener, in the same process with -workers 1, keeps the rest through a flood.
-FD_SHARE = 4
-# A flood of refused connections is logged once, then at most once per this many seconds.
-REFUSAL_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +222,7 @@ _ErrorReply = Callable[[int, str], web.Response]
 
 
 def connection_cap(wanted: int) -> int:
-    """wanted, lowered to 1/FD_SHARE of this process's descriptor limit.
+    """wanted, lowered to 1/Limits.controller_fd_share of this process's descriptor limit.
 
     Read as the controller starts (after any raise of the soft limit): a flood
     of controller connections then leaves the tunnel listener, which shares
@@ -235,7 +231,7 @@ def connection_cap(wanted: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return wanted
-    return max(1, min(wanted, soft // FD_SHARE))
+    return max(1, min(wanted, soft // _LIMITS.controller_fd_share))
 
 
 def _peer_of(transport: asyncio.BaseTransport) -> str:
@@ -246,7 +242,7 @@ def _peer_of(transport: asyncio.BaseTransport) -> str:
 class _ConnectionCap:
     """Counts open controller connections and refuses those past the cap.
 
-    A flood is one warning, then at most one per REFUSAL_LOG_INTERVAL with the
+    A flood is one warning, then at most one per Limits.controller_refusal_log_interval with the
     number refused meanwhile, never a line per connection.
     """
 
@@ -273,7 +269,7 @@ class _ConnectionCap:
                 peer,
             )
             self._refused = 0
-            self._next_log = now + REFUSAL_LOG_INTERVAL
+            self._next_log = now + _LIMITS.controller_refusal_log_interval
         return False
 
     def release(self) -> None:
@@ -510,4 +506,4 @@ async def start_controller(
         os.chmod(address, 0o660)  # the panel's group may use it, nobody else
         return runner, address
     bound = runner.addresses[0]
-    return runner, f"{bound[0]}:{bound[1]}"
+    return runner, format_hostport(bound[0], bound[1])

@@ -12,11 +12,18 @@ the long-run rate exact.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Protocol
 
-UP = 0
-DOWN = 1
+
+class Direction(enum.IntEnum):
+    """Which way bytes go: a tunnel's two throttles, a schedule's key, the RPC's "dir"."""
+
+    UP = 0  # client to dst
+    DOWN = 1  # dst to client
+
+
 BURST = 0.05  # seconds of rate a quiet user may spend at once
 MIN_GRANT = 4096
 
@@ -43,8 +50,8 @@ class TokenSchedule:
 class Pausable(Protocol):
     """A tunnel, as its throttle sees it."""
 
-    def throttle_pause(self, direction: int) -> None: ...
-    def throttle_resume(self, direction: int) -> None: ...
+    def throttle_pause(self, direction: Direction) -> None: ...
+    def throttle_resume(self, direction: Direction) -> None: ...
 
 
 class Throttle:
@@ -52,7 +59,7 @@ class Throttle:
 
     __slots__ = ("_ask", "_asking", "_paused", "allowance", "direction")
 
-    def __init__(self, direction: int, ask: Callable[[int], None]) -> None:
+    def __init__(self, direction: Direction, ask: Callable[[int], None]) -> None:
         self.direction = direction
         self.allowance = 0
         self._ask = ask  # request n more bytes; the answer comes to granted()

@@ -16,6 +16,7 @@ import uvloop
 from mtt.accept.fallback import Fallback
 from mtt.accept.tls_setup import resolve_tls, tls_context
 from mtt.accept.tunnel_server import TunnelServer
+from mtt.address import format_hostport
 from mtt.cli import FlagSet, run_cli
 from mtt.config import Limits, ServerConfig
 from mtt.controller.http import (
@@ -225,17 +226,17 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         )
         await server.start(sock)
         bound = sock.getsockname()
-        where = bound if isinstance(bound, str) else f"{bound[0]}:{bound[1]}"
+        where = bound if isinstance(bound, str) else format_hostport(bound[0], bound[1])
         service.attach(LocalPlane(agent))
     try:
         runner, controller_at = await start_controller(
             config.controller,
             service,
             ControllerSettings(
-                config.limits.max_control_body,
-                config.controller_token,
-                config.allow_dst,
-                config.metrics_per_user,
+                max_body=config.limits.max_control_body,
+                token=config.controller_token,
+                policy=config.allow_dst,
+                metrics_per_user=config.metrics_per_user,
                 head_timeout=config.limits.controller_head_timeout,
                 body_timeout=config.limits.controller_body_timeout,
                 keepalive=config.limits.controller_keepalive,
@@ -270,7 +271,10 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         loop.add_signal_handler(
             signal.SIGHUP, lambda: spawn(reload_tls("SIGHUP"), name="reload certificate")
         )
-        watcher = spawn(_watch_files((config.cert, config.key), reload_tls), name="cert watch")
+        watcher = spawn(
+            _watch_files((config.cert, config.key), reload_tls, config.limits.cert_poll_interval),
+            name="cert watch",
+        )
     if nofile:  # said once the start can no longer fail: a failed start is one line
         log.info("%s", nofile)
     # Ready, signals included: whoever waits for this line may signal at once.
@@ -294,10 +298,9 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         log.info("stopped")
 
 
-CERT_POLL_INTERVAL = 5.0
-
-
-async def _watch_files(paths: Sequence[str], on_change: Callable[[str], Awaitable[None]]) -> None:
+async def _watch_files(
+    paths: Sequence[str], on_change: Callable[[str], Awaitable[None]], interval: float
+) -> None:
     """Call on_change when a file's mtime or size changes (certbot renewals)."""
 
     def stamp() -> list[tuple[float, int] | None]:
@@ -312,7 +315,7 @@ async def _watch_files(paths: Sequence[str], on_change: Callable[[str], Awaitabl
 
     last = stamp()
     while True:
-        await asyncio.sleep(CERT_POLL_INTERVAL)
+        await asyncio.sleep(interval)
         now = stamp()
         if now != last and None not in now:
             last = now

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from mtt.core.commands import Command, apply_command
 from mtt.core.meter import MeteredTunnel
-from mtt.core.rate import DOWN, UP, Pausable, Throttle
+from mtt.core.rate import Direction, Pausable, Throttle
 from mtt.core.stats import STATS
 from mtt.core.usage import Usage
 from mtt.core.users import User, UserTable
@@ -35,7 +35,7 @@ class ServiceLink(Protocol):
         """An admitted tunnel closed; delta is its user's uncounted traffic."""
         ...
 
-    async def tokens(self, path: str, direction: int, want: int) -> int: ...
+    async def tokens(self, path: str, direction: Direction, want: int) -> int: ...
 
 
 class Gauges(Protocol):
@@ -75,20 +75,20 @@ class UserMeter:
     def count_up(self, size: int, tunnel: Pausable) -> None:
         """size bytes from the client were read for tunnel; charge the rate."""
         self.up += size
-        throttle = self.throttles[UP]
+        throttle = self.throttles[Direction.UP]
         if throttle is not None:
             throttle.charge(size, tunnel)
 
     def count_down(self, size: int, tunnel: Pausable) -> None:
         """size bytes from dst were read for tunnel; charge the rate."""
         self.down += size
-        throttle = self.throttles[DOWN]
+        throttle = self.throttles[Direction.DOWN]
         if throttle is not None:
             throttle.charge(size, tunnel)
 
     def forget(self, tunnel: Pausable) -> None:
         """tunnel (an smux stream) is gone: drop it from the download rate's waiters."""
-        throttle = self.throttles[DOWN]
+        throttle = self.throttles[Direction.DOWN]
         if throttle is not None:
             throttle.forget(tunnel)
 
@@ -190,16 +190,19 @@ class Agent:
         if not rate:
             meter.throttles = (None, None)
             return
-        meter.throttles = (self._throttle(meter.path, UP), self._throttle(meter.path, DOWN))
+        meter.throttles = (
+            self._throttle(meter.path, Direction.UP),
+            self._throttle(meter.path, Direction.DOWN),
+        )
 
-    def _throttle(self, path: str, direction: int) -> Throttle:
+    def _throttle(self, path: str, direction: Direction) -> Throttle:
         def ask(want: int) -> None:
             spawn(self._ask(throttle, path, direction, want), name=f"tokens for {path}")
 
         throttle = Throttle(direction, ask)
         return throttle
 
-    async def _ask(self, throttle: Throttle, path: str, direction: int, want: int) -> None:
+    async def _ask(self, throttle: Throttle, path: str, direction: Direction, want: int) -> None:
         try:
             grant = await self._link.tokens(path, direction, want)
         except ConnectionError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mtt.core.commands import Command
+from mtt.core.rate import Direction
 from mtt.core.usage import Usage
 from mtt.service.agent import Agent
 from mtt.service.user_service import UserService
@@ -26,7 +27,7 @@ class LocalLink:
     def release(self, path: str, ip: str, delta: Usage) -> None:
         spawn(self._service.release(LOCAL_AGENT, path, ip, delta), name=f"release {path}")
 
-    async def tokens(self, path: str, direction: int, want: int) -> int:
+    async def tokens(self, path: str, direction: Direction, want: int) -> int:
         return await self._service.tokens(path, direction, want)
 
 

@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mtt.config import Limits
 from mtt.core.commands import CHANGES, Command, Entry, Opt, apply_command
-from mtt.core.rate import TokenSchedule
+from mtt.core.rate import Direction, TokenSchedule
 from mtt.core.stats import StatsTotals
 from mtt.core.usage import Usage
 from mtt.core.users import User, UserTable
@@ -30,7 +31,7 @@ from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.service")
 
-COLLECT_INTERVAL = 1.0  # how stale quota decisions and metrics may be for open tunnels
+_LIMITS = Limits()
 
 
 class Plane(Protocol):
@@ -59,7 +60,7 @@ class UserService:
         self.live: dict[str, Live] = {}
         # Tunnels admitted against server-wide limits: path -> (agent, ip) -> count.
         self._admitted: dict[str, Counter[tuple[int, str]]] = {}
-        self._schedules: dict[tuple[str, int], TokenSchedule] = {}
+        self._schedules: dict[tuple[str, Direction], TokenSchedule] = {}
         self._change_lock = asyncio.Lock()
         self._reload_queued = False
         self._usage_lock = asyncio.Lock()
@@ -193,7 +194,7 @@ class UserService:
 
     async def _collect_loop(self) -> None:
         while True:
-            await asyncio.sleep(COLLECT_INTERVAL)
+            await asyncio.sleep(_LIMITS.collect_interval)
             try:
                 await self.collect()
             except (StoreError, ConnectionError, OSError) as exc:
@@ -308,7 +309,7 @@ class UserService:
             if not admitted:
                 del self._admitted[path]
 
-    async def tokens(self, path: str, direction: int, want: int) -> int:
+    async def tokens(self, path: str, direction: Direction, want: int) -> int:
         user = self.table.lookup(path)
         if user is None or not user.limits.rate:
             return max(want, 1 << 30)  # no limit (any more)

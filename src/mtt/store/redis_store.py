@@ -18,9 +18,9 @@ Redis is the truth, whatever happens to it. A revision counts within an epoch:
 after FLUSHALL, FLUSHDB or an eviction the keys are gone, the next load or
 change starts a new epoch (and may restart the revision), and a node that
 hears of another epoch reloads instead of comparing revisions. Besides
-pub/sub, every CHECK_INTERVAL each node compares Redis's epoch, revision and
+pub/sub, every Limits.redis_check_interval each node compares Redis's epoch, revision and
 number of users with its own and reloads on any difference, so a lost
-message, a flush or an eviction is repaired within CHECK_INTERVAL + SETTLE.
+message, a flush or an eviction is repaired within redis_check_interval + redis_settle.
 
 What is shared: the table, and the counters (bytes, tunnels, quota_used, last
 seen) summed over every node. What is not: max_tunnels, max_ips and rate are
@@ -45,6 +45,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from mtt.address import Destination
+from mtt.config import Limits
 from mtt.core.commands import Command, Opt
 from mtt.core.usage import Usage
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits
@@ -68,10 +69,8 @@ COUNTERS = (UP, DOWN, QUOTA, TUNNELS, SEEN)
 MAX_PUBLISHED = 1 << 20
 FLUSH_CHUNK = 2000  # users per script call when counters are flushed
 READ_CHUNK = 1000  # Lua's unpack() stops near 8000 values
-SOCKET_TIMEOUT = 5.0
 RETRY_MIN, RETRY_MAX = 0.25, 1.0  # resubscription backoff, seconds
-CHECK_INTERVAL = 2.0  # how often a node compares its table's revision with Redis's
-SETTLE = 0.5  # how long a revision Redis has may stay unannounced before a reload
+_LIMITS = Limits()
 
 # Both keys exist after this, and a new epoch begins if either was missing:
 # a revision counter that restarts must not be taken for the old one.
@@ -188,8 +187,8 @@ class RedisStore:
         try:
             self._redis: Redis = Redis.from_url(
                 url,
-                socket_timeout=SOCKET_TIMEOUT,
-                socket_connect_timeout=SOCKET_TIMEOUT,
+                socket_timeout=_LIMITS.redis_socket_timeout,
+                socket_connect_timeout=_LIMITS.redis_socket_timeout,
                 socket_keepalive=True,
                 health_check_interval=15,
                 # Fail fast: a controller write gets res 2 now, not after backoff;
@@ -342,7 +341,7 @@ class RedisStore:
             self._watcher = spawn(self._watch(on_remote, served), name="Redis subscription")
 
     async def _watch(self, on_remote: RemoteChange, served: Served) -> None:
-        """Follow the change channel and check the table every CHECK_INTERVAL;
+        """Follow the change channel and check the table every redis_check_interval;
         after any break, resubscribe and reload."""
         delay = RETRY_MIN
         broken = False
@@ -364,7 +363,7 @@ class RedisStore:
                         expected = None
                 broken = False
                 delay = RETRY_MIN
-                due = loop.time() + CHECK_INTERVAL
+                due = loop.time() + _LIMITS.redis_check_interval
                 while True:
                     wait = max(0.0, due - loop.time())
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
@@ -372,7 +371,11 @@ class RedisStore:
                         self._deliver(message["data"], on_remote)
                     if loop.time() >= due:
                         expected = await self._check(on_remote, served, expected)
-                        due = loop.time() + (CHECK_INTERVAL if expected is None else SETTLE)
+                        due = loop.time() + (
+                            _LIMITS.redis_check_interval
+                            if expected is None
+                            else _LIMITS.redis_settle
+                        )
             except (RedisError, OSError) as exc:
                 if not broken:
                     log.warning(
@@ -392,7 +395,7 @@ class RedisStore:
     ) -> int | None:
         """Compare Redis's table with the one served and ask for a reload if
         they differ. Returns a revision Redis has that no message announced
-        yet, for the next check (SETTLE later) to expect; else None."""
+        yet, for the next check (redis_settle later) to expect; else None."""
         loads = self._loads
         before, _ = served()
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -8,7 +8,10 @@ import socket
 import stat
 
 from mtt.address import parse_destination
+from mtt.config import Limits
 from mtt.errors import ConfigError
+
+_LIMITS = Limits()
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -24,7 +27,7 @@ def tcp_listen_socket(
     address: str,
     *,
     fast_open: bool = False,
-    backlog: int = 4096,
+    backlog: int = _LIMITS.listen_backlog,
     reuse_port: bool = False,
     listen: bool = True,
 ) -> socket.socket:
@@ -62,7 +65,7 @@ def tcp_listen_socket(
     return sock
 
 
-def unix_listen_socket(path: str, backlog: int = 4096) -> socket.socket:
+def unix_listen_socket(path: str, backlog: int = _LIMITS.listen_backlog) -> socket.socket:
     """A listening Unix socket at path; a stale socket file left by a crash is replaced."""
     if not path:
         raise ConfigError("-bind-unix needs a socket path in -b")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
+from mtt.core.rate import Direction
 from mtt.core.stats import STATS
 from mtt.errors import SmuxProtocolError
 from mtt.smux import (
@@ -224,11 +225,11 @@ class MuxStream:
         if self._dst is not None and not self._outbound and not self._throttled:
             self._dst.resume_reading()
 
-    def throttle_pause(self, direction: int) -> None:
+    def throttle_pause(self, direction: Direction) -> None:
         self._throttled = True
         self.pause_reading()
 
-    def throttle_resume(self, direction: int) -> None:
+    def throttle_resume(self, direction: Direction) -> None:
         self._throttled = False
         if not self._tunnel.writing_paused:
             self.resume_reading()
@@ -374,12 +375,12 @@ class MuxTunnel(CheckedListener):
         log.info("%s %s: kicked", self.peer, self.path)
         self._finish(WSCloseCode.POLICY_VIOLATION)
 
-    def throttle_pause(self, direction: int) -> None:
+    def throttle_pause(self, direction: Direction) -> None:
         """Over the upload rate (downloads are charged to each stream)."""
         self._throttled_up = True
         self.after_consume()
 
-    def throttle_resume(self, direction: int) -> None:
+    def throttle_resume(self, direction: Direction) -> None:
         self._throttled_up = False
         self._release_held()
         self.after_consume()

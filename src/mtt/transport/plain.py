@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 
 from mtt.config import Limits
-from mtt.core.rate import UP
+from mtt.core.rate import Direction
 from mtt.core.stats import STATS
 from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
@@ -204,8 +204,8 @@ class PlainTunnel(CheckedListener):
         if self._meter is not None:
             self._meter.count_up(size, self)
 
-    def throttle_pause(self, direction: int) -> None:
-        if direction == UP:
+    def throttle_pause(self, direction: Direction) -> None:
+        if direction == Direction.UP:
             self._rate_paused = True
             self._block_reading("rate")
         else:
@@ -213,8 +213,8 @@ class PlainTunnel(CheckedListener):
             if self._dst is not None:
                 self._dst.pause_reading()
 
-    def throttle_resume(self, direction: int) -> None:
-        if direction == UP:
+    def throttle_resume(self, direction: Direction) -> None:
+        if direction == Direction.UP:
             self._rate_paused = False
             self._release_held()
             if not self._rate_paused and self._state in (_State.DIALING, _State.RELAYING):

@@ -11,10 +11,11 @@ import json
 import struct
 from typing import Any
 
+from mtt.config import Limits
 from mtt.errors import ProtocolError
 
 _LENGTH = struct.Struct("!I")
-MAX_MESSAGE = 1 << 30  # a full snapshot of a million users is well below this
+MAX_MESSAGE = Limits().max_worker_message  # the same on both ends of the channel
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -18,8 +18,10 @@ import socket
 import sys
 from typing import Any
 
+from mtt.address import format_hostport
 from mtt.config import ServerConfig
 from mtt.core.commands import Command
+from mtt.core.rate import Direction
 from mtt.core.usage import Usage
 from mtt.errors import ProtocolError
 from mtt.service.user_service import UserService
@@ -29,10 +31,6 @@ from mtt.workers import channel
 from mtt.workers.rpc import Message, RpcChannel, encode_request
 
 log = logging.getLogger("mtt.workers")
-
-APPLY_TIMEOUT = 60.0  # a worker that cannot apply a change in this long is restarted
-START_TIMEOUT = 30.0
-RESTART_DELAY = 1.0
 
 
 def config_to_wire(config: ServerConfig) -> dict[str, Any]:
@@ -53,7 +51,9 @@ class Worker:
         self.channel_task: asyncio.Task[None] | None = None
         self.ready = False
 
-    async def start(self, listen_sock: socket.socket, init: dict[str, Any]) -> None:
+    async def start(
+        self, listen_sock: socket.socket, init: dict[str, Any], ready_within: float
+    ) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -70,7 +70,7 @@ class Worker:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         writer.write(channel.encode(init))
-        async with asyncio.timeout(START_TIMEOUT):
+        async with asyncio.timeout(ready_within):
             message = await channel.read_message(reader)
         if message is None or not message.get("ready"):
             raise ProtocolError(f"worker {self.index} did not start: {message}")
@@ -92,7 +92,9 @@ class Worker:
         if op == "admit":
             return self._admit(message["path"], message["ip"])
         if op == "tokens":
-            return self._tokens(message["path"], int(message["dir"]), int(message["want"]))
+            return self._tokens(
+                message["path"], Direction(int(message["dir"])), int(message["want"])
+            )
         if op == "release":
             usage = Usage.from_wire(message["usage"])
             spawn(
@@ -109,7 +111,7 @@ class Worker:
     async def _admit(self, path: str, ip: str) -> Message:
         return {"refused": await self.service.admit(self.index, path, ip)}
 
-    async def _tokens(self, path: str, direction: int, want: int) -> Message:
+    async def _tokens(self, path: str, direction: Direction, want: int) -> Message:
         return {"grant": await self.service.tokens(path, direction, want)}
 
     async def request(self, body: bytes) -> Message:
@@ -159,14 +161,14 @@ class WorkerPool:
             return self._shared
         host = self.config.bind.rsplit(":", 1)[0]
         return tcp_listen_socket(
-            f"{host}:{self._port}", fast_open=self.config.fast_open, reuse_port=True
+            format_hostport(host, self._port), fast_open=self.config.fast_open, reuse_port=True
         )
 
     def bound_address(self) -> str:
         if self.config.bind_unix:
             return self.config.bind
         host = self.config.bind.rsplit(":", 1)[0]
-        return f"{host}:{self._port}"
+        return format_hostport(host, self._port)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -180,7 +182,7 @@ class WorkerPool:
             probe.close()
             # Hold the port (bound, never listening) so a restarted worker gets it back.
             self._placeholder = tcp_listen_socket(
-                f"{host}:{self._port}", reuse_port=True, listen=False
+                format_hostport(host, self._port), reuse_port=True, listen=False
             )
         await asyncio.gather(*(self._start_worker(w) for w in self.workers))
         for worker in self.workers:
@@ -201,7 +203,9 @@ class WorkerPool:
                 return
             sock = self._listen_socket()
             try:
-                await worker.start(sock, self._init_message())
+                await worker.start(
+                    sock, self._init_message(), self.config.limits.worker_start_timeout
+                )
             finally:
                 if sock is not self._shared:
                     sock.close()  # the worker has its own copy of the descriptor
@@ -215,7 +219,7 @@ class WorkerPool:
             if self._stopping:
                 return
             log.error("worker %d exited with %s; restarting", worker.index, code)
-            await asyncio.sleep(RESTART_DELAY)
+            await asyncio.sleep(self.config.limits.worker_restart_delay)
             if self._stopping:
                 return
             try:
@@ -233,7 +237,7 @@ class WorkerPool:
                 worker.stop(grace)
         procs = [w.proc for w in self.workers if w.proc is not None]
         try:
-            async with asyncio.timeout(grace + 15):
+            async with asyncio.timeout(grace + self.config.limits.worker_exit_margin):
                 await asyncio.gather(*(p.wait() for p in procs))
         except TimeoutError:
             for worker in self.workers:
@@ -241,7 +245,7 @@ class WorkerPool:
         # Their final reports are read before the channels end.
         channels = [w.channel_task for w in self.workers if w.channel_task is not None]
         if channels:
-            await asyncio.wait(channels, timeout=5)
+            await asyncio.wait(channels, timeout=self.config.limits.worker_final_report_wait)
         for worker in self.workers:
             if worker.rpc is not None:
                 worker.rpc.close()
@@ -274,7 +278,10 @@ class WorkerPool:
         body = encode_request(message)
         running = [w for w in self.workers if w.ready]
         results = await asyncio.gather(
-            *(asyncio.wait_for(w.request(body), APPLY_TIMEOUT) for w in running),
+            *(
+                asyncio.wait_for(w.request(body), self.config.limits.worker_apply_timeout)
+                for w in running
+            ),
             return_exceptions=True,
         )
         return list(zip(running, results, strict=True))

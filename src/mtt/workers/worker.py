@@ -18,6 +18,7 @@ from mtt.accept.tls_setup import tls_context
 from mtt.accept.tunnel_server import TunnelServer
 from mtt.config import Limits, ServerConfig
 from mtt.core.commands import Command
+from mtt.core.rate import Direction
 from mtt.core.usage import Usage
 from mtt.errors import ConfigError
 from mtt.logs import log_loop_errors, setup_logging
@@ -56,7 +57,7 @@ class SupervisorLink:
         assert self.rpc is not None
         self.rpc.notify({"op": "release", "path": path, "ip": ip, "usage": delta.to_wire()})
 
-    async def tokens(self, path: str, direction: int, want: int) -> int:
+    async def tokens(self, path: str, direction: Direction, want: int) -> int:
         assert self.rpc is not None
         reply = await self.rpc.call({"op": "tokens", "path": path, "dir": direction, "want": want})
         return int(reply["grant"])
