@@ -1,1 +1,1 @@
-"""Sans-I/O wire code: the PROXY header, client addresses, request lines."""
+"""Sans-I/O wire code: the PROXY header, client addresses, request lines, the close schedule."""
