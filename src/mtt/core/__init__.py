@@ -1,4 +1,4 @@
-"""The domain: users, commands, usage, limits, rates, meters.
+"""The domain: users, commands, usage, limits, admission, rates, meters.
 
 Pure: no I/O, no asyncio; time is passed in.
 """

@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mtt.config import Limits
+from mtt.core.admission import AdmissionBook, expired, over_quota
 from mtt.core.commands import CHANGES, Command, Entry, Opt, apply_command
 from mtt.core.rate import Direction, TokenSchedule
 from mtt.core.stats import StatsTotals
@@ -58,8 +58,7 @@ class UserService:
         self.revision = 0
         self.plane: Plane | None = None
         self.live: dict[str, Live] = {}
-        # Tunnels admitted against server-wide limits: path -> (agent, ip) -> count.
-        self._admitted: dict[str, Counter[tuple[int, str]]] = {}
+        self._admitted = AdmissionBook()  # tunnels admitted against server-wide limits
         self._schedules: dict[tuple[str, Direction], TokenSchedule] = {}
         self._change_lock = asyncio.Lock()
         self._reload_queued = False
@@ -264,50 +263,30 @@ class UserService:
         if user is None:
             return "user deleted"
         limits = user.limits
-        if limits.expire and time.time() >= limits.expire:
-            return "expired"
-        if limits.quota:
+        now = time.time()
+        used = 0
+        if limits.quota and not expired(limits, now):
             try:
                 usage = await self.store.read_usage([path], False)
             except StoreError as exc:  # a shared store is away: serve, as for users without quota
                 log.warning("admitting %s without its quota check: %s", path, exc)
                 usage = {}
             used = usage[path].quota_used if path in usage else 0
-            if used >= limits.quota:
-                return f"over quota ({used} of {limits.quota} bytes)"
-        admitted = self._admitted.setdefault(path, Counter())
-        if limits.max_tunnels and sum(admitted.values()) >= limits.max_tunnels:
-            return f"at its limit of {limits.max_tunnels} tunnels"
-        if limits.max_ips:
-            ips = {a_ip for (_, a_ip), n in admitted.items() if n > 0}
-            if ip not in ips and len(ips) >= limits.max_ips:
-                return f"at its limit of {limits.max_ips} client addresses"
-        admitted[(agent, ip)] += 1
-        return None
+        refused = self._admitted.refusal(path, limits, ip, now, used)
+        if refused is None:
+            self._admitted.admit(agent, path, ip)
+        return refused
 
     async def release(self, agent: int, path: str, ip: str, delta: Usage) -> None:
         self.totals.bytes_up += delta.bytes_up
         self.totals.bytes_down += delta.bytes_down
         async with self._usage_lock:
             await self.store.add_usage({path: delta})
-        admitted = self._admitted.get(path)
-        if admitted is None:
-            return
-        key = (agent, ip)
-        admitted[key] -= 1
-        if admitted[key] <= 0:
-            del admitted[key]
-        if not admitted:
-            del self._admitted[path]
+        self._admitted.release(agent, path, ip)
 
     def agent_gone(self, agent: int) -> None:
         """A worker died: its tunnels died with it."""
-        for path in list(self._admitted):
-            admitted = self._admitted[path]
-            for key in [k for k in admitted if k[0] == agent]:
-                del admitted[key]
-            if not admitted:
-                del self._admitted[path]
+        self._admitted.agent_gone(agent)
 
     async def tokens(self, path: str, direction: Direction, want: int) -> int:
         user = self.table.lookup(path)
@@ -329,9 +308,9 @@ def _entries(items: Iterable[tuple[str, User]]) -> tuple[Entry, ...]:
 
 def _describe(path: str, user: User, usage: Usage, live: Live, now: float) -> UserReport:
     limits = user.limits
-    if limits.expire and now >= limits.expire:
+    if expired(limits, now):
         state = "expired"
-    elif limits.quota and usage.quota_used >= limits.quota:
+    elif over_quota(limits, usage.quota_used):
         state = "over_quota"
     else:
         state = "ok"

@@ -34,6 +34,7 @@ from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
+from mtt.wire.close_schedule import Close, CloseSchedule
 
 if TYPE_CHECKING:
     from mtt.core.meter import Account, Meter
@@ -108,11 +109,8 @@ class PlainTunnel(CheckedListener):
         self._pending_size = 0
         self._read_blocks: set[str] = set()
         self._last_activity = 0.0
-        self._drain_started = 0.0
-        self._last_client_data = 0.0
         self._flush_mark = 0  # what the client must have received before the close
-        self._flushed_at: float | None = None
-        self._flush_poll = 0.0
+        self._close_schedule: CloseSchedule | None = None  # once DRAINING
         self._timer: asyncio.TimerHandle | None = None
         self._dial_task: asyncio.Task[None] | None = None
         self.bytes_up = 0
@@ -154,7 +152,8 @@ class PlainTunnel(CheckedListener):
                 if self._pending_size >= self._limits.dial_buffer:
                     self._block_reading("dial")
             elif state is _State.DRAINING:
-                self._last_client_data = self._loop.time()
+                assert self._close_schedule is not None
+                self._close_schedule.client_data(self._loop.time())
         else:
             self._release_held(all_of_it=True)
             self._finish("client closed", reply_code=frame.get_close_code())
@@ -296,41 +295,37 @@ class PlainTunnel(CheckedListener):
             return
         self._state = _State.DRAINING
         self._held.clear()
-        now = self._loop.time()
-        self._drain_started = now
-        self._last_client_data = now
+        limits = self._limits
+        self._close_schedule = CloseSchedule(
+            self._loop.time(),
+            flush_max=limits.close_flush_max,
+            flush_poll=limits.close_flush_poll,
+            quiet=limits.drain_quiet,
+            drain_max=limits.drain_max,
+        )
         self._flush_mark = self._delivery.written if self._delivery is not None else 0
-        self._flushed_at = None
-        self._flush_poll = self._limits.close_flush_poll
         self._read_blocks.clear()
         self._resume_ws_reading()
         self._cancel_timer()
         self._check_drained()
 
     def _check_drained(self) -> None:
-        now = self._loop.time()
-        limits = self._limits
-        if self._flushed_at is None:
-            delivery = self._delivery
-            flushing = delivery is not None and not delivery.received(self._flush_mark)
-            if flushing and now < self._drain_started + limits.close_flush_max:
-                self._timer = self._loop.call_later(self._flush_poll, self._check_drained)
-                self._flush_poll = min(self._flush_poll * 2, limits.drain_quiet)
-                return
-            if flushing:
-                log.info(
-                    "%s %s: client still receiving after %.0f s, closing",
-                    self._peer,
-                    self._path,
-                    limits.close_flush_max,
-                )
-            self._flushed_at = now
-        quiet_until = max(self._last_client_data, self._flushed_at) + limits.drain_quiet
-        give_up_at = self._flushed_at + limits.drain_max
-        if now >= quiet_until or now >= give_up_at:
+        schedule = self._close_schedule
+        assert schedule is not None
+        delivery = self._delivery
+        has_all = not schedule.flushing or delivery is None or delivery.received(self._flush_mark)
+        decision = schedule.poll(self._loop.time(), has_all)
+        if decision.flush_timed_out:
+            log.info(
+                "%s %s: client still receiving after %.0f s, closing",
+                self._peer,
+                self._path,
+                self._limits.close_flush_max,
+            )
+        if isinstance(decision, Close):
             self._finish("dst closed")
         else:
-            self._timer = self._loop.call_at(min(quiet_until, give_up_at), self._check_drained)
+            self._timer = self._loop.call_at(decision.at, self._check_drained)
 
     def _finish(self, reason: str, reply_code: WSCloseCode = WSCloseCode.OK) -> None:
         """Close both sides: the close frame goes after any data still buffered."""

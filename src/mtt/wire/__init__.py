@@ -1,2 +1,2 @@
 """Sans-I/O wire code: the PROXY header, client addresses, request lines,
-request-head verdicts and nginx's pages."""
+request-head verdicts, nginx's pages and the close schedule."""
