@@ -7,7 +7,9 @@ import heapq
 
 import pytest
 
-from mtt.core.rate import BURST, DOWN, MIN_GRANT, UP, Throttle, TokenSchedule
+from mtt.core.rate import BURST, MIN_GRANT, Direction, Throttle, TokenSchedule
+
+UP, DOWN = Direction.UP, Direction.DOWN
 
 RATE = 1_000_000  # bytes/s
 GRANT = max(RATE // 20, MIN_GRANT)  # what one ask adds beyond the overdraft
