@@ -7,9 +7,9 @@ the streams (and to the role's hooks for what only one side does), what it
 queued goes out, and its receive budget pauses reading the WebSocket, the
 only back-pressure smux v1 has (docs/protocol.md §5); so does the user's
 upload rate, when a meter says so. One timer serves the keepalive and the
-sweep of idle streams. Each role says how its bytes leave
-(the server counts them for delivery, the client cuts them into messages)
-and what its streams do; the loop itself is written once.
+sweep of idle streams. Each role says how its bytes leave (the server counts
+them for delivery, the client cuts them into messages) and what its streams
+do; the loop itself is written once.
 """
 
 from __future__ import annotations
