@@ -8,8 +8,9 @@ being dialed count against it and wait for it, so N simultaneous
 connections open ceil(N / max) WebSockets, not N.
 
 The protocol lives in mtt.smux (sans-I/O, version 1 as mos-tls-tunnel uses
-it); this module moves bytes and owns the clock (keepalive NOP every 30 s,
-session dropped after 70 s without a byte from the server). Memory is
+it), and the loop driving it over the WebSocket in mtt.transport.smux_link,
+which owns the clock (keepalive NOP every 30 s, session dropped after 70 s
+without a byte from the server); this module relays the streams. Memory is
 bounded like Go bounds it: server bytes count against the session's receive
 budget until the local app's socket takes them, and past the budget the
 WebSocket is not read. Toward the server, a WebSocket that cannot take more
@@ -19,7 +20,6 @@ pauses reading every local connection of its session.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Iterator
 
@@ -29,17 +29,9 @@ from mtt.client import ClientConfig
 from mtt.client.dialer import SMUX_ON, Dialer, describe_error
 from mtt.client.plain import DATA_TYPES, DIAL_ERRORS, Tunnels, local_peer, resume_reading
 from mtt.errors import SmuxProtocolError
-from mtt.smux import (
-    HEADER_SIZE,
-    Event,
-    SessionEnded,
-    SmuxSession,
-    StreamData,
-    StreamEnded,
-    StreamWritable,
-)
+from mtt.smux import HEADER_SIZE
 from mtt.transport.dst import DstConnection
-from mtt.transport.session_timer import SessionTimer
+from mtt.transport.smux_link import SmuxLink
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.client")
@@ -167,7 +159,7 @@ class MuxLocalStream:
             log.warning("%s: cannot reach %s: %s", self.peer, target, reason)
             self.close("dial failed")
 
-    def server_data(self, data: bytes) -> None:
+    def peer_data(self, data: bytes) -> None:
         if self.closed:
             return
         self.last_activity = self.session.now if self.session is not None else 0.0
@@ -176,7 +168,7 @@ class MuxLocalStream:
         else:
             self._deliver(data)
 
-    def server_ended(self) -> None:
+    def peer_ended(self) -> None:
         """Server FIN: hand the app what is left, then close (Go closes both sides)."""
         self._flush_down()
         self.close("server ended the stream")
@@ -199,8 +191,6 @@ class MuxLocalStream:
         session = self.session
         assert session is not None and self.sid is not None
         smux = session.smux
-        if smux is None:
-            return
         taken = smux.send_data(self.sid, data)
         if taken < len(data) and smux.is_open(self.sid):
             self._outbound = data[taken:]  # v2 window full: wait for StreamWritable
@@ -213,7 +203,7 @@ class MuxLocalStream:
         session = self.session
         if local is not None:
             local.write(data)
-        if session is not None and session.smux is not None and self.sid is not None:
+        if session is not None and self.sid is not None:
             session.smux.consumed(self.sid, len(data))
 
     def _flush_down(self) -> None:
@@ -243,7 +233,7 @@ class MuxLocalStream:
         session = self.session
         if session is not None:
             smux = session.smux
-            if smux is not None and self.sid is not None:
+            if self.sid is not None:
                 for chunk in self._pending_down:
                     smux.consumed(self.sid, len(chunk))
                 if not smux.closed:
@@ -255,33 +245,19 @@ class MuxLocalStream:
         self._tunnels.closed(self)
 
 
-class _State(enum.Enum):
-    DIALING = 1
-    OPEN = 2
-    CLOSED = 3
-
-
-class ClientSession(WSListener):
-    """One WebSocket carrying an smux client session."""
+class ClientSession(SmuxLink[MuxLocalStream], WSListener):
+    """The client's side of an smux session: local connections open its streams."""
 
     def __init__(self, pool: MuxPool, number: int) -> None:
-        super().__init__()
+        limits = pool.limits
+        super().__init__(limits.smux, pool.idle_timeout, limits.close_linger)
         self._pool = pool
         self.number = number
-        self.limits = pool.limits
-        self.loop = asyncio.get_running_loop()
-        self.now = self.loop.time()
-        self.smux: SmuxSession | None = None
-        self.state = _State.DIALING
+        self.limits = limits
         self.waiting: list[MuxLocalStream] = []
-        self.streams: dict[int, MuxLocalStream] = {}
-        self._ws: WSTransport | None = None
         self._dial_task: asyncio.Task[None] | None = None
         self._writing_paused = False
-        self._reading_paused = False
-        self._timer = SessionTimer(self.loop, pool.idle_timeout, self._on_timer)
-        self._linger: asyncio.TimerHandle | None = None
-        self._message_limit = self.limits.max_message + HEADER_SIZE
+        self._message_limit = limits.max_message + HEADER_SIZE
 
     @property
     def load(self) -> int:
@@ -295,7 +271,7 @@ class ClientSession(WSListener):
 
     def add(self, stream: MuxLocalStream) -> None:
         stream.session = self
-        if self.state is _State.OPEN and self.smux is not None:
+        if self.is_open:
             try:
                 sid = self.smux.open_stream()
             except SmuxProtocolError as exc:  # stream ids exhausted: cannot happen in practice
@@ -319,22 +295,28 @@ class ClientSession(WSListener):
         except DIAL_ERRORS as exc:
             reason = describe_error(exc, self.limits.handshake_timeout)
             waiting, self.waiting = self.waiting, []
-            self._finish(None)
+            self.finish(WSCloseCode.OK)
             for stream in waiting:
                 stream.dial_failed(reason, dialer.target)
 
     # -- WebSocket side -------------------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self._ws = transport
-        if self.state is not _State.DIALING:
+        if self.closed:
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
             return
-        transport.underlying_transport.set_write_buffer_limits(high=self.limits.write_high_water)
-        self.state = _State.OPEN
-        self.now = now = self.loop.time()
-        self.smux = smux = SmuxSession(self.limits.smux, now)
+        limit = self._message_limit
+        send = transport.send
+
+        def write(out: bytes) -> None:
+            """Whole frames in messages of at most one full frame."""
+            for message in frame_messages(out, limit):
+                send(WSMsgType.BINARY, message)
+
+        self.attach(transport, self.limits.write_high_water, write)
+        self.restart_session()  # its keepalive clock starts with the WebSocket
+        smux = self.smux
         waiting, self.waiting = self.waiting, []
         for stream in waiting:
             if not stream.closed:
@@ -342,42 +324,27 @@ class ClientSession(WSListener):
                 self.streams[sid] = stream
                 stream.opened(sid)
         self.flush()
-        self._timer.rearm(smux.get_timer())
+        self.arm_timer()
         log.debug("smux session %d open to %s", self.number, self._pool.dialer.target)
         if not self.streams:
-            self._finish(WSCloseCode.OK)
+            self.finish(WSCloseCode.OK)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = frame.msg_type
         if msg_type in DATA_TYPES:
-            smux = self.smux
             # A close already sent may be picows' 1009 for a frame too big, which it
             # goes on parsing (and handing over) until it disconnects.
-            if smux is None or self.state is not _State.OPEN or transport.is_close_frame_sent:
-                return
-            self.now = now = self.loop.time()
-            try:
-                events = smux.receive_data(frame.get_payload_as_memoryview(), now)
-            except SmuxProtocolError as exc:
-                self._log_end(f"smux protocol error: {exc}")
-                self._finish(WSCloseCode.PROTOCOL_ERROR)
-                return
-            for event in events:
-                self._handle(event)
-            self.flush()
-            self.after_consume()
+            if self.is_open and not transport.is_close_frame_sent:
+                self.on_message(frame)
         elif msg_type is WSMsgType.CLOSE:
-            if self.state is _State.OPEN and self.streams:
+            if self.is_open and self.streams:
                 self._log_end("server closed the WebSocket")
-            self._finish(WSCloseCode.OK)
+            self.finish(WSCloseCode.OK)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if self.state is _State.OPEN and self.streams:
+        if self.is_open and self.streams:
             self._log_end("server disconnected")
-        self._finish(WSCloseCode.OK)
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
+        self.disconnected()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -389,56 +356,18 @@ class ClientSession(WSListener):
         for stream in list(self.streams.values()):
             stream.unblock("ws")
 
-    # -- session events ----------------------------------------------------------------
+    # -- session events (SmuxLink hooks) ---------------------------------------------
+    # StreamRefused: the server tried to open a stream; the session already said FIN.
 
-    def _handle(self, event: Event) -> None:
-        if isinstance(event, StreamData):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.server_data(event.data)
-            elif self.smux is not None:
-                self.smux.consumed(event.stream_id, len(event.data))
-        elif isinstance(event, StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.server_ended()
-        elif isinstance(event, StreamWritable):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.writable()
-        elif isinstance(event, SessionEnded):
-            self._log_end(event.reason)
-            self._finish(WSCloseCode.OK)
-        # StreamRefused: the server tried to open a stream; the session already said FIN.
+    def _protocol_error(self, exc: SmuxProtocolError) -> None:
+        self._log_end(f"smux protocol error: {exc}")
 
-    def flush(self) -> None:
-        """Send what the session queued, in messages of at most one full frame."""
-        smux = self.smux
-        ws = self._ws
-        if smux is None or ws is None:
-            return
-        out = smux.data_to_send()
-        if not out or ws.underlying_transport.is_closing():
-            return
-        for message in frame_messages(out, self._message_limit):
-            ws.send(WSMsgType.BINARY, message)
+    def _session_ended(self, reason: str) -> None:
+        self._log_end(reason)
 
-    def after_consume(self) -> None:
-        """Pause or resume reading the WebSocket by the session's receive budget."""
-        ws = self._ws
-        smux = self.smux
-        if ws is None or smux is None or self.state is not _State.OPEN:
-            return
-        transport = ws.underlying_transport
-        paused = smux.reading_paused()
-        if paused != self._reading_paused:
-            self._reading_paused = paused
-            if not transport.is_closing():
-                if paused:
-                    transport.pause_reading()
-                else:
-                    transport.resume_reading()
-        self.flush()
+    def _close_idle(self, stream: MuxLocalStream, now: float) -> None:
+        log.debug("%s: idle for %.0f s, closing", stream.peer, now - stream.last_activity)
+        stream.close("idle timeout")
 
     def stream_closed(self, stream: MuxLocalStream, reason: str) -> None:
         if stream.sid is not None:
@@ -446,32 +375,14 @@ class ClientSession(WSListener):
         elif stream in self.waiting:
             self.waiting.remove(stream)
         log.debug("%s: stream %s closed (%s)", stream.peer, stream.sid, reason)
-        if self.state is _State.CLOSED:
+        if self.closed:
             return
         if self.load == 0:
             # The Go client closes a session whose last stream ended.
             self.flush()
-            self._finish(WSCloseCode.OK)
+            self.finish(WSCloseCode.OK)
         else:
             self.after_consume()
-
-    # -- timers ----------------------------------------------------------------------------
-
-    def _on_timer(self, now: float, sweep: bool) -> None:
-        smux = self.smux
-        if self.state is not _State.OPEN or smux is None:
-            return
-        self.now = now
-        for event in smux.handle_timer(now):
-            self._handle(event)
-        if sweep and self.state is _State.OPEN:
-            timeout = self._pool.idle_timeout
-            for stream in [s for s in self.streams.values() if now - s.last_activity >= timeout]:
-                log.debug("%s: idle for %.0f s, closing", stream.peer, now - stream.last_activity)
-                stream.close("idle timeout")
-        self.flush()
-        if self.state is _State.OPEN:
-            self._timer.rearm(smux.get_timer())
 
     # -- ending ------------------------------------------------------------------------------
 
@@ -484,29 +395,23 @@ class ClientSession(WSListener):
             reason,
         )
 
-    def _finish(self, code: WSCloseCode | None) -> None:
-        """Close the session, its streams and the WebSocket (after queued frames)."""
-        if self.state is _State.CLOSED:
-            return
-        self.state = _State.CLOSED
+    def _end_streams(self) -> None:
         self._pool.removed(self)
-        self._timer.cancel()
         if self._dial_task is not None and not self._dial_task.done():
             self._dial_task.cancel()
         for stream in list(self.streams.values()):
             stream.session_ended()
         for stream in list(self.waiting):
             stream.session_ended()
-        self.flush()
-        if self.smux is not None:
-            self.smux.close()
-        ws = self._ws
-        if ws is not None and not ws.underlying_transport.is_closing():
-            if not ws.is_close_frame_sent:
-                ws.send_close(code if code is not None else WSCloseCode.OK)
-            resume_reading(ws)  # so TLS's close_notify is seen
-            ws.disconnect()
-            self._linger = self.loop.call_later(self.limits.close_linger, ws.disconnect, False)
+
+    def _closing(self, ws: WSTransport) -> None:
+        resume_reading(ws)  # so TLS's close_notify is seen
+
+    def finish(self, code: WSCloseCode) -> None:
+        """Close the session, its streams and the WebSocket (after queued frames)."""
+        if self.closed:
+            return
+        super().finish(code)
         log.debug("smux session %d closed", self.number)
 
 

@@ -1,8 +1,9 @@
 """One WebSocket carrying an smux session (smux_on): each stream goes to its
 own TCP connection to the user's dst.
 
-The protocol lives in mtt.smux (sans-I/O); this module only moves bytes and
-owns the clock. Memory is bounded by the session's receive budget: bytes
+The protocol lives in mtt.smux (sans-I/O) and the loop driving it over the
+WebSocket in mtt.transport.smux_link; this module relays the streams. Memory
+is bounded by the session's receive budget: bytes
 handed out in StreamData count until they are written to a dst that is not
 pushing back; past the budget the WebSocket stops being read, which is the
 only back-pressure smux v1 has (docs/protocol.md §5). Toward the client, a
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
@@ -27,24 +27,15 @@ from mtt.config import Limits
 from mtt.core.rate import Direction
 from mtt.core.stats import STATS
 from mtt.errors import SmuxProtocolError
-from mtt.smux import (
-    SessionEnded,
-    SmuxSession,
-    StreamData,
-    StreamEnded,
-    StreamOpened,
-    StreamRefused,
-    StreamWritable,
-)
 from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
 from mtt.transport.plain import TunnelRegistry
-from mtt.transport.session_timer import SessionTimer
+from mtt.transport.smux_link import SmuxLink
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
 
 if TYPE_CHECKING:
-    from mtt.core.meter import Account, Meter
+    from mtt.core.meter import Account
 
 log = logging.getLogger("mtt.tunnel")
 
@@ -120,27 +111,27 @@ class MuxStream:
 
     # -- client -> dst ---------------------------------------------------
 
-    def client_data(self, data: bytes) -> None:
+    def peer_data(self, data: bytes) -> None:
         self.last_activity = self._tunnel.now
         if self._ending:  # nowhere to go
-            self._tunnel.session.consumed(self.sid, len(data))
+            self._tunnel.smux.consumed(self.sid, len(data))
             return
         if self._dst is None or self._dst_paused or self._pending:
             self._pending.append(data)
             return
         self._dst.write(data)
-        self._tunnel.session.consumed(self.sid, len(data))
+        self._tunnel.smux.consumed(self.sid, len(data))
 
     def _flush_pending(self) -> None:
         dst = self._dst
-        session = self._tunnel.session
+        session = self._tunnel.smux
         while self._pending and dst is not None and not self._dst_paused:
             chunk = self._pending.pop(0)
             dst.write(chunk)
             session.consumed(self.sid, len(chunk))
         self._tunnel.after_consume()
 
-    def client_ended(self) -> None:
+    def peer_ended(self) -> None:
         """Peer FIN: deliver what is pending, then close both sides."""
         self._peer_ended = True
         if self._dst is not None and not self._pending and not self._ending:
@@ -153,7 +144,7 @@ class MuxStream:
         self.last_activity = t.now
         if t.meter is not None:
             t.meter.count_down(len(data), self)
-        taken = t.session.send_data(self.sid, data)
+        taken = t.smux.send_data(self.sid, data)
         if taken < len(data):
             self._outbound = data[taken:]
             if self._dst is not None:
@@ -165,7 +156,7 @@ class MuxStream:
         if not self._outbound:
             return
         t = self._tunnel
-        taken = t.session.send_data(self.sid, self._outbound)
+        taken = t.smux.send_data(self.sid, self._outbound)
         self._outbound = self._outbound[taken:]
         if (
             not self._outbound
@@ -192,7 +183,7 @@ class MuxStream:
         if self._dst is not None:
             self._dst.close()
         t = self._tunnel
-        session = t.session
+        session = t.smux
         for chunk in self._pending:
             session.consumed(self.sid, len(chunk))
         self._pending = []
@@ -247,7 +238,7 @@ class MuxStream:
             self._dial_task.cancel()
         if self._dst is not None:
             self._dst.close()
-        session = t.session
+        session = t.smux
         for chunk in self._pending:
             session.consumed(self.sid, len(chunk))
         self._pending = []
@@ -257,33 +248,20 @@ class MuxStream:
         t.stream_closed(self)
 
 
-class MuxTunnel(CheckedListener):
-    """Drives an SmuxSession over one WebSocket."""
+class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
+    """The server's side of an smux session: each stream peer opens goes to dst."""
 
     def __init__(
         self, account: Account, peer: str, limits: Limits, registry: TunnelRegistry
     ) -> None:
-        super().__init__()
+        super().__init__(limits.smux, limits.idle_timeout, limits.idle_timeout)
         self._account = account
-        self.meter: Meter | None = None
-        self._throttled_up = False
-        # Messages picows handed over after the rate paused reading (the rest of
-        # one read, which may be megabytes): parsed as the rate allows.
-        self._held: deque[bytes] = deque()
         self.dst = account.user.dst
         self.peer = peer
         self.path = account.path
         self.limits = limits
         self._registry = registry
-        self._loop = asyncio.get_running_loop()
-        self.now = self._loop.time()
-        self.session = SmuxSession(limits.smux, self.now)
-        self.streams: dict[int, MuxStream] = {}
         self.writing_paused = False
-        self._ws: WSTransport | None = None
-        self._reading_paused = False
-        self._timer = SessionTimer(self._loop, limits.idle_timeout, self._on_timer)
-        self._closed = False
         self._refused = 0
         self.delivery: Delivery | None = None
         # Streams whose dst ended, by when their FIN goes whatever the client has.
@@ -294,63 +272,36 @@ class MuxTunnel(CheckedListener):
     # -- WebSocket side -------------------------------------------------------
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self._ws = transport
-        transport.underlying_transport.set_write_buffer_limits(high=self.limits.write_high_water)
-        self.delivery = Delivery(transport.underlying_transport)
+        self.delivery = delivery = Delivery(transport.underlying_transport)
+        self.attach(transport, self.limits.write_high_water, delivery.write_binary)
         self._registry.opened(self)
         STATS.opened["smux"] += 1
         self.meter = self._account.open(self)
-        self._timer.rearm(self.session.get_timer())
+        self.arm_timer()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         msg_type = self.screen(transport, frame)
         if msg_type is None:
             return
         if msg_type is not WSMsgType.CLOSE:
-            if self._closed:
-                return
-            if self._throttled_up or self._held:
-                self._held.append(frame.get_payload_as_bytes())
-                return
-            self._receive(frame.get_payload_as_memoryview())
-            self.flush()
-            self.after_consume()
+            if not self.closed:
+                self.on_message(frame)
         else:
-            self._release_held(all_of_it=True)
+            self.release_held(all_of_it=True)
             code = frame.get_close_code()  # a valid one (screened): echoed, as gorilla does
-            self._finish(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
-
-    def _receive(self, data: memoryview | bytes) -> None:
-        self.now = now = self._loop.time()
-        try:
-            events = self.session.receive_data(data, now)
-        except SmuxProtocolError as exc:
-            log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
-            self._finish(WSCloseCode.PROTOCOL_ERROR)
-            return
-        for event in events:
-            self._handle(event)
-
-    def _release_held(self, all_of_it: bool = False) -> None:
-        """Parse held messages until the rate pauses again (or all of them: the
-        client is leaving, and what it sent before must still arrive)."""
-        held = self._held
-        while held and (all_of_it or not self._throttled_up) and not self._closed:
-            self._receive(held.popleft())
-        if self._closed:
-            held.clear()
+            self.finish(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
 
     def violation(self, reason: str) -> None:
         log.warning("%s %s: WebSocket protocol error: %s", self.peer, self.path, reason)
-        self._finish(WSCloseCode.PROTOCOL_ERROR)
+        self.finish(WSCloseCode.PROTOCOL_ERROR)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        if not self._closed:
-            self._release_held(all_of_it=True)
+        if not self.closed:
+            self.release_held(all_of_it=True)
             reason = self.picows_close_reason(transport)
             if reason is not None:
                 log.warning("%s %s: WebSocket %s", self.peer, self.path, reason)
-        self._finish(WSCloseCode.OK)
+        self.disconnected()
         self._registry.closed(self)
         if self.meter is not None:
             self.meter = None
@@ -368,99 +319,53 @@ class MuxTunnel(CheckedListener):
 
     def shutdown(self) -> None:
         """Close the session now (server shutdown)."""
-        self._finish(WSCloseCode.GOING_AWAY)
+        self.finish(WSCloseCode.GOING_AWAY)
 
     def kick(self) -> None:
         """Close the session now (the controller said so)."""
         log.info("%s %s: kicked", self.peer, self.path)
-        self._finish(WSCloseCode.POLICY_VIOLATION)
+        self.finish(WSCloseCode.POLICY_VIOLATION)
 
-    def throttle_pause(self, direction: Direction) -> None:
-        """Over the upload rate (downloads are charged to each stream)."""
-        self._throttled_up = True
-        self.after_consume()
+    # -- session events (SmuxLink hooks) ------------------------------------------
 
-    def throttle_resume(self, direction: Direction) -> None:
-        self._throttled_up = False
-        self._release_held()
-        self.after_consume()
+    def _stream_opened(self, stream_id: int) -> None:
+        stream = MuxStream(self, stream_id, self.now)
+        self.streams[stream_id] = stream
+        STATS.opened["stream"] += 1
+        stream.start()
 
-    # -- session events -----------------------------------------------------
+    def _stream_refused(self, stream_id: int) -> None:
+        # One line for the first; a flood of SYNs must not become a flood of lines.
+        self._refused += 1
+        if self._refused == 1:
+            log.info(
+                "%s %s: stream %d refused: %d streams open",
+                self.peer,
+                self.path,
+                stream_id,
+                self.smux.stream_count,
+            )
 
-    def _handle(self, event: object) -> None:
-        if isinstance(event, StreamData):
-            if self.meter is not None:
-                self.meter.count_up(len(event.data), self)
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.client_data(event.data)
-            else:
-                self.session.consumed(event.stream_id, len(event.data))
-        elif isinstance(event, StreamOpened):
-            stream = MuxStream(self, event.stream_id, self.now)
-            self.streams[event.stream_id] = stream
-            STATS.opened["stream"] += 1
-            stream.start()
-        elif isinstance(event, StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.client_ended()
-        elif isinstance(event, StreamWritable):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.writable()
-        elif isinstance(event, StreamRefused):
-            # One line for the first; a flood of SYNs must not become a flood of lines.
-            self._refused += 1
-            if self._refused == 1:
-                log.info(
-                    "%s %s: stream %d refused: %d streams open",
-                    self.peer,
-                    self.path,
-                    event.stream_id,
-                    self.session.stream_count,
-                )
-        elif isinstance(event, SessionEnded):
-            log.info("%s %s: smux session ended: %s", self.peer, self.path, event.reason)
-            self._finish(WSCloseCode.OK)
+    def _protocol_error(self, exc: SmuxProtocolError) -> None:
+        log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
 
-    def flush(self) -> None:
-        """Send what the session queued."""
-        out = self.session.data_to_send()
-        ws = self._ws
-        if out and ws is not None and not ws.underlying_transport.is_closing():
-            assert self.delivery is not None
-            self.delivery.write_binary(out)
+    def _session_ended(self, reason: str) -> None:
+        log.info("%s %s: smux session ended: %s", self.peer, self.path, reason)
 
-    def after_consume(self) -> None:
-        """Pause or resume reading the WebSocket by the session's receive budget."""
-        ws = self._ws
-        if ws is None or self._closed:
-            return
-        transport = ws.underlying_transport
-        paused = self.session.reading_paused() or self._throttled_up or bool(self._held)
-        if paused and not self._reading_paused:
-            self._reading_paused = True
-            if not transport.is_closing():
-                transport.pause_reading()
-        elif not paused and self._reading_paused:
-            self._reading_paused = False
-            if not transport.is_closing():
-                transport.resume_reading()
-        self.flush()
+    def _close_idle(self, stream: MuxStream, now: float) -> None:
+        log.debug("%s %s: stream %d idle, closing", self.peer, self.path, stream.sid)
+        stream.close()
 
     def stream_closed(self, stream: MuxStream) -> None:
         self.streams.pop(stream.sid, None)
         self._ending.pop(stream, None)
-        if not self._closed:
-            self.flush()
-            self.after_consume()
+        self.after_consume()
 
     # -- FINs after delivery ---------------------------------------------------
 
     def fin_after_delivery(self, stream: MuxStream) -> None:
         """stream's dst ended: its FIN waits (bounded) for the client to have its data."""
-        self._ending[stream] = self._loop.time() + self.limits.close_flush_max
+        self._ending[stream] = self.loop.time() + self.limits.close_flush_max
         self.after_consume()
         self.check_fins()  # arms the poll, which also keeps the deadline
 
@@ -470,7 +375,7 @@ class MuxTunnel(CheckedListener):
         if self._fin_timer is not None:
             self._fin_timer.cancel()
             self._fin_timer = None
-        now = self._loop.time()
+        now = self.loop.time()
         limits = self.limits
         delivery = self.delivery
         next_check = now + self._fin_poll
@@ -493,52 +398,25 @@ class MuxTunnel(CheckedListener):
                     limits.close_flush_max,
                 )
                 stream.close()
-        if not self._ending or self._closed:
+        if not self._ending or self.closed:
             self._fin_poll = limits.close_flush_poll
             return
-        self._fin_timer = self._loop.call_at(next_check, self.check_fins)
+        self._fin_timer = self.loop.call_at(next_check, self.check_fins)
         self._fin_poll = min(self._fin_poll * 2, limits.drain_quiet)
-
-    # -- timers ---------------------------------------------------------------
-
-    def _on_timer(self, now: float, sweep: bool) -> None:
-        if self._closed:
-            return
-        self.now = now
-        for event in self.session.handle_timer(now):
-            self._handle(event)
-        if sweep:
-            self._sweep_idle(now)
-        self.flush()
-        if not self._closed:
-            self._timer.rearm(self.session.get_timer())
-
-    def _sweep_idle(self, now: float) -> None:
-        timeout = self.limits.idle_timeout
-        for stream in [s for s in self.streams.values() if now - s.last_activity >= timeout]:
-            log.debug("%s %s: stream %d idle, closing", self.peer, self.path, stream.sid)
-            stream.close()
 
     # -- ending ----------------------------------------------------------------
 
-    def _finish(self, code: WSCloseCode) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._timer.cancel()
+    def _end_streams(self) -> None:
         if self._fin_timer is not None:
             self._fin_timer.cancel()
             self._fin_timer = None
         for stream in list(self.streams.values()):
             stream.close()
-        self.flush()
-        self.session.close()
-        ws = self._ws
-        if ws is not None and not ws.underlying_transport.is_closing():
-            if not ws.is_close_frame_sent:
-                ws.send_close(code)
-            ws.disconnect()
-            self._loop.call_later(self.limits.idle_timeout, ws.disconnect, False)
+
+    def finish(self, code: WSCloseCode) -> None:
+        if self.closed:
+            return
+        super().finish(code)
         if self._refused > 1:
             log.info("%s %s: %d streams refused in all", self.peer, self.path, self._refused)
         log.debug("%s %s: smux session closed", self.peer, self.path)

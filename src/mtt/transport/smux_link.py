@@ -1,0 +1,274 @@
+"""One smux session over one WebSocket: the I/O loop the server's tunnel
+(mtt.transport.mux) and the client's session (mtt.client.mux) share.
+
+The protocol lives in mtt.smux (sans-I/O); this driver owns the clock and the
+WebSocket: received payloads go to the session with `now`, its events go to
+the streams (and to the role's hooks for what only one side does), what it
+queued goes out, and its receive budget pauses reading the WebSocket, the
+only back-pressure smux v1 has (docs/protocol.md §5); so does the user's
+upload rate, when a meter says so. One timer serves the keepalive and the
+sweep of idle streams. Each role says how its bytes leave (the server counts
+them for delivery, the client cuts them into messages) and what its streams
+do; the loop itself is written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+
+from picows import WSCloseCode, WSFrame, WSTransport
+
+from mtt.core.rate import Direction
+from mtt.errors import SmuxProtocolError
+from mtt.smux import (
+    SessionEnded,
+    SmuxConfig,
+    SmuxSession,
+    StreamData,
+    StreamEnded,
+    StreamOpened,
+    StreamRefused,
+    StreamWritable,
+)
+from mtt.transport.session_timer import SessionTimer
+
+if TYPE_CHECKING:
+    from mtt.core.meter import Meter
+
+
+class LinkStream(Protocol):
+    """What the driver hands a stream's events to."""
+
+    last_activity: float
+
+    def peer_data(self, data: bytes) -> None:
+        """Bytes from the peer; they hold budget until `smux.consumed()`."""
+
+    def peer_ended(self) -> None:
+        """The peer sent FIN."""
+
+    def writable(self) -> None:
+        """v2: the peer's window opened again."""
+
+
+S = TypeVar("S", bound=LinkStream)
+
+
+class SmuxLink(Generic[S]):
+    """Drives `smux` over one WebSocket; a role subclasses it before its listener
+    class (``class Role(SmuxLink[Stream], WSListener)``).
+
+    The role calls attach() once connected, on_message() for each data
+    message, after_consume() whenever its streams free budget, and finish()
+    to end; it overrides the hooks below for what differs.
+    """
+
+    def __init__(self, config: SmuxConfig, idle_timeout: float, linger: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
+        self.smux = SmuxSession(config, self.now)
+        self.streams: dict[int, S] = {}
+        # The user's meter, server side: what the peer sends is the user's upload.
+        self.meter: Meter | None = None
+        self.closed = False
+        # Over the upload rate, or messages held: parse nothing new.
+        self.hold_reading = False
+        self._throttled_up = False
+        # Messages picows handed over after the rate paused reading (the rest of
+        # one read, which may be megabytes): parsed as the rate allows.
+        self._held: deque[bytes] = deque()
+        self._config = config
+        self._idle_timeout = idle_timeout
+        self._linger_after = linger
+        self._linger: asyncio.TimerHandle | None = None
+        self._ws: WSTransport | None = None
+        self._write: Callable[[bytes], None] = _nowhere
+        self._reading_paused = False
+        self._timer = SessionTimer(self.loop, idle_timeout, self._on_timer)
+        super().__init__()  # the role's listener
+
+    @property
+    def is_open(self) -> bool:
+        """The WebSocket is up and the session not finished."""
+        return self._ws is not None and not self.closed
+
+    def attach(
+        self, ws: WSTransport, write_high_water: int, write: Callable[[bytes], None]
+    ) -> None:
+        """The WebSocket is up: `write` sends what the session queued."""
+        self._ws = ws
+        ws.underlying_transport.set_write_buffer_limits(high=write_high_water)
+        self._write = write
+
+    def restart_session(self) -> None:
+        """A fresh session whose clocks start now (a client's, once its WebSocket is up)."""
+        self.now = self.loop.time()
+        self.smux = SmuxSession(self._config, self.now)
+
+    def arm_timer(self) -> None:
+        self._timer.rearm(self.smux.get_timer())
+
+    # -- the loop ---------------------------------------------------------------
+
+    def on_message(self, frame: WSFrame) -> None:
+        """One data message from the peer: parse it (or hold it, over the rate)."""
+        if self.hold_reading:
+            self._held.append(frame.get_payload_as_bytes())
+            return
+        self.receive(frame.get_payload_as_memoryview())
+        self.after_consume()
+
+    def release_held(self, all_of_it: bool = False) -> None:
+        """Parse held messages until the rate pauses again (or all of them: the
+        peer is leaving, and what it sent before must still arrive)."""
+        held = self._held
+        while held and (all_of_it or not self._throttled_up) and not self.closed:
+            data = held.popleft()
+            self.hold_reading = self._throttled_up or bool(held)
+            self.receive(data)
+        if self.closed:
+            held.clear()
+
+    def throttle_pause(self, direction: Direction) -> None:
+        """Over the upload rate (downloads are the streams' to charge)."""
+        self._throttled_up = self.hold_reading = True
+        self.after_consume()
+
+    def throttle_resume(self, direction: Direction) -> None:
+        self._throttled_up = False
+        self.hold_reading = bool(self._held)
+        self.release_held()
+        self.after_consume()
+
+    def receive(self, data: memoryview | bytes) -> None:
+        """Feed one message from the peer; its events go to the streams."""
+        self.now = now = self.loop.time()
+        try:
+            events = self.smux.receive_data(data, now)
+        except SmuxProtocolError as exc:
+            self._protocol_error(exc)
+            self.finish(WSCloseCode.PROTOCOL_ERROR)
+            return
+        for event in events:
+            self._handle(event)
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, StreamData):
+            meter = self.meter
+            if meter is not None:
+                meter.count_up(len(event.data), self)
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.peer_data(event.data)
+            else:
+                self.smux.consumed(event.stream_id, len(event.data))
+        elif isinstance(event, StreamOpened):
+            self._stream_opened(event.stream_id)
+        elif isinstance(event, StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.peer_ended()
+        elif isinstance(event, StreamWritable):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.writable()
+        elif isinstance(event, StreamRefused):
+            self._stream_refused(event.stream_id)
+        elif isinstance(event, SessionEnded):
+            self._session_ended(event.reason)
+            self.finish(WSCloseCode.OK)
+
+    def flush(self) -> None:
+        """Send what the session queued."""
+        out = self.smux.data_to_send()
+        if out:
+            ws = self._ws
+            if ws is not None and not ws.underlying_transport.is_closing():
+                self._write(out)
+
+    def after_consume(self) -> None:
+        """Pause or resume reading the WebSocket by the receive budget, then flush."""
+        ws = self._ws
+        if ws is None or self.closed:
+            return
+        paused = self.smux.reading_paused() or self.hold_reading
+        if paused != self._reading_paused:
+            self._reading_paused = paused
+            transport = ws.underlying_transport
+            if not transport.is_closing():
+                if paused:
+                    transport.pause_reading()
+                else:
+                    transport.resume_reading()
+        self.flush()
+
+    def _on_timer(self, now: float, sweep: bool) -> None:
+        if self.closed:
+            return
+        self.now = now
+        for event in self.smux.handle_timer(now):
+            self._handle(event)
+        if sweep and not self.closed:
+            timeout = self._idle_timeout
+            for stream in [s for s in self.streams.values() if now - s.last_activity >= timeout]:
+                self._close_idle(stream, now)
+        self.flush()
+        if not self.closed:
+            self._timer.rearm(self.smux.get_timer())
+
+    def finish(self, code: WSCloseCode) -> None:
+        """End the streams, send what is queued, then close the WebSocket with `code`."""
+        if self.closed:
+            return
+        self.closed = True
+        self._timer.cancel()
+        self._end_streams()
+        self.flush()
+        self.smux.close()
+        ws = self._ws
+        if ws is not None and not ws.underlying_transport.is_closing():
+            if not ws.is_close_frame_sent:
+                ws.send_close(code)
+            self._closing(ws)
+            ws.disconnect()
+            # A peer that never takes the last bytes is cut off.
+            self._linger = self.loop.call_later(self._linger_after, ws.disconnect, False)
+
+    def disconnected(self) -> None:
+        """The WebSocket is gone."""
+        self.finish(WSCloseCode.OK)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+
+    # -- hooks -------------------------------------------------------------------
+
+    def _stream_opened(self, stream_id: int) -> None:
+        """The peer opened a stream (a client refuses them all: never called there)."""
+
+    def _stream_refused(self, stream_id: int) -> None:
+        """A peer SYN was refused; its FIN is already queued."""
+
+    def _protocol_error(self, exc: SmuxProtocolError) -> None:
+        """The peer's bytes broke smux; the session closes with 1002 next."""
+
+    def _session_ended(self, reason: str) -> None:
+        """The session ended on its own (keepalive timeout); it closes with 1000 next."""
+
+    def _close_idle(self, stream: S, now: float) -> None:
+        """`stream` has been idle past the idle timeout: close it."""
+        raise NotImplementedError
+
+    def _end_streams(self) -> None:
+        """finish(): close every stream, before the session's last bytes go out."""
+        raise NotImplementedError
+
+    def _closing(self, ws: WSTransport) -> None:
+        """finish(): the close frame is queued and the WebSocket about to disconnect."""
+
+
+def _nowhere(out: bytes) -> None:
+    """The writer before attach(): flush() never calls it, having no WebSocket."""
