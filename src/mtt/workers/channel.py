@@ -44,7 +44,10 @@ async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
         body = await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         raise ProtocolError("control channel closed mid-message") from None
-    message = json.loads(body)
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON
+        raise ProtocolError(f"control message is not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError("control message is not an object")
     return message

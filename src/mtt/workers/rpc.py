@@ -3,31 +3,57 @@
 A message with "id" is a request and gets a reply carrying "re" = that id; a
 message without either is a notification. The worker asks the supervisor
 (admission, rate tokens) as much as the supervisor asks the worker (changes,
-counters), so neither side is only a client.
+counters), so neither side is only a client. Each side serves the message
+types of mtt.workers.messages through one table of handlers.
+
+A malformed frame (bad JSON, an unknown or ill-formed message, a message this
+side does not serve) is the peer's protocol error and ends the channel. A
+handler that raises is a bug in that handler, not in the channel: it is logged
+with its traceback, the caller gets a Failed reply (RemoteError), and the
+channel carries on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from mtt.errors import ProtocolError
 from mtt.transport.tasks import spawn
 from mtt.workers import channel
+from mtt.workers.messages import (
+    Failed,
+    Message,
+    Notification,
+    Reply,
+    Request,
+    Wire,
+    checked,
+    decode,
+)
 
 log = logging.getLogger("mtt.rpc")
 
-Message = dict[str, Any]
-Handler = Callable[[Message], Message | Awaitable[Message] | None]
+R = TypeVar("R", bound=Reply)
+# A request's handler returns its reply (or an awaitable of it); a notification's, None.
+HandlerResult = Reply | Awaitable[Reply] | None
+Handlers = Mapping[type[Message], Callable[[Any], HandlerResult]]
 
 
-def encode_request(message: Message) -> bytes:
+class RemoteError(ConnectionError):
+    """The peer's handler failed on this request; the channel itself is fine.
+
+    A ConnectionError, so callers treat it like a peer that cannot answer."""
+
+
+def encode_request(request: Request[Any]) -> bytes:
     """A request body encoded once, for sending to many workers."""
-    return json.dumps(message, separators=(",", ":")).encode()
+    return json.dumps(request.to_wire(), separators=(",", ":")).encode()
 
 
 class RpcChannel:
@@ -35,28 +61,28 @@ class RpcChannel:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        handler: Handler,
+        handlers: Handlers,
         name: str,
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._handler = handler
+        self._handlers = handlers
         self._name = name
         self._next_id = 0
-        self._waiting: dict[int, asyncio.Future[Message]] = {}
+        self._waiting: dict[int, tuple[Request[Any], asyncio.Future[Any]]] = {}
         self.open = True
 
-    async def call(self, message: Message) -> Message:
-        return await self.call_encoded(encode_request(message))
+    async def call(self, request: Request[R]) -> R:
+        return await self.call_encoded(request, encode_request(request))
 
-    async def call_encoded(self, body: bytes) -> Message:
-        """Send an encoded request object and wait for its reply."""
+    async def call_encoded(self, request: Request[R], body: bytes) -> R:
+        """Send request, already encoded as body, and wait for its reply."""
         if not self.open:
             raise ConnectionError(f"{self._name}: channel closed")
         self._next_id += 1
         request_id = self._next_id
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = (request, future)
         self._writer.write(channel.encode_body(b'{"id":%d,' % request_id + body[1:]))
         try:
             await self._writer.drain()
@@ -64,41 +90,90 @@ class RpcChannel:
         finally:
             self._waiting.pop(request_id, None)
 
-    def notify(self, message: Message) -> None:
+    def notify(self, message: Notification) -> None:
         if self.open and not self._writer.is_closing():
-            self._writer.write(channel.encode(message))
+            self._writer.write(channel.encode(message.to_wire()))
 
     async def run(self) -> None:
         """Dispatch incoming messages until the channel ends."""
         try:
-            while (message := await channel.read_message(self._reader)) is not None:
-                if "re" in message:
-                    future = self._waiting.get(int(message["re"]))
-                    if future is not None and not future.done():
-                        future.set_result(message)
-                    continue
-                result = self._handler(message)
-                request_id = message.get("id")
-                if request_id is None:
-                    continue
-                if isinstance(result, dict) or result is None:
-                    self._reply(request_id, result)
+            while (data := await channel.read_message(self._reader)) is not None:
+                if "re" in data:
+                    self._answered(data)
                 else:
-                    spawn(self._reply_later(request_id, result), name=f"{self._name} request")
-        except (ProtocolError, ConnectionError, ValueError, KeyError) as exc:
+                    self._dispatch(data)
+        except ProtocolError as exc:
+            log.error("%s: control channel: protocol error: %s", self._name, exc)
+        except ConnectionError as exc:
             log.error("%s: control channel: %s", self._name, exc)
         finally:
             self.open = False
-            for future in self._waiting.values():
+            for _, future in self._waiting.values():
                 if not future.done():
                     future.set_exception(ConnectionError(f"{self._name}: channel closed"))
 
-    async def _reply_later(self, request_id: int, result: Awaitable[Message]) -> None:
-        self._reply(request_id, await result)
+    def _answered(self, data: Wire) -> None:
+        request_id = data["re"]
+        if not isinstance(request_id, int):
+            raise ProtocolError(f"reply to request {request_id!r}")
+        waiting = self._waiting.get(request_id)
+        if waiting is None:
+            return  # its caller gave up (timed out)
+        request, future = waiting
+        if future.done():
+            return
+        if "error" in data:
+            future.set_exception(RemoteError(f"{self._name}: {request.OP}: {data['error']}"))
+        else:
+            future.set_result(checked(request.reply_from_wire, data, f"{request.OP} reply"))
 
-    def _reply(self, request_id: int, result: Message | None) -> None:
+    def _dispatch(self, data: Wire) -> None:
+        request_id = data.get("id")
+        if request_id is not None and not isinstance(request_id, int):
+            raise ProtocolError(f"request id {request_id!r}")
+        message = decode(data)
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            raise ProtocolError(f"{message.OP!r} is not served here")
+        if (request_id is None) != isinstance(message, Notification):
+            raise ProtocolError(f"{message.OP!r} {'without' if request_id is None else 'with'} id")
+        try:
+            result = handler(message)
+        except Exception as exc:
+            self._handler_failed(message, exc, request_id)
+            return
+        if request_id is None:
+            return
+        if inspect.isawaitable(result):
+            spawn(self._reply_later(message, request_id, result), name=f"{self._name} request")
+        else:
+            self._reply(message, request_id, result)
+
+    async def _reply_later(
+        self, message: Message, request_id: int, result: Awaitable[Reply | None]
+    ) -> None:
+        try:
+            reply = await result
+        except Exception as exc:
+            self._handler_failed(message, exc, request_id)
+            return
+        self._reply(message, request_id, reply)
+
+    def _reply(self, message: Message, request_id: int, reply: Reply | None) -> None:
+        if not isinstance(reply, Reply):
+            error = TypeError(f"handler returned {reply!r}, not a reply")
+            self._handler_failed(message, error, request_id)
+            return
+        self._send_reply(request_id, reply)
+
+    def _handler_failed(self, message: Message, exc: Exception, request_id: int | None) -> None:
+        log.error("%s: bug in the handler for %r: %r", self._name, message.OP, exc, exc_info=exc)
+        if request_id is not None:
+            self._send_reply(request_id, Failed(f"{type(exc).__name__}: {exc}"))
+
+    def _send_reply(self, request_id: int, reply: Reply) -> None:
         if self.open and not self._writer.is_closing():
-            self._writer.write(channel.encode({**(result or {}), "re": request_id}))
+            self._writer.write(channel.encode({**reply.to_wire(), "re": request_id}))
 
     def close(self) -> None:
         self.open = False

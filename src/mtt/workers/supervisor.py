@@ -12,32 +12,41 @@ before it listens again.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 from mtt.address import format_hostport
 from mtt.config import ServerConfig
 from mtt.core.commands import Command
-from mtt.core.rate import Direction
-from mtt.core.usage import Usage
 from mtt.errors import ProtocolError
 from mtt.service.user_service import UserService
 from mtt.transport.listen import tcp_listen_socket, unix_listen_socket
 from mtt.transport.tasks import spawn
 from mtt.workers import channel
-from mtt.workers.rpc import Message, RpcChannel, encode_request
+from mtt.workers.messages import (
+    Admission,
+    Admit,
+    Change,
+    Collect,
+    Final,
+    Grant,
+    Init,
+    Kick,
+    Ready,
+    Release,
+    ReloadTls,
+    Reply,
+    Request,
+    Stop,
+    Tokens,
+    decode,
+)
+from mtt.workers.rpc import Handlers, RpcChannel, encode_request
 
 log = logging.getLogger("mtt.workers")
-
-
-def config_to_wire(config: ServerConfig) -> dict[str, Any]:
-    """What a worker needs; the controller's token and policy stay with the supervisor."""
-    data = dataclasses.asdict(config)
-    del data["controller_token"], data["allow_dst"]
-    return data
+R = TypeVar("R", bound=Reply)
 
 
 class Worker:
@@ -50,10 +59,15 @@ class Worker:
         self.rpc: RpcChannel | None = None
         self.channel_task: asyncio.Task[None] | None = None
         self.ready = False
+        # The worker's questions to the user service.
+        self.handlers: Handlers = {
+            Admit: self._admit,
+            Tokens: self._tokens,
+            Release: self._release,
+            Final: self._final,
+        }
 
-    async def start(
-        self, listen_sock: socket.socket, init: dict[str, Any], ready_within: float
-    ) -> None:
+    async def start(self, listen_sock: socket.socket, init: Init, ready_within: float) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -69,12 +83,12 @@ class Worker:
         finally:
             child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
-        writer.write(channel.encode(init))
+        writer.write(channel.encode(init.to_wire()))
         async with asyncio.timeout(ready_within):
-            message = await channel.read_message(reader)
-        if message is None or not message.get("ready"):
-            raise ProtocolError(f"worker {self.index} did not start: {message}")
-        self.rpc = RpcChannel(reader, writer, self._handle, f"worker {self.index}")
+            data = await channel.read_message(reader)
+        if data is None or not isinstance(decode(data), Ready):
+            raise ProtocolError(f"worker {self.index} did not start: {data}")
+        self.rpc = RpcChannel(reader, writer, self.handlers, f"worker {self.index}")
         self.ready = True
         self.channel_task = spawn(self._run(self.rpc), name=f"worker {self.index} channel")
 
@@ -85,45 +99,31 @@ class Worker:
             self.ready = False
             self.service.agent_gone(self.index)
 
-    def _handle(self, message: Message) -> Any:
-        """The worker's questions to the user service."""
-        service = self.service
-        op = message.get("op")
-        if op == "admit":
-            return self._admit(message["path"], message["ip"])
-        if op == "tokens":
-            return self._tokens(
-                message["path"], Direction(int(message["dir"])), int(message["want"])
-            )
-        if op == "release":
-            usage = Usage.from_wire(message["usage"])
-            spawn(
-                service.release(self.index, message["path"], message["ip"], usage),
-                name=f"release {message['path']}",
-            )
-            return None
-        if op == "final":
-            service.absorb(message["report"])
-            return None
-        log.error("worker %d sent unknown op %r", self.index, op)
-        return None
+    async def _admit(self, message: Admit) -> Admission:
+        return Admission(await self.service.admit(self.index, message.path, message.ip))
 
-    async def _admit(self, path: str, ip: str) -> Message:
-        return {"refused": await self.service.admit(self.index, path, ip)}
+    async def _tokens(self, message: Tokens) -> Grant:
+        return Grant(await self.service.tokens(message.path, message.direction, message.want))
 
-    async def _tokens(self, path: str, direction: Direction, want: int) -> Message:
-        return {"grant": await self.service.tokens(path, direction, want)}
+    def _release(self, message: Release) -> None:
+        spawn(
+            self.service.release(self.index, message.path, message.ip, message.usage),
+            name=f"release {message.path}",
+        )
 
-    async def request(self, body: bytes) -> Message:
-        """Send one encoded request and wait for the worker's reply."""
+    def _final(self, message: Final) -> None:
+        self.service.absorb(message.report)
+
+    async def request(self, request: Request[R], body: bytes) -> R:
+        """Send one request, already encoded as body, and wait for the worker's reply."""
         if self.rpc is None or not self.ready:
             raise ConnectionError(f"worker {self.index} is not running")
-        return await self.rpc.call_encoded(body)
+        return await self.rpc.call_encoded(request, body)
 
     def stop(self, grace: float) -> None:
         """Ask the worker to drain and exit; its final report still comes in."""
         if self.rpc is not None:
-            self.rpc.notify({"op": "stop", "grace": grace})
+            self.rpc.notify(Stop(grace))
         self.ready = False
 
     def kill(self) -> None:
@@ -189,12 +189,8 @@ class WorkerPool:
             spawn(self._watch(worker), name=f"watch worker {worker.index}")
         return self.bound_address()
 
-    def _init_message(self) -> dict[str, Any]:
-        return {
-            "config": config_to_wire(self.config),
-            "tls": self.tls,
-            "users": self.service.snapshot().to_wire(),
-        }
+    def _init_message(self) -> Init:
+        return Init(self.config, self.tls, self.service.snapshot())
 
     async def _start_worker(self, worker: Worker) -> None:
         # Under the apply lock: no change can slip between the snapshot and "ready".
@@ -258,28 +254,28 @@ class WorkerPool:
     async def apply(self, command: Command, kick: bool) -> None:
         """Apply in every running worker; returns once all have it."""
         async with self._apply_lock:
-            await self._broadcast({"op": "change", "command": command.to_wire(), "kick": kick})
+            await self._broadcast(Change(command, kick))
 
     async def collect(self) -> list[dict[str, Any]]:
-        replies = await self._ask_all({"op": "collect"})
-        return [r["report"] for r in replies]
+        replies = await self._ask_all(Collect())
+        return [r.report for r in replies]
 
     async def kick(self, paths: tuple[str, ...]) -> int:
-        replies = await self._ask_all({"op": "kick", "paths": list(paths)})
-        return sum(int(r["kicked"]) for r in replies)
+        replies = await self._ask_all(Kick(paths))
+        return sum(r.kicked for r in replies)
 
-    async def _ask_all(self, message: Message) -> list[Message]:
+    async def _ask_all(self, request: Request[R]) -> list[R]:
         """A question to every running worker; a worker that fails to answer is skipped."""
-        return [r for _, r in await self._send_all(message) if isinstance(r, dict)]
+        return [r for _, r in await self._send_all(request) if not isinstance(r, BaseException)]
 
-    async def _send_all(self, message: Message) -> list[tuple[Worker, Message | BaseException]]:
+    async def _send_all(self, request: Request[R]) -> list[tuple[Worker, R | BaseException]]:
         """Send to every running worker; each one's reply, or why there is none."""
         # Encode once: json.dumps of 40,000 entries is the expensive part.
-        body = encode_request(message)
+        body = encode_request(request)
         running = [w for w in self.workers if w.ready]
         results = await asyncio.gather(
             *(
-                asyncio.wait_for(w.request(body), self.config.limits.worker_apply_timeout)
+                asyncio.wait_for(w.request(request, body), self.config.limits.worker_apply_timeout)
                 for w in running
             ),
             return_exceptions=True,
@@ -290,11 +286,11 @@ class WorkerPool:
         """Every worker (and any restarted later) serves the new certificate."""
         async with self._apply_lock:
             self.tls = tls
-            await self._broadcast({"op": "tls", "tls": tls})
+            await self._broadcast(ReloadTls(tls))
 
-    async def _broadcast(self, message: dict[str, Any]) -> None:
+    async def _broadcast(self, request: Request[Any]) -> None:
         """Send to every running worker and wait for each to acknowledge."""
-        for worker, result in await self._send_all(message):
+        for worker, result in await self._send_all(request):
             if isinstance(result, BaseException):
                 # It restarts from a snapshot that already holds this change.
                 log.error(

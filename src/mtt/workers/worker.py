@@ -9,36 +9,42 @@ import logging
 import signal
 import socket
 import sys
-from typing import Any
 
 import uvloop
 
 from mtt.accept.fallback import Fallback
 from mtt.accept.tls_setup import tls_context
 from mtt.accept.tunnel_server import TunnelServer
-from mtt.config import Limits, ServerConfig
-from mtt.core.commands import Command
 from mtt.core.rate import Direction
 from mtt.core.usage import Usage
-from mtt.errors import ConfigError
+from mtt.errors import ConfigError, ProtocolError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.service.agent import Agent
-from mtt.smux import SmuxConfig
 from mtt.transport.tasks import spawn
 from mtt.wire.client_address import TrustedProxies
 from mtt.workers import channel
 from mtt.workers.heap import trim_after_bursts
+from mtt.workers.messages import (
+    Admit,
+    Change,
+    Collect,
+    Done,
+    Final,
+    Init,
+    Kick,
+    Kicked,
+    Ready,
+    Release,
+    ReloadTls,
+    Report,
+    Stop,
+    Tokens,
+    decode,
+)
 from mtt.workers.rlimit import describe, raise_nofile
-from mtt.workers.rpc import Message, RpcChannel
+from mtt.workers.rpc import Handlers, RpcChannel
 
 log = logging.getLogger("mtt.worker")
-
-
-def config_from_wire(data: dict[str, Any]) -> ServerConfig:
-    limits = dict(data["limits"])
-    limits["smux"] = SmuxConfig(**limits["smux"])
-    trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
-    return ServerConfig(**{**data, "limits": Limits(**limits), "trusted_proxies": trusted})
 
 
 class SupervisorLink:
@@ -49,18 +55,15 @@ class SupervisorLink:
 
     async def admit(self, path: str, ip: str) -> str | None:
         assert self.rpc is not None
-        reply = await self.rpc.call({"op": "admit", "path": path, "ip": ip})
-        refused = reply.get("refused")
-        return None if refused is None else str(refused)
+        return (await self.rpc.call(Admit(path, ip))).refused
 
     def release(self, path: str, ip: str, delta: Usage) -> None:
         assert self.rpc is not None
-        self.rpc.notify({"op": "release", "path": path, "ip": ip, "usage": delta.to_wire()})
+        self.rpc.notify(Release(path, ip, delta))
 
     async def tokens(self, path: str, direction: Direction, want: int) -> int:
         assert self.rpc is not None
-        reply = await self.rpc.call({"op": "tokens", "path": path, "dir": direction, "want": want})
-        return int(reply["grant"])
+        return (await self.rpc.call(Tokens(path, direction, want))).grant
 
 
 class WorkerControl:
@@ -71,38 +74,46 @@ class WorkerControl:
         self.server = server
         self.stop_grace: float | None = None
         self.stopped = asyncio.Event()
+        self.handlers: Handlers = {
+            Change: self._change,
+            Collect: self._collect,
+            Kick: self._kick,
+            ReloadTls: self._reload_tls,
+            Stop: self._stop,
+        }
 
-    def handle(self, message: Message) -> Message | None:
-        op = message.get("op")
-        agent = self.agent
-        if op == "change":
-            agent.apply(Command.from_wire(message["command"]), bool(message.get("kick")))
-            return {}
-        if op == "collect":
-            return {"report": agent.collect()}
-        if op == "kick":
-            return {"kicked": agent.kick(message["paths"])}
-        if op == "tls":
-            try:
-                self.server.reload_tls(message["tls"])
-            except ConfigError as exc:
-                log.error("certificate reload failed: %s", exc)
-            return {}
-        if op == "stop":
-            self.stop_grace = float(message.get("grace", 0.0))
-            self.stopped.set()
-            return None
-        log.error("unknown op %r from the supervisor", op)
-        return {}
+    def _change(self, message: Change) -> Done:
+        self.agent.apply(message.command, message.kick)
+        return Done()
+
+    def _collect(self, message: Collect) -> Report:
+        return Report(self.agent.collect())
+
+    def _kick(self, message: Kick) -> Kicked:
+        return Kicked(self.agent.kick(message.paths))
+
+    def _reload_tls(self, message: ReloadTls) -> Done:
+        try:
+            self.server.reload_tls(message.tls)
+        except ConfigError as exc:
+            log.error("certificate reload failed: %s", exc)
+        return Done()
+
+    def _stop(self, message: Stop) -> None:
+        self.stop_grace = message.grace
+        self.stopped.set()
 
 
 async def run(index: int, listen_fd: int, control_fd: int) -> None:
     listen_sock = socket.socket(fileno=listen_fd)
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=control_fd))
-    init = await channel.read_message(reader)
-    if init is None:
+    data = await channel.read_message(reader)
+    if data is None:
         return
-    config = config_from_wire(init["config"])
+    init = decode(data)
+    if not isinstance(init, Init):
+        raise ProtocolError(f"{init.OP!r} before init")
+    config = init.config
     setup_logging(config.verbose, tag=f"w{index}", json_format=config.log_json)
     log_loop_errors(asyncio.get_running_loop())
     before, now, error = raise_nofile()  # inherited from the supervisor: normally a no-op
@@ -111,20 +122,20 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     trimming = spawn(trim_after_bursts(), name="heap trim")
     link = SupervisorLink()
     agent = Agent(link)
-    agent.apply(Command.from_wire(init["users"]), kick=False)
+    agent.apply(init.users, kick=False)
     server = TunnelServer(
         agent,
         config.limits,
         default_mux=config.mux,
-        ssl_context=tls_context(init["tls"]),
+        ssl_context=tls_context(init.tls),
         fallback=Fallback.parse(config.fallback) if config.fallback else None,
         trusted=TrustedProxies(config.trusted_proxies),
         proxy_protocol=config.proxy_protocol,
     )
     await server.start(listen_sock)
     control = WorkerControl(agent, server)
-    link.rpc = rpc = RpcChannel(reader, writer, control.handle, f"worker {index}")
-    writer.write(channel.encode({"ready": True}))
+    link.rpc = rpc = RpcChannel(reader, writer, control.handlers, f"worker {index}")
+    writer.write(channel.encode(Ready().to_wire()))
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -140,7 +151,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     # supervisor, and the last of them in one final report.
     await server.drain(grace)
     trimming.cancel()
-    rpc.notify({"op": "final", "report": agent.collect()})
+    rpc.notify(Final(agent.collect()))
     with contextlib.suppress(OSError):
         await writer.drain()
     reading.cancel()

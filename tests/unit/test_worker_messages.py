@@ -1,0 +1,315 @@
+"""Supervisor-worker messages: every type survives its wire form, a malformed
+one is the peer's ProtocolError, and a handler that raises is its own bug (logged,
+answered as an error) rather than the channel's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from mtt.address import Destination
+from mtt.config import ServerConfig
+from mtt.core.commands import Command, Entry, Opt
+from mtt.core.policy import DstPolicy, parse_rule
+from mtt.core.usage import Usage
+from mtt.core.users import User, UserLimits
+from mtt.errors import ProtocolError
+from mtt.workers import channel
+from mtt.workers.messages import (
+    KINDS,
+    Admission,
+    Admit,
+    Change,
+    Collect,
+    Done,
+    Final,
+    Grant,
+    Init,
+    Kick,
+    Kicked,
+    Message,
+    Ready,
+    Release,
+    ReloadTls,
+    Reply,
+    Report,
+    Request,
+    Stop,
+    Tokens,
+    checked,
+    decode,
+)
+from mtt.workers.rpc import Handlers, RemoteError, RpcChannel
+from mtt.workers.supervisor import Worker
+from mtt.workers.worker import WorkerControl
+
+COMMAND = Command(
+    Opt.ADD,
+    entries=(
+        Entry("/plain", User(Destination("127.0.0.1", 9))),
+        Entry("/sold", User(Destination("::1", 80), UserLimits(1000, 2, 3, 4, 5)), 77),
+    ),
+)
+REPORT = {"users": {"/a": [[1, 2, 3, 1, 5.5], 1, ["10.0.0.1"]]}, "stats": {}, "gauges": {}}
+
+# One example of every message, and of every request with its reply.
+EXAMPLES: list[Message] = [
+    Init(ServerConfig(bind="127.0.0.1:0", workers=2), {"cert": "c", "key": "k"}, COMMAND),
+    Init(ServerConfig(trusted_proxies=("10.0.0.0/8",)), None, Command(Opt.RESET)),
+    Change(COMMAND, kick=True),
+    Change(Command(Opt.DELETE, paths=("/a", "/b")), kick=False),
+    Collect(),
+    Kick(("/a", "/b")),
+    ReloadTls({"cert": "c", "key": "k"}),
+    Stop(2.5),
+    Ready(),
+    Admit("/sold", "2001:db8::1"),
+    Tokens("/sold", 1, 65536),
+    Release("/sold", "10.0.0.1", Usage(1, 2, 3, 4, 5.25)),
+    Final(REPORT),
+]
+REPLIES: list[tuple[Request[Any], Reply]] = [
+    (Change(COMMAND, kick=False), Done()),
+    (Collect(), Report(REPORT)),
+    (Kick(("/a",)), Kicked(3)),
+    (ReloadTls({}), Done()),
+    (Admit("/a", "::1"), Admission(None)),
+    (Admit("/a", "::1"), Admission("quota used up")),
+    (Tokens("/a", 0, 1), Grant(4096)),
+]
+
+
+def through_json(data: dict[str, Any]) -> dict[str, Any]:
+    """What the peer decodes from the frame."""
+    decoded: dict[str, Any] = json.loads(channel.encode(data)[4:])
+    return decoded
+
+
+def test_every_message_type_has_an_example() -> None:
+    assert {type(m) for m in EXAMPLES} == set(KINDS.values())
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_a_message_round_trips_through_its_wire_form(message: Message) -> None:
+    assert decode(through_json(message.to_wire())) == message
+
+
+@pytest.mark.parametrize(("request_", "reply"), REPLIES, ids=lambda r: type(r).__name__)
+def test_a_reply_round_trips_through_its_wire_form(request_: Request[Any], reply: Reply) -> None:
+    assert request_.reply_from_wire(through_json(reply.to_wire())) == reply
+
+
+def test_the_controller_token_and_policy_stay_with_the_supervisor() -> None:
+    config = ServerConfig(
+        controller_token="secret", allow_dst=DstPolicy((parse_rule("10.0.0.0/8"),))
+    )
+    wire = Init(config, None, Command(Opt.RESET)).to_wire()
+    assert "secret" not in json.dumps(wire)
+    init = decode(through_json(wire))
+    assert isinstance(init, Init)
+    assert init.config.controller_token == ""
+    assert init.config.allow_dst == DstPolicy()
+
+
+MALFORMED: list[dict[str, Any]] = [
+    {},
+    {"op": "nope"},
+    {"op": 3},
+    {"op": "admit", "path": "/a"},
+    {"op": "admit", "path": 1, "ip": "::1"},
+    {"op": "tokens", "path": "/a", "dir": "0", "want": 1},
+    {"op": "tokens", "path": "/a", "dir": 0, "want": True},
+    {"op": "release", "path": "/a", "ip": "::1", "usage": [1, 2]},
+    {"op": "release", "path": "/a", "ip": "::1", "usage": "lots"},
+    {"op": "final", "report": []},
+    {"op": "change", "command": {"opt": 99}, "kick": False},
+    {"op": "change", "command": {"opt": 1, "entries": [["/a", "h"]]}, "kick": False},
+    {"op": "change", "command": {"opt": 1}, "kick": "yes"},
+    {"op": "change", "command": [], "kick": False},
+    {"op": "kick", "paths": "/a"},
+    {"op": "kick", "paths": [1]},
+    {"op": "tls", "tls": None},
+    {"op": "tls", "tls": {"cert": 1}},
+    {"op": "stop"},
+    {"op": "stop", "grace": "soon"},
+    {"op": "init", "config": {"nope": 1}, "tls": None, "users": {"opt": 3}},
+]
+
+
+@pytest.mark.parametrize("data", MALFORMED, ids=lambda d: json.dumps(d)[:60])
+def test_a_malformed_message_is_a_protocol_error(data: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError):
+        decode(data)
+
+
+@pytest.mark.parametrize(
+    ("request_", "data"),
+    [(Admit("/a", "::1"), {"refused": 1}), (Tokens("/a", 0, 1), {}), (Collect(), {"report": 1})],
+    ids=lambda r: type(r).__name__,
+)
+def test_a_malformed_reply_is_a_protocol_error(
+    request_: Request[Any], data: dict[str, Any]
+) -> None:
+    with pytest.raises(ProtocolError):
+        checked(request_.reply_from_wire, data, request_.OP)
+
+
+def test_each_side_serves_what_the_other_sends() -> None:
+    supervisor = set(Worker(1, None).handlers)  # type: ignore[arg-type]
+    worker = set(WorkerControl(None, None).handlers)  # type: ignore[arg-type]
+    assert supervisor == {Admit, Tokens, Release, Final}
+    assert worker == {Change, Collect, Kick, ReloadTls, Stop}
+    # Init and Ready are exchanged before the channel runs.
+    assert supervisor | worker | {Init, Ready} == set(KINDS.values())
+
+
+# -- the RPC loop over a socketpair: no process needed -----------------------------
+
+
+@dataclass
+class Ends:
+    caller: RpcChannel
+    served: RpcChannel
+    served_raw: asyncio.StreamWriter  # the caller's peer socket, to write frames by hand
+    caller_task: asyncio.Task[None]
+    served_task: asyncio.Task[None]
+
+
+@asynccontextmanager
+async def rpc_pair(handlers: Handlers) -> AsyncIterator[Ends]:
+    """A caller with no handlers and a peer serving handlers, on one socketpair."""
+    a, b = socket.socketpair()
+    reader_a, writer_a = await asyncio.open_unix_connection(sock=a)
+    reader_b, writer_b = await asyncio.open_unix_connection(sock=b)
+    caller = RpcChannel(reader_a, writer_a, {}, "caller")
+    served = RpcChannel(reader_b, writer_b, handlers, "served")
+    ends = Ends(
+        caller,
+        served,
+        writer_a,
+        asyncio.ensure_future(caller.run()),
+        asyncio.ensure_future(served.run()),
+    )
+    try:
+        yield ends
+    finally:
+        caller.close()
+        served.close()
+        await asyncio.wait_for(asyncio.gather(ends.caller_task, ends.served_task), 10)
+
+
+def broken(message: Any) -> Any:
+    raise RuntimeError("handler bug")
+
+
+async def broken_later(message: Any) -> Any:
+    await asyncio.sleep(0)
+    raise RuntimeError("async handler bug")
+
+
+async def grant(message: Tokens) -> Grant:
+    return Grant(message.want * 2)
+
+
+def bug_records(caplog: pytest.LogCaptureFixture, op: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if f"bug in the handler for {op!r}" in r.getMessage()
+        and r.levelno == logging.ERROR
+        and r.exc_info is not None
+    ]
+
+
+def protocol_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "protocol error" in r.getMessage()]
+
+
+@pytest.mark.parametrize("handler", [broken, broken_later], ids=["sync", "async"])
+async def test_a_handler_bug_is_answered_as_an_error_and_the_channel_carries_on(
+    caplog: pytest.LogCaptureFixture, handler: Callable[[Any], Awaitable[Any] | Any]
+) -> None:
+    caplog.set_level(logging.ERROR)
+    async with rpc_pair({Admit: handler, Tokens: grant}) as ends:
+        with pytest.raises(RemoteError, match=r"admit: RuntimeError: .*handler bug"):
+            await asyncio.wait_for(ends.caller.call(Admit("/a", "::1")), 10)
+        # Same channel, next request: answered.
+        assert await asyncio.wait_for(ends.caller.call(Tokens("/a", 0, 21)), 10) == Grant(42)
+        assert ends.caller.open and ends.served.open
+    records = bug_records(caplog, "admit")
+    assert len(records) == 1
+    assert records[0].exc_info is not None and "handler bug" in str(records[0].exc_info[1])
+    assert protocol_errors(caplog) == []
+
+
+async def test_a_notification_handler_bug_is_logged_and_the_channel_carries_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR)
+    async with rpc_pair({Final: broken, Tokens: grant}) as ends:
+        ends.caller.notify(Final(REPORT))
+        assert await asyncio.wait_for(ends.caller.call(Tokens("/a", 0, 1)), 10) == Grant(2)
+    assert len(bug_records(caplog, "final")) == 1
+    assert protocol_errors(caplog) == []
+
+
+async def test_a_request_handler_without_a_reply_is_a_handler_bug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR)
+    async with rpc_pair({Admit: lambda message: None}) as ends:
+        with pytest.raises(RemoteError, match="not a reply"):
+            await asyncio.wait_for(ends.caller.call(Admit("/a", "::1")), 10)
+    assert len(bug_records(caplog, "admit")) == 1
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack("!I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id":1,"op":"admit","path":5,"ip":"::1"}',  # a field of the wrong type
+        b'{"id":1,"op":"launch"}',  # no such message
+        b'{"id":1,"op":"collect"}',  # a message this side does not serve
+        b'{"op":"tokens","path":"/a","dir":0,"want":1}',  # a request without an id
+        b'{"id":"1","op":"tokens","path":"/a","dir":0,"want":1}',
+        b'{"re":"x"}',
+        b"{not json",
+        b"[1]",
+        b"\xff\xfe",
+    ],
+)
+async def test_a_malformed_frame_ends_the_channel_as_a_protocol_error(
+    caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    caplog.set_level(logging.ERROR)
+    calls: list[Any] = []
+    async with rpc_pair({Admit: calls.append, Tokens: grant}) as ends:
+        ends.served_raw.write(frame(body))
+        await asyncio.wait_for(ends.served_task, 10)
+        assert not ends.served.open
+    assert calls == []
+    assert len(protocol_errors(caplog)) == 1, caplog.text
+    assert not any("bug in the handler" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_malformed_reply_ends_the_channel_and_fails_the_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR)
+    async with rpc_pair({Tokens: lambda message: Kicked(1)}) as ends:  # the wrong reply
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(ends.caller.call(Tokens("/a", 0, 1)), 10)
+        assert not ends.caller.open
+    assert any("malformed 'tokens reply'" in m for m in protocol_errors(caplog))
