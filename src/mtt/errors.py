@@ -6,7 +6,8 @@
     ├── ProtocolError        a peer broke a protocol: close that connection
     │   └── SmuxProtocolError    bad smux frame or state (ends the whole session)
     ├── ControlError         a controller request that cannot be applied (400, res 2)
-    └── StoreError           the user store cannot take a change now (503, res 2)
+    ├── StoreError           the user store cannot take a change now (503, res 2)
+    └── RemoteError          the other process's handler failed on our request
 
 Peer bytes only ever raise ProtocolError subclasses; the I/O layer turns them
 into a logged close, never a traceback. Every class the package defines is
@@ -40,3 +41,9 @@ class ControlError(MttError):
 
 class StoreError(MttError):
     """The user store (SQLite, Redis) cannot take a change now; nothing was applied."""
+
+
+class RemoteError(MttError, ConnectionError):
+    """The supervisor's or a worker's handler failed on our request; its error
+    is the message. Also a ConnectionError: callers treat it as a peer that
+    cannot answer, and the channel itself goes on."""

@@ -22,7 +22,7 @@ from mtt.core.commands import Command, Entry, Opt
 from mtt.core.policy import DstPolicy, parse_rule
 from mtt.core.usage import Usage
 from mtt.core.users import User, UserLimits
-from mtt.errors import ProtocolError
+from mtt.errors import ProtocolError, RemoteError
 from mtt.workers import channel
 from mtt.workers.messages import (
     KINDS,
@@ -48,7 +48,7 @@ from mtt.workers.messages import (
     checked,
     decode,
 )
-from mtt.workers.rpc import Handlers, RemoteError, RpcChannel
+from mtt.workers.rpc import Handlers, RpcChannel
 from mtt.workers.supervisor import Worker
 from mtt.workers.worker import WorkerControl
 

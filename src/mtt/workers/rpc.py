@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from mtt.errors import ProtocolError
+from mtt.errors import ProtocolError, RemoteError
 from mtt.transport.tasks import spawn
 from mtt.workers import channel
 from mtt.workers.messages import (
@@ -43,12 +43,6 @@ R = TypeVar("R", bound=Reply)
 # A request's handler returns its reply (or an awaitable of it); a notification's, None.
 HandlerResult = Reply | Awaitable[Reply] | None
 Handlers = Mapping[type[Message], Callable[[Any], HandlerResult]]
-
-
-class RemoteError(ConnectionError):
-    """The peer's handler failed on this request; the channel itself is fine.
-
-    A ConnectionError, so callers treat it like a peer that cannot answer."""
 
 
 def encode_request(request: Request[Any]) -> bytes:
