@@ -35,7 +35,8 @@ class Limits:
     close_flush_poll: float = 0.01
     # Then the close waits this long more (a stream's FIN), or until client data has
     # been quiet this long (a plain tunnel's close frame; the data is discarded) ...
-    drain_quiet: float = 0.1
+    # 250 ms: a Go client on a busy host pauses longer than 100 ms between writes.
+    drain_quiet: float = 0.25
     # ... but never longer than this (docs/protocol.md §7).
     drain_max: float = 3.0
     # Controller request body cap (the original's 2 MiB).

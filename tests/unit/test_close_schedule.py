@@ -43,7 +43,8 @@ def test_while_the_client_is_receiving_the_polls_double_up_to_the_quiet_period()
         assert not decision.flush_timed_out
         intervals.append(decision.at - now)
         now = decision.at
-    assert intervals == pytest.approx([POLL, 2 * POLL, 4 * POLL, 8 * POLL] + [QUIET] * 4)
+    assert intervals == pytest.approx([min(POLL * 2**i, QUIET) for i in range(8)])
+    assert intervals[-1] == pytest.approx(QUIET)  # the doubling reached the cap
     assert s.flushing
 
 
