@@ -8,11 +8,12 @@ times its size, with 97% of its heap free. malloc_trim(0) returns the free
 pages (madvise) without moving anything.
 
 The trigger, checked every second: much of the heap is free (glibc's own
-count, mallinfo2, glibc 2.33+) and the process has grown since the last trim
-(so there is something to give back). A trim walks the heap (about 20 ms for
-1.6 GB of it), so trims are spaced by at least MIN_GAP seconds and by 100
-times the last one's duration. Elsewhere (musl, macOS, an older glibc) this
-is a no-op.
+count, mallinfo2, glibc 2.33+) and the process has grown since the last trim,
+or more of the heap was freed since (a burst still closing at the last trim
+left its rest resident): there is something to give back. A trim walks the
+heap (about 20 ms for 1.6 GB of it), so trims are spaced by at least MIN_GAP
+seconds and by 100 times the last one's duration. Elsewhere (musl, macOS, an
+older glibc) this is a no-op.
 """
 
 from __future__ import annotations
@@ -104,19 +105,26 @@ class BurstTrimmer:
         self._rss = rss
         self._clock = clock
         self._rss_after = rss()  # RSS when last trimmed (or at start)
+        self._low_free = heap.usage()[1]  # the heap's least free bytes since then
         self._next = clock()  # no trim before this
 
     def check(self) -> bool:
         """Trim if a burst has left much of the heap free; True when it did."""
         in_use, free = self._heap.usage()
+        self._low_free = min(self._low_free, free)
         if free < GROWTH or free < FREE_FRACTION * (in_use + free):
             return False
-        if self._clock() < self._next or self._rss() < self._rss_after + GROWTH:
+        if self._clock() < self._next:
+            return False
+        # Freed since the last trim (a burst that ended after it) or grown since.
+        freed = free >= self._low_free + GROWTH
+        if not freed and self._rss() < self._rss_after + GROWTH:
             return False
         started = time.perf_counter()
         self._heap.trim()
         took = time.perf_counter() - started
         self._rss_after = self._rss()
+        self._low_free = free
         self._next = self._clock() + max(MIN_GAP, COST_FACTOR * took)
         log.debug(
             "heap trimmed in %.1f ms: %d MiB free of %d MiB",
