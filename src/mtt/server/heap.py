@@ -12,7 +12,7 @@ count, mallinfo2, glibc 2.33+) and the process has grown since the last trim,
 or more of the heap was freed since (a burst still closing at the last trim
 left its rest resident): there is something to give back. A trim walks the
 heap (about 20 ms for 1.6 GB of it), so trims are spaced by at least MIN_GAP
-seconds and by 100 times the last one's duration. Elsewhere (musl, macOS, an
+seconds and by 20 times the last one's duration. Elsewhere (musl, macOS, an
 older glibc) this is a no-op.
 """
 
@@ -30,10 +30,11 @@ log = logging.getLogger("mtt.server")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 CHECK_INTERVAL = 1.0
-MIN_GAP = 2.0  # seconds between two trims, at least
+MIN_GAP = 1.0  # seconds between two trims, at least
 FREE_FRACTION = 0.25  # of the heap free: a burst has ended
 GROWTH = 8 << 20  # bytes: heap free, and RSS grown since the last trim, by at least this
-COST_FACTOR = 100  # trims take at most 1% of the time
+FREED = 2 << 20  # bytes: or the heap's use fallen since the last trim by at least this
+COST_FACTOR = 20  # trims take at most 5% of the time
 
 
 class _MallInfo2(ctypes.Structure):
@@ -105,26 +106,26 @@ class BurstTrimmer:
         self._rss = rss
         self._clock = clock
         self._rss_after = rss()  # RSS when last trimmed (or at start)
-        self._low_free = heap.usage()[1]  # the heap's least free bytes since then
+        self._in_use_after = heap.usage()[0]  # heap bytes in use then
         self._next = clock()  # no trim before this
 
     def check(self) -> bool:
         """Trim if a burst has left much of the heap free; True when it did."""
         in_use, free = self._heap.usage()
-        self._low_free = min(self._low_free, free)
         if free < GROWTH or free < FREE_FRACTION * (in_use + free):
             return False
         if self._clock() < self._next:
             return False
-        # Freed since the last trim (a burst that ended after it) or grown since.
-        freed = free >= self._low_free + GROWTH
+        # Freed since the last trim (a burst still closing then), or grown since;
+        # steady traffic reusing free chunks does neither.
+        freed = in_use + FREED <= self._in_use_after
         if not freed and self._rss() < self._rss_after + GROWTH:
             return False
         started = time.perf_counter()
         self._heap.trim()
         took = time.perf_counter() - started
         self._rss_after = self._rss()
-        self._low_free = free
+        self._in_use_after = in_use
         self._next = self._clock() + max(MIN_GAP, COST_FACTOR * took)
         log.debug(
             "heap trimmed in %.1f ms: %d MiB free of %d MiB",
