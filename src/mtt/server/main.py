@@ -27,7 +27,7 @@ from mtt.logs import log_loop_errors, setup_logging
 from mtt.server.agent import Agent
 from mtt.server.client_address import TrustedProxies
 from mtt.server.fallback import Fallback
-from mtt.server.heap import trim_after_bursts
+from mtt.server.heap import run_objects_on_malloc, trim_after_bursts
 from mtt.server.listen import tcp_listen_socket, unix_listen_socket
 from mtt.server.planes import LocalLink, LocalPlane
 from mtt.server.rlimit import describe, raise_nofile
@@ -328,6 +328,8 @@ def _start(values: dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the command itself, not a call from a test
+        run_objects_on_malloc()
     return run_cli(build_flags(), sys.argv[1:] if argv is None else argv, _start)
 
 
