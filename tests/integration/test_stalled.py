@@ -203,3 +203,26 @@ def test_rss_comes_back_after_a_burst_of_stalled_handshakes() -> None:
     print(f"RSS {before / MiB:.0f} -> {peak / MiB:.0f} -> {after / MiB:.0f} MiB")
     assert peak > before + 40 * MiB, "the burst cost nothing: the test proves nothing"
     assert after < before * 1.25, (before, peak, after)
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        pairs = (item.decode().partition("=") for item in fh.read().split(b"\0") if item)
+        return {name: value for name, _, value in pairs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("given", "used"), [(None, "malloc"), ("pymalloc", "pymalloc")])
+def test_python_objects_live_where_the_trim_reaches(
+    given: str | None, used: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor and its workers keep Python's objects in glibc's heap
+    (PYTHONMALLOC=malloc), whose free pages the trim returns; pymalloc's arenas
+    stay resident while a single object lives in them. An operator's own
+    PYTHONMALLOC is kept."""
+    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    env = {} if given is None else {"PYTHONMALLOC": given}
+    with running_server("-force-tls", "-workers", "2", env=env) as server:
+        wait_for(lambda: len(server.children()) == 2, "two workers")
+        seen = {pid: environment_of(pid).get("PYTHONMALLOC") for pid in _mtt_pids(server)}
+    assert set(seen.values()) == {used}, seen

@@ -89,3 +89,31 @@ def test_real_heap() -> None:
     in_use, free = real.usage()
     assert in_use > 0 and free >= 0
     real.trim()
+
+
+def test_memory_freed_after_a_trim_is_trimmed_too() -> None:
+    """A trim while a burst is still closing, then the rest of it freed: RSS has
+    not grown since that trim, but what was freed since is given back too."""
+    world = World()
+    world.burst(100 * MiB)
+    assert world.tick()
+    world.heap.in_use -= 50 * MiB  # the burst's last connections close
+    world.heap.free += 50 * MiB
+    assert world.tick(heap.MIN_GAP)
+    assert not any(world.tick() for _ in range(10))
+    assert world.heap.trims == 2
+
+
+def test_allocations_reused_from_free_memory_are_not_trimmed_again() -> None:
+    """Steady traffic takes and returns the same free chunks: no trim for it."""
+    world = World()
+    world.burst(100 * MiB)
+    assert world.tick()
+    for _ in range(10):
+        world.heap.free -= 4 * MiB  # taken by new connections, then freed again
+        world.heap.in_use += 4 * MiB
+        assert not world.tick()
+        world.heap.free += 4 * MiB
+        world.heap.in_use -= 4 * MiB
+        assert not world.tick()
+    assert world.heap.trims == 1
