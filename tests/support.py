@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 
@@ -18,12 +19,15 @@ from harness.server import (
     start_server,
 )
 
+from mtt.config import Limits
+
 __all__ = [
     "ROOT",
     "EchoServer",
     "ServerProcess",
     "concurrent_adds",
     "console_command",
+    "controller_limits",
     "echo_server",
     "pattern",
     "run_cli",
@@ -125,3 +129,8 @@ async def tagged_server(tag: bytes) -> AsyncIterator[str]:
         yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
+
+
+def controller_limits(**bounds: float) -> Limits:
+    """The default Limits with some controller_* bounds changed (head_timeout=...)."""
+    return dataclasses.replace(Limits(), **{f"controller_{k}": v for k, v in bounds.items()})

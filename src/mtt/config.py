@@ -91,6 +91,15 @@ class Limits:
     redis_check_interval: float = 2.0
     # ... and how long a revision Redis has may stay unannounced before a reload.
     redis_settle: float = 0.5
+    # A change bigger than this is announced to the other nodes by its revision only
+    # (they reload the table) rather than every subscriber buffering megabytes.
+    redis_max_published: int = 1 * MiB
+    # The subscription to Redis's changes is retried after this, doubling up to ...
+    redis_retry_min: float = 0.25
+    # ... this.
+    redis_retry_max: float = 1.0
+    # redis-py pings an idle pooled connection older than this before using it.
+    redis_health_check_interval: float = 15.0
     # smux sessions inside WebSockets.
     smux: SmuxConfig = field(default_factory=SmuxConfig)
 

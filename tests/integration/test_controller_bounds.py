@@ -23,7 +23,7 @@ from mtt.controller.http import ControllerSettings, start_controller
 from mtt.service.user_service import UserService
 from mtt.store.memory import MemoryStore
 from tests.integration.test_tunnel import echo_roundtrip, opener
-from tests.support import echo_server, running_server
+from tests.support import controller_limits, echo_server, running_server
 
 BOUND = 1.5  # the bound under test, in seconds
 SLACK = 3.0  # what a loaded 2-core machine may add to it
@@ -37,7 +37,9 @@ async def controller(**bounds: Any) -> AsyncIterator[tuple[str, int]]:
     settings = {"head_timeout": LONG, "body_timeout": LONG, "keepalive": LONG, **bounds}
     service = UserService(MemoryStore())
     await service.start()
-    runner, where = await start_controller("127.0.0.1:0", service, ControllerSettings(**settings))
+    runner, where = await start_controller(
+        "127.0.0.1:0", service, ControllerSettings(limits=controller_limits(**settings))
+    )
     host, port = where.rsplit(":", 1)
     try:
         yield host, int(port)

@@ -43,6 +43,7 @@ from mtt.store.memory import MemoryStore
 from mtt.transport.tls import context_from_pem, self_signed_pem
 from mtt.transport.wsframe import write_binary
 from tests.integration.test_controller_bounds import post, read_reply
+from tests.support import controller_limits
 from tests.unit.test_first_bytes import SSLV3_HELLO
 
 WAIT = 10.0  # bound on every read; the tests finish in milliseconds
@@ -334,7 +335,9 @@ async def controller(
 ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
     service = UserService(MemoryStore())
     await service.start()
-    runner, where = await start_controller("127.0.0.1:0", service, ControllerSettings(**settings))
+    runner, where = await start_controller(
+        "127.0.0.1:0", service, ControllerSettings(limits=controller_limits(**settings))
+    )
     host, port = where.rsplit(":", 1)
     try:
         reader, writer = await asyncio.open_connection(host, int(port))

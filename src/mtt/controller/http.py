@@ -48,16 +48,13 @@ _LIMITS = Limits()
 
 @dataclass(frozen=True, slots=True)
 class ControllerSettings:
-    """How the controller guards itself (the bounds are Limits.controller_*)."""
+    """How the controller guards itself; its bounds are Limits.max_control_body
+    and Limits.controller_*, read from the one Limits, never copied."""
 
-    max_body: int = _LIMITS.max_control_body
     token: str = ""
     policy: DstPolicy = field(default_factory=DstPolicy)
     metrics_per_user: bool = False
-    head_timeout: float = _LIMITS.controller_head_timeout
-    body_timeout: float = _LIMITS.controller_body_timeout
-    keepalive: float = _LIMITS.controller_keepalive
-    max_connections: int = _LIMITS.controller_max_connections
+    limits: Limits = field(default_factory=Limits)
 
 
 _SETTINGS: web.AppKey[ControllerSettings] = web.AppKey("settings", ControllerSettings)
@@ -147,15 +144,17 @@ async def _handle(request: web.Request) -> web.Response:
         )
         response.headers["Allow"] = "POST"
         return response
-    cap = settings.max_body
+    cap = settings.limits.max_control_body
     try:  # a peer trickling or stalling its body must not hold the connection
-        async with asyncio.timeout(settings.body_timeout):
+        async with asyncio.timeout(settings.limits.controller_body_timeout):
             body = await _read_capped(request, cap)
     except TimeoutError:
         log.warning(
-            "controller: %s: body not complete within %g s, closed", peer, settings.body_timeout
+            "controller: %s: body not complete within %g s, closed",
+            peer,
+            settings.limits.controller_body_timeout,
         )
-        late = f"body not complete within {settings.body_timeout:g} s"
+        late = f"body not complete within {settings.limits.controller_body_timeout:g} s"
         return await _reply_and_close(request, _json(408, error_reply(service, late)))
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
@@ -446,7 +445,7 @@ class _ControllerRunner(web.AppRunner):
         def error_response(status: int, text: str) -> web.Response:
             return _json(status, error_reply(service, text))
 
-        cap = connection_cap(settings.max_connections)
+        cap = connection_cap(settings.limits.controller_max_connections)
         log.debug("controller: at most %d connections", cap)
         return _ControllerServer(
             plain.request_handler,
@@ -455,7 +454,7 @@ class _ControllerRunner(web.AppRunner):
             loop=plain._loop,
             error_reply=error_response,
             cap=_ConnectionCap(cap),
-            head_timeout=settings.head_timeout,
+            head_timeout=settings.limits.controller_head_timeout,
             **plain._kwargs,
         )
 
@@ -466,7 +465,7 @@ def make_app(service: UserService, settings: ControllerSettings) -> web.Applicat
     GET /openapi.json is the one exception; POST there is still a command, so a
     Go panel posting to any path keeps working.
     """
-    app = web.Application(client_max_size=settings.max_body)
+    app = web.Application(client_max_size=settings.limits.max_control_body)
     app[_SERVICE] = service
     app[_SETTINGS] = settings
     app.router.add_get("/openapi.json", _openapi)
@@ -483,7 +482,7 @@ async def start_controller(
         make_app(service, settings),
         access_log=None,
         handle_signals=False,
-        keepalive_timeout=settings.keepalive,
+        keepalive_timeout=settings.limits.controller_keepalive,
     )
     await runner.setup()
     site: web.BaseSite

@@ -233,14 +233,10 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
             config.controller,
             service,
             ControllerSettings(
-                max_body=config.limits.max_control_body,
                 token=config.controller_token,
                 policy=config.allow_dst,
                 metrics_per_user=config.metrics_per_user,
-                head_timeout=config.limits.controller_head_timeout,
-                body_timeout=config.limits.controller_body_timeout,
-                keepalive=config.limits.controller_keepalive,
-                max_connections=config.limits.controller_max_connections,
+                limits=config.limits,
             ),
         )
     except ConfigError:

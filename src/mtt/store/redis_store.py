@@ -64,12 +64,8 @@ CHANNEL = PREFIX + "changes"
 UP, DOWN, QUOTA, TUNNELS, SEEN = (PREFIX + n for n in ("up", "down", "quota", "tunnels", "seen"))
 COUNTERS = (UP, DOWN, QUOTA, TUNNELS, SEEN)
 
-# Bigger commands are announced by revision only; the other nodes reload the
-# table (one HGETALL) rather than every subscriber buffering megabytes.
-MAX_PUBLISHED = 1 << 20
 FLUSH_CHUNK = 2000  # users per script call when counters are flushed
 READ_CHUNK = 1000  # Lua's unpack() stops near 8000 values
-RETRY_MIN, RETRY_MAX = 0.25, 1.0  # resubscription backoff, seconds
 _LIMITS = Limits()
 
 # Both keys exist after this, and a new epoch begins if either was missing:
@@ -190,7 +186,7 @@ class RedisStore:
                 socket_timeout=_LIMITS.redis_socket_timeout,
                 socket_connect_timeout=_LIMITS.redis_socket_timeout,
                 socket_keepalive=True,
-                health_check_interval=15,
+                health_check_interval=_LIMITS.redis_health_check_interval,
                 # Fail fast: a controller write gets res 2 now, not after backoff;
                 # the flusher and the subscription retry on their own schedule.
                 retry=Retry(NoBackoff(), 0),
@@ -239,7 +235,7 @@ class RedisStore:
 
     async def commit(self, command: Command) -> int:
         wire = json.dumps(command.to_wire(), separators=(",", ":"))
-        published = wire if len(wire) <= MAX_PUBLISHED else ""
+        published = wire if len(wire) <= _LIMITS.redis_max_published else ""
         ops: dict[str, Any] = {"op": int(command.opt)}
         if command.opt is Opt.DELETE:
             ops["del"] = list(command.paths)
@@ -343,7 +339,7 @@ class RedisStore:
     async def _watch(self, on_remote: RemoteChange, served: Served) -> None:
         """Follow the change channel and check the table every redis_check_interval;
         after any break, resubscribe and reload."""
-        delay = RETRY_MIN
+        delay = _LIMITS.redis_retry_min
         broken = False
         loop = asyncio.get_running_loop()
         while True:
@@ -362,7 +358,7 @@ class RedisStore:
                         on_remote(expected, None)
                         expected = None
                 broken = False
-                delay = RETRY_MIN
+                delay = _LIMITS.redis_retry_min
                 due = loop.time() + _LIMITS.redis_check_interval
                 while True:
                     wait = max(0.0, due - loop.time())
@@ -388,7 +384,7 @@ class RedisStore:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+            delay = min(delay * 2, _LIMITS.redis_retry_max)
 
     async def _check(
         self, on_remote: RemoteChange, served: Served, expected: int | None
