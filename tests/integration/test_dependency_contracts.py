@@ -42,6 +42,7 @@ from mtt.service.user_service import UserService
 from mtt.store.memory import MemoryStore
 from mtt.transport.tls import context_from_pem, self_signed_pem
 from mtt.transport.wsframe import write_binary
+from mtt.wire.request_head import Upgrade
 from tests.integration.test_controller_bounds import post, read_reply
 from tests.support import controller_limits
 from tests.unit.test_first_bytes import SSLV3_HELLO
@@ -193,7 +194,8 @@ async def hand_over(server: TunnelServer, sock: socket.socket, request: bytes) -
     loop = asyncio.get_running_loop()
     transport, _ = await aiofastnet.connect_accepted_socket(loop, asyncio.Protocol, sock)
     front = SimpleNamespace(peer="127.0.0.1:1", client_ip="127.0.0.1")
-    ws_protocol = server._protocol_factory(front, False)  # type: ignore[arg-type]
+    upgrade = Upgrade(key="/u", mux=False, subprotocol=None, head=request)
+    ws_protocol = server._protocol_factory(front, upgrade, False)  # type: ignore[arg-type]
     transport.set_protocol(ws_protocol)
     ws_protocol.connection_made(transport)
     view = memoryview(request)
