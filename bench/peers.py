@@ -169,12 +169,17 @@ class OurRelay:
 
 
 def start_ours(
-    certs: Certs, dst: str, *extra: str, label: str = "ours", timeout: str = IDLE_TIMEOUT
+    certs: Certs,
+    dst: str,
+    *extra: str,
+    label: str = "ours",
+    timeout: str = IDLE_TIMEOUT,
+    env: dict[str, str] | None = None,
 ) -> OurRelay:
     """Our server with TLS from certs and user TUNNEL_PATH -> dst."""
     try:
         server = start_server(
-            "-cert", str(certs.cert), "-key", str(certs.key), "-timeout", timeout, *extra
+            "-cert", str(certs.cert), "-key", str(certs.key), "-timeout", timeout, *extra, env=env
         )
     except RuntimeError as exc:
         raise BenchError(f"mtt-mu-server did not start: {exc}") from exc

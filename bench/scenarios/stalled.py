@@ -37,6 +37,7 @@ WAIT_LIMIT_S = 30.0  # for the server to accept, or to close, a wave
 HANDSHAKE_DEADLINE_S = 10.0  # both relays drop a stalled handshake after this
 KIB_TARGET = 40.0  # the bound per stalled connection
 AFTER_TARGET_PCT = 10.0  # RSS after a wave, above its level before the wave
+DEPLOYED_ENV = {"PYTHONMALLOC": "malloc"}  # what the systemd unit sets
 ORIGINAL_GO = "the original Go server: 38-41 KiB per stalled connection (not built here)"
 
 
@@ -194,7 +195,8 @@ def run(ctx: Context) -> None:
     with contextlib.ExitStack() as stack:
         echo = EchoDst()
         stack.callback(echo.stop)
-        ours = partial(start_ours, ctx.certs, echo.addr, "-workers", "1")
+        # As deploy/mtt-mu-server.service runs it: Python's objects in glibc's heap.
+        ours = partial(start_ours, ctx.certs, echo.addr, "-workers", "1", env=DEPLOYED_ENV)
         go = partial(start_gorelay, ctx.certs, echo.addr)
         try:
             samples = interleave(

@@ -35,7 +35,7 @@ from mtt.store.factory import default_db_path, open_store
 from mtt.transport.listen import tcp_listen_socket, unix_listen_socket
 from mtt.transport.tasks import spawn
 from mtt.wire.client_address import TrustedProxies
-from mtt.workers.heap import run_objects_on_malloc, trim_after_bursts
+from mtt.workers.heap import trim_after_bursts
 from mtt.workers.rlimit import describe, raise_nofile
 from mtt.workers.supervisor import WorkerPool
 
@@ -330,8 +330,6 @@ def _start(values: dict[str, Any]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # the command itself, not a call from a test
-        run_objects_on_malloc()
     return run_cli(build_flags(), sys.argv[1:] if argv is None else argv, _start)
 
 

@@ -22,7 +22,6 @@ import asyncio
 import ctypes
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,31 +35,6 @@ FREE_FRACTION = 0.25  # of the heap free: a burst has ended
 GROWTH = 8 << 20  # bytes: heap free, and RSS grown since the last trim, by at least this
 FREED = 2 << 20  # bytes: or the heap's use fallen since the last trim by at least this
 COST_FACTOR = 20  # trims take at most 5% of the time
-
-
-ALLOCATOR_ENV = "PYTHONMALLOC"
-
-
-def run_objects_on_malloc() -> None:
-    """Run this process anew with PYTHONMALLOC=malloc (workers inherit it),
-    unless the variable is set or the C library cannot be trimmed.
-
-    pymalloc serves Python's small objects from 1 MiB arenas and gives one back
-    only once every block in it is free: after a wave of 3,000 + 3,000 stalled
-    connections a few hundred objects made during the wave (uvloop's free
-    lists, long-lived values replaced meanwhile) kept 11 to 24 of the 25 arenas
-    it added, 11-24 MiB on a 58 MiB process, for good. In glibc's heap the
-    same objects pin only their own pages, and the trim below returns the rest;
-    the relay's CPU per GB moved stayed within the benchmark's noise.
-    """
-    if ALLOCATOR_ENV in os.environ or not sys.executable or Heap.load() is None:
-        return
-    os.environ[ALLOCATOR_ENV] = "malloc"
-    try:
-        os.execv(sys.executable, sys.orig_argv)
-    except OSError as exc:  # carry on with pymalloc
-        del os.environ[ALLOCATOR_ENV]
-        log.warning("cannot restart with PYTHONMALLOC=malloc: %s", exc)
 
 
 class _MallInfo2(ctypes.Structure):
