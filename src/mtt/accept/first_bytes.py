@@ -39,7 +39,7 @@ from typing import Any
 from aiofastnet.constants import SSL_BIO_SIZE_DEFAULTS, SSL_TIMEOUT_DEFAULTS
 from aiofastnet.ssl_transport import SSLTransport_Transport  # type: ignore[import-not-found]
 
-from mtt.accept.front import FrontProtocol, format_peer
+from mtt.accept.front import FrontProtocol, format_peer, shut
 
 log = logging.getLogger("mtt.server")
 
@@ -219,12 +219,7 @@ class FirstBytes(asyncio.Protocol):
         log.info("%s: %s", self._peer, reason)
         self._done = True
         self._cancel_timer()
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            if abort:
-                transport.abort()
-            else:
-                transport.close()
+        shut(self._transport, abort)
 
     def _to_plain_http(self) -> None:
         """A plain request on the TLS port: FrontProtocol answers it as nginx."""

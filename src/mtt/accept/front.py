@@ -58,6 +58,16 @@ def request_head_of(request: h11.Request) -> RequestHead:
     return RequestHead(request.method, request.target, request.http_version, request.headers)
 
 
+def shut(transport: asyncio.BaseTransport | None, abort: bool = False) -> None:
+    """End a connection that has not become a tunnel: abort (a reset, for a
+    peer that broke the rules) or close (after what was written), once."""
+    if transport is not None and not transport.is_closing():
+        if abort:
+            transport.abort()  # type: ignore[attr-defined]
+        else:
+            transport.close()
+
+
 def format_peer(ip: str, port: int | None) -> str:
     """The `peer` of log lines: ip:port, [v6]:port, just the ip when the port
     is unknown (X-Forwarded-For), "unix" for a Unix-socket peer."""
@@ -397,12 +407,7 @@ class FrontProtocol(asyncio.Protocol):
         self._done = True
         self._discarding = False
         self._cancel_timer()
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            if abort:
-                transport.abort()
-            else:
-                transport.close()
+        shut(self._transport, abort)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Callable
 
 from mtt.accept.first_bytes import FirstBytes, feed
-from mtt.accept.front import FrontProtocol, format_peer
+from mtt.accept.front import FrontProtocol, format_peer, shut
 from mtt.core.stats import STATS
 from mtt.errors import ProtocolError
 from mtt.wire.client_address import TrustedProxies
@@ -124,12 +124,7 @@ class ProxyPrelude(asyncio.Protocol):
         STATS.handshake_failed("proxy_header")
         self._done = True
         self._cancel_timer()
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            if abort:
-                transport.abort()
-            else:
-                transport.close()
+        shut(self._transport, abort)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
