@@ -54,6 +54,9 @@ class Limits:
     # The controller takes at most 1/controller_fd_share of the descriptors (the quarter above):
     # the tunnel listener, in the same process with -workers 1, keeps the rest through a flood.
     controller_fd_share: int = 4
+    # At shutdown, a controller request still in progress (a body still arriving) gets this
+    # long before it is cut, so a slow panel cannot hold the process past systemd's stop timeout.
+    controller_shutdown_wait: float = 2.0
     # A flood of refused controller connections is logged once, then at most this often.
     controller_refusal_log_interval: float = 60.0
     # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB).
@@ -84,6 +87,10 @@ class Limits:
     worker_exit_margin: float = 15.0
     # ... and their final reports this long to arrive.
     worker_final_report_wait: float = 5.0
+    # Each other step of a shutdown (controller, store flush) gets at most this; one that
+    # overruns is logged and left behind, so the process still exits within systemd's stop
+    # timeout (what it still held is said in the log).
+    shutdown_step_max: float = 12.0
     # Every read and connect of a Redis store (-store redis://): a stalled Redis is an error.
     redis_socket_timeout: float = 5.0
     # How often a node compares its user table's revision with Redis's (a lost change

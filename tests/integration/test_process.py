@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import time
 from pathlib import Path
 
 from websockets.asyncio.client import unix_connect
@@ -84,6 +86,23 @@ def test_sigint_stops_cleanly() -> None:
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(timeout=15) == 0
     assert "Traceback" not in server.log_text()
+
+
+def test_a_half_sent_controller_request_does_not_hold_the_shutdown() -> None:
+    """A panel that stalls mid-body at the moment of a restart: the process still exits
+    in a few seconds, with 0, not after systemd's stop timeout with a SIGKILL."""
+    server = start_server()
+    host, port = server.controller.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as panel:
+        panel.sendall(b"POST / HTTP/1.1\r\nHost: panel\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.3)  # the request is in its handler, waiting for the body
+        server.proc.send_signal(signal.SIGTERM)
+        # controller_shutdown_wait is 2 s; aiohttp's own default would hold it 60 s
+        assert server.proc.wait(timeout=10) == 0
+        panel.settimeout(5)
+        assert panel.recv(65536) == b""  # and the panel sees its connection closed
+    assert "Traceback" not in server.log_text()
+    assert "stopped" in server.log_text()
 
 
 async def test_bind_unix_serves_plain_http(tmp_path: Path) -> None:

@@ -121,6 +121,7 @@ def stop_clean(node: ServerProcess) -> None:
     log = node.log_text()
     assert code == 0, f"node exited with {code}:\n{log}"
     assert "Traceback" not in log, log
+    assert "did not finish" not in log, log  # every shutdown step ended by itself
 
 
 def control(node: ServerProcess, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -483,6 +483,7 @@ async def start_controller(
         access_log=None,
         handle_signals=False,
         keepalive_timeout=settings.limits.controller_keepalive,
+        shutdown_timeout=settings.limits.controller_shutdown_wait,
     )
     await runner.setup()
     site: web.BaseSite

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import uvloop
@@ -282,16 +282,30 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         trimming.cancel()
         if watcher is not None:
             watcher.cancel()
-        await runner.cleanup()
+        step_max = config.limits.shutdown_step_max
+        await _bounded("the controller", runner.cleanup(), step_max)
         if config.workers > 1:
+            # bounded by itself: grace, then worker_exit_margin, then the workers are killed
             await pool.stop(config.grace)
         else:
-            await server.drain(config.grace)
-        await service.close()
+            await _bounded("the tunnels", server.drain(config.grace), config.grace + step_max)
+        await _bounded("the store (counters not yet written are lost)", service.close(), step_max)
         if config.bind_unix:
             with contextlib.suppress(OSError):
                 os.unlink(config.bind)
         log.info("stopped")
+
+
+async def _bounded(what: str, step: Coroutine[Any, Any, None], within: float) -> None:
+    """Run one shutdown step for at most `within` seconds, then cancel it and go on:
+    a stalled peer (a panel's half-sent body, a Redis that stopped answering) must not
+    hold the exit past systemd's stop timeout. A step that fails is logged as its task's
+    failure and the next step runs."""
+    task = spawn(step, name=f"shutdown: {what}")
+    done, _ = await asyncio.wait({task}, timeout=within)
+    if not done:
+        log.error("shutdown: %s did not finish within %.0f s; going on", what, within)
+        task.cancel()
 
 
 async def _watch_files(
