@@ -51,14 +51,24 @@ def ed_open(server: ServerProcess, path: str, early: bytes) -> connect:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("mux", [False, True], ids=["plain", "mux-default"])
-async def test_early_data_goes_first_and_is_counted(layout: tuple[str, ...], mux: bool) -> None:
+@pytest.mark.parametrize(
+    ("mux", "limits"),
+    [
+        pytest.param(False, {}, id="plain"),
+        pytest.param(True, {}, id="mux-default"),
+        # A user with server-wide limits is admitted before its tunnel opens.
+        pytest.param(False, {"max_tunnels": 10, "quota": 1 << 40}, id="admitted"),
+    ],
+)
+async def test_early_data_goes_first_and_is_counted(
+    layout: tuple[str, ...], mux: bool, limits: dict[str, int]
+) -> None:
     early = pattern(21, 2048)
     rest = pattern(22, 300 * KiB + 5)
     down = 100 * KiB + 3
     with layout_server(layout, *(["-mux"] if mux else [])) as server:
         async with probe_server(download=down) as probe:
-            add(server, "/ed", probe.addr)
+            add(server, "/ed", probe.addr, **limits)
             async with ed_open(server, "/ed", early) as ws:
                 assert ws.subprotocol == raw_url(early)
                 assert ws.response.headers["Sec-WebSocket-Protocol"] == raw_url(early)
@@ -73,6 +83,8 @@ async def test_early_data_goes_first_and_is_counted(layout: tuple[str, ...], mux
             await wait_active(server, "/ed", 0)
             entry = listing(server, "/ed")["/ed"]
             assert (entry["bytes_up"], entry["bytes_down"]) == (len(early) + len(rest), down)
+            if limits:
+                assert entry["quota_used"] == len(early) + len(rest) + down
 
 
 async def test_early_data_alone_gets_its_answer() -> None:
