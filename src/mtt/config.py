@@ -61,6 +61,9 @@ class Limits:
     controller_refusal_log_interval: float = 60.0
     # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB).
     max_request_head: int = 16 * KiB
+    # Early data in Sec-WebSocket-Protocol, decoded (docs/protocol.md §10): Xray's clients
+    # send at most their `ed` (2048 or 2560 in the configs they share); more is refused.
+    max_early_data: int = 3 * KiB
     # Requests on one keep-alive connection of the tunnel port's HTTP front; then it closes,
     # like nginx's keepalive_requests.
     max_keepalive_requests: int = 100
@@ -137,6 +140,8 @@ class ServerConfig:
     log_json: bool = False
     # -trusted-proxy CIDRs (or "unix:") and -proxy-protocol: where client addresses come from.
     trusted_proxies: tuple[str, ...] = ()
+    # -allow-origin: the browser origins let in (empty: any Origin, docs/security.md).
+    allowed_origins: tuple[str, ...] = ()
     proxy_protocol: bool = False
     controller_token: str = field(default="", repr=False)
     allow_dst: DstPolicy = field(default_factory=DstPolicy)

@@ -237,7 +237,7 @@ async def test_tls_below_1_2_is_refused(tls_server: ServerProcess) -> None:
 
 @pytest.mark.parametrize(
     ("offered", "mux_flag", "echoed"),
-    [(["smux_off"], True, "smux_off"), (None, False, None), (["chat"], False, None)],
+    [(["smux_off"], True, "smux_off"), (None, False, None), (["v1.chat"], False, None)],
 )
 async def test_subprotocol_is_echoed(
     cert_files: tuple,

@@ -146,6 +146,13 @@ def test_server_defaults() -> None:
     assert config.limits.idle_timeout == 60.0
     assert not config.mux and not config.force_tls
     assert config.bind == "127.0.0.1:8443"
+    assert config.allowed_origins == ()  # any Origin (docs/security.md)
+
+
+def test_allow_origin_repeats_and_is_kept_as_browsers_serialize_origins() -> None:
+    argv = ["-allow-origin", "https://Panel.Example.com:443", "-allow-origin=http://127.0.0.1:8000"]
+    config = config_from_flags(build_flags().parse(argv))
+    assert config.allowed_origins == ("http://127.0.0.1:8000", "https://panel.example.com")
 
 
 @pytest.mark.parametrize(
@@ -153,6 +160,7 @@ def test_server_defaults() -> None:
     [
         (["-cert", "/c.pem"], "-cert and -key must be given together"),
         (["-timeout", "0s"], "-timeout must be positive"),
+        (["-allow-origin", "panel.example.com"], "-allow-origin 'panel.example.com' is not an"),
     ],
 )
 def test_server_flag_combinations_are_checked(argv: list[str], message: str) -> None:

@@ -7,6 +7,7 @@ The users are /user, "/a b" and "/\u4f60"; -mux is off unless a row says so.
 
 from __future__ import annotations
 
+from base64 import urlsafe_b64encode
 from dataclasses import dataclass, field
 
 import h11
@@ -15,8 +16,10 @@ import pytest
 from mtt.accept.front import request_head_of
 from mtt.config import Limits
 from mtt.wire.nginx_pages import TO_HTTPS_PAGE, http09_page, http_response
+from mtt.wire.origin import OriginPolicy
 from mtt.wire.request_head import (
     BadRequest,
+    Forbidden,
     NotFound,
     PlainHttpOnTlsPort,
     ToFallback,
@@ -85,12 +88,23 @@ class Context:
     fallback: bool = False
     on_tls_port: bool = False
     users: frozenset[str] = field(default=frozenset(USERS))
+    origins: tuple[str, ...] = ()  # -allow-origin
 
 
 MUX = Context(default_mux=True)
 FALLBACK = Context(fallback=True)
 TLS_PORT = Context(on_tls_port=True)
 LAST_REQUEST = Context(keep_alive_allowed=False)
+PANEL = Context(origins=("https://panel.example.com", "http://127.0.0.1:8000"))
+MAX_EARLY_DATA = Limits().max_early_data
+
+
+def ed(data: bytes) -> str:
+    """Early data as Xray's dialer puts it in Sec-WebSocket-Protocol (RawURLEncoding)."""
+    return urlsafe_b64encode(data).decode().rstrip("=")
+
+
+EARLY = bytes(range(256)) * 8  # 2048 bytes, every value: the alphabet's - and _ appear
 
 
 def decide(raw: bytes, context: Context = Context()) -> Verdict:
@@ -104,9 +118,11 @@ def decide(raw: bytes, context: Context = Context()) -> Verdict:
         route_exists=context.users.__contains__,
         default_mux=context.default_mux,
         max_head=MAX_REQUEST_HEAD,
+        max_early_data=MAX_EARLY_DATA,
         keep_alive_allowed=context.keep_alive_allowed,
         fallback=context.fallback,
         on_tls_port=context.on_tls_port,
+        origins=OriginPolicy(context.origins),
     )
 
 
@@ -174,10 +190,144 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         Upgrade("/user", True, "smux_on", canonical("/user", "chat, smux_on")),
     ),
     (
-        "an unknown sub-protocol is not echoed",
+        "an unknown sub-protocol that is not base64 is not echoed",
+        request(protocols=("v1.chat",)),
+        MUX,
+        Upgrade("/user", True, None, canonical("/user", "v1.chat")),
+    ),
+    (
+        "a list of unknown sub-protocols is not early data",
+        request(protocols=("chat, superchat",)),
+        Context(),
+        Upgrade("/user", False, None, canonical("/user", "chat, superchat")),
+    ),
+    # -- early data in Sec-WebSocket-Protocol (docs/protocol.md §10) -----------------------
+    (
+        "early data: 2048 bytes, echoed, not in the head the WebSocket layer gets",
+        request(protocols=(ed(EARLY),)),
+        Context(),
+        Upgrade("/user", False, ed(EARLY), canonical("/user", None), EARLY),
+    ),
+    (
+        "early data with -mux: still one plain byte stream",
+        request(protocols=(ed(EARLY),)),
+        MUX,
+        Upgrade("/user", False, ed(EARLY), canonical("/user", None), EARLY),
+    ),
+    (
+        "early data at the bound",
+        request(protocols=(ed(b"\xff" * MAX_EARLY_DATA),)),
+        Context(),
+        Upgrade(
+            "/user",
+            False,
+            ed(b"\xff" * MAX_EARLY_DATA),
+            canonical("/user", None),
+            b"\xff" * MAX_EARLY_DATA,
+        ),
+    ),
+    (
+        "early data one byte over the bound",
+        request(protocols=(ed(b"\xff" * (MAX_EARLY_DATA + 1)),)),
+        MUX,
+        BadRequest(f"/user: early data of {MAX_EARLY_DATA + 1} bytes over the 3072-byte bound"),
+    ),
+    (
+        "early data on an unknown path: the 404, as without it",
+        request("/nobody", protocols=(ed(b"\xff" * (MAX_EARLY_DATA + 1)),)),
+        Context(),
+        unknown('"/nobody"'),
+    ),
+    (
+        "early data in the standard alphabet, padded: taken as Xray's server takes it",
+        request(protocols=("+/8=",)),
+        Context(),
+        Upgrade("/user", False, "+/8=", canonical("/user", None), b"\xfb\xff"),
+    ),
+    (
+        "a sub-protocol name that decodes is early data, as at Xray's server",
         request(protocols=("chat",)),
         MUX,
-        Upgrade("/user", True, None, canonical("/user", "chat")),
+        Upgrade("/user", False, "chat", canonical("/user", None), b"r\x16\xad"),
+    ),
+    (
+        "smux_on decodes too, but is the sub-protocol",
+        request(protocols=("smux_on",)),
+        MUX,
+        Upgrade("/user", True, "smux_on", canonical("/user", "smux_on")),
+    ),
+    (
+        "early data with the path's ?ed= left on (clients that do not know it)",
+        request("/user?ed=2048", protocols=(ed(b"vless"),)),
+        Context(),
+        Upgrade("/user", False, ed(b"vless"), canonical("/user?ed=2048", None), b"vless"),
+    ),
+    # -- -allow-origin: browsers from listed origins only ----------------------------------
+    (
+        "any origin without -allow-origin",
+        request(extra=("Origin: https://elsewhere.example",)),
+        Context(),
+        Upgrade("/user", False, "smux_off", canonical("/user")),
+    ),
+    (
+        "a listed origin",
+        request(extra=("Origin: https://panel.example.com",)),
+        PANEL,
+        Upgrade("/user", False, "smux_off", canonical("/user")),
+    ),
+    (
+        "a listed origin, as a browser would never spell it",
+        request(extra=("Origin: HTTPS://Panel.Example.COM:443",)),
+        PANEL,
+        Upgrade("/user", False, "smux_off", canonical("/user")),
+    ),
+    (
+        "no Origin: not a browser, let in",
+        request(),
+        PANEL,
+        Upgrade("/user", False, "smux_off", canonical("/user")),
+    ),
+    (
+        "an origin not listed",
+        request(extra=("Origin: https://elsewhere.example",)),
+        PANEL,
+        Forbidden('/user: origin "https://elsewhere.example" not allowed'),
+    ),
+    (
+        "a listed host on another port",
+        request(extra=("Origin: http://127.0.0.1:8001",)),
+        PANEL,
+        Forbidden('/user: origin "http://127.0.0.1:8001" not allowed'),
+    ),
+    (
+        "a listed host with another scheme",
+        request(extra=("Origin: http://panel.example.com",)),
+        PANEL,
+        Forbidden('/user: origin "http://panel.example.com" not allowed'),
+    ),
+    (
+        "an opaque origin",
+        request(extra=("Origin: null",)),
+        PANEL,
+        Forbidden('/user: origin "null" not allowed'),
+    ),
+    (
+        "an origin not listed, with a fallback: still the 403",
+        request(extra=("Origin: https://elsewhere.example",)),
+        Context(fallback=True, origins=PANEL.origins),
+        Forbidden('/user: origin "https://elsewhere.example" not allowed'),
+    ),
+    (
+        "an origin not listed on an unknown path: the 404",
+        request("/nobody", extra=("Origin: https://elsewhere.example",)),
+        PANEL,
+        unknown('"/nobody"'),
+    ),
+    (
+        "an origin not listed on a GET that is no upgrade: the 404",
+        request(upgrade=None, extra=("Origin: https://elsewhere.example",)),
+        PANEL,
+        not_websocket("no Upgrade: websocket"),
     ),
     # -- the routing key: path only, percent-decoded ---------------------------------------
     (

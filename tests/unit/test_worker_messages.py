@@ -64,7 +64,11 @@ REPORT = {"users": {"/a": [[1, 2, 3, 1, 5.5], 1, ["10.0.0.1"]]}, "stats": {}, "g
 # One example of every message, and of every request with its reply.
 EXAMPLES: list[Message] = [
     Init(ServerConfig(bind="127.0.0.1:0", workers=2), {"cert": "c", "key": "k"}, COMMAND),
-    Init(ServerConfig(trusted_proxies=("10.0.0.0/8",)), None, Command(Opt.RESET)),
+    Init(
+        ServerConfig(trusted_proxies=("10.0.0.0/8",), allowed_origins=("https://a.example",)),
+        None,
+        Command(Opt.RESET),
+    ),
     Change(COMMAND, kick=True),
     Change(Command(Opt.DELETE, paths=("/a", "/b")), kick=False),
     Collect(),

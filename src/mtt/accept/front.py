@@ -33,8 +33,10 @@ from mtt.wire import request_head
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.nginx_pages import TO_HTTPS_PAGE, http09_page
 from mtt.wire.nginx_pages import http_response as nginx_response
+from mtt.wire.origin import OriginPolicy
 from mtt.wire.request_head import (
     BadRequest,
+    Forbidden,
     NotFound,
     PlainHttpOnTlsPort,
     RequestHead,
@@ -96,6 +98,7 @@ class FrontProtocol(asyncio.Protocol):
         default_mux: bool,
         trusted: TrustedProxies | None = None,
         client: tuple[str, int] | None = None,
+        origins: OriginPolicy | None = None,
     ) -> None:
         self._agent = agent
         self._table = agent.table
@@ -111,6 +114,7 @@ class FrontProtocol(asyncio.Protocol):
         self._done = False
         self._requests = 0
         self._trusted = trusted if trusted else None
+        self._origins = origins if origins else None
         self._client = client  # the connection's client: (ip, port), ("", 0) for a Unix socket
         self.peer = "unix"
         self.client_ip = ""  # the real client's address: for limits and counters
@@ -252,9 +256,11 @@ class FrontProtocol(asyncio.Protocol):
             route_exists=self._table.__contains__,
             default_mux=self._default_mux,
             max_head=self._limits.max_request_head,
+            max_early_data=self._limits.max_early_data,
             keep_alive_allowed=self._requests < self._limits.max_keepalive_requests,
             fallback=self._fallback is not None,
             on_tls_port=self._on_tls_port,
+            origins=self._origins,
         )
         if isinstance(verdict, Upgrade):
             self._upgrade(verdict)
@@ -266,6 +272,8 @@ class FrontProtocol(asyncio.Protocol):
             self._to_fallback(self._fallback)
         elif isinstance(verdict, BadRequest):
             self._reject(400, verdict.reason)
+        elif isinstance(verdict, Forbidden):
+            self._reject(403, verdict.reason, failure="refused")
         else:
             self._to_https_page(verdict)
 
@@ -394,9 +402,9 @@ class FrontProtocol(asyncio.Protocol):
         ).start()
         self._raw = bytearray()
 
-    def _reject(self, status: int, reason: str) -> None:
+    def _reject(self, status: int, reason: str, failure: str = "bad_request") -> None:
         log.warning("%s: %s", self.peer, reason)
-        STATS.handshake_failed("bad_request")
+        STATS.handshake_failed(failure)
         self._done = True
         transport = self._transport
         if transport is not None and not transport.is_closing():

@@ -35,6 +35,7 @@ from mtt.transport.plain import PlainTunnel, TunnelRegistry
 from mtt.transport.tls import load_pem_into
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.nginx_pages import PAGES
+from mtt.wire.origin import OriginPolicy
 from mtt.wire.request_head import Upgrade, choose_subprotocol, routing_key  # noqa: F401 (re-exported)
 
 log = logging.getLogger("mtt.server")
@@ -94,11 +95,13 @@ class TunnelServer:
         fallback: Fallback | None = None,
         trusted: TrustedProxies | None = None,
         proxy_protocol: bool = False,
+        origins: OriginPolicy | None = None,
     ) -> None:
         self.agent = agent
         self.table = agent.table
         agent.gauges = self.gauges
         self.trusted = trusted
+        self.origins = origins
         self.proxy_protocol = proxy_protocol
         self.limits = limits
         self.default_mux = default_mux
@@ -163,9 +166,14 @@ class TunnelServer:
         if mux:
             listener = MuxTunnel(account, peer, self.limits, self.registry)
         else:
-            listener = PlainTunnel(account, peer, self.limits, self.registry)
+            listener = PlainTunnel(
+                account, peer, self.limits, self.registry, early_data=upgrade.early_data
+            )
+        # The chosen sub-protocol, or the early-data header as sent, as Xray's server echoes it.
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
-        log.debug("%s %s: upgrade (%s) to %s", peer, key, "smux" if mux else "plain", user.dst)
+        early = f", {len(upgrade.early_data)} bytes of early data" if upgrade.early_data else ""
+        mode = "smux" if mux else "plain"
+        log.debug("%s %s: upgrade (%s%s) to %s", peer, key, mode, early, user.dst)
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(headers), listener
         )
@@ -195,6 +203,7 @@ class TunnelServer:
                 default_mux=self.default_mux,
                 trusted=self.trusted,
                 client=client,
+                origins=self.origins,
             )
 
         timeout = self.limits.handshake_timeout

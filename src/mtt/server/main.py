@@ -35,6 +35,7 @@ from mtt.store.factory import default_db_path, open_store
 from mtt.transport.listen import tcp_listen_socket, unix_listen_socket
 from mtt.transport.tasks import spawn
 from mtt.wire.client_address import TrustedProxies
+from mtt.wire.origin import OriginPolicy
 from mtt.workers.heap import trim_after_bursts
 from mtt.workers.rlimit import describe, raise_nofile
 from mtt.workers.supervisor import WorkerPool
@@ -120,6 +121,14 @@ def build_flags() -> FlagSet:
         repeatable=True,
     )
     fs.add(
+        "allow-origin",
+        "string",
+        [],
+        "With it, a browser's upgrade must come from this origin (scheme://host[:port],"
+        " repeatable); requests without Origin pass; default: any origin",
+        repeatable=True,
+    )
+    fs.add(
         "proxy-protocol",
         "bool",
         False,
@@ -153,6 +162,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     check_exposure(values["c"], token, values["c-insecure"])
     policy = DstPolicy(tuple(parse_rule(rule) for rule in values["allow-dst"]))
     TrustedProxies(values["trusted-proxy"])  # raises ConfigError naming a bad CIDR
+    origins = OriginPolicy(values["allow-origin"])  # raises ConfigError naming a bad origin
     if not 1 <= values["workers"] <= 256:
         raise ConfigError("-workers must be from 1 to 256")
     if bool(values["cert"]) != bool(values["key"]):
@@ -181,6 +191,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         controller_token=token,
         allow_dst=policy,
         trusted_proxies=tuple(values["trusted-proxy"]),
+        allowed_origins=tuple(sorted(origins.allowed)),
         proxy_protocol=values["proxy-protocol"],
         limits=Limits(idle_timeout=timeout, connect_timeout=values["dial-timeout"]),
     )
@@ -223,6 +234,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
             fallback=Fallback.parse(config.fallback) if config.fallback else None,
             trusted=TrustedProxies(config.trusted_proxies),
             proxy_protocol=config.proxy_protocol,
+            origins=OriginPolicy(config.allowed_origins),
         )
         await server.start(sock)
         bound = sock.getsockname()

@@ -85,9 +85,16 @@ class PlainTunnel(CheckedListener):
     """Relays one WebSocket to one dst connection."""
 
     def __init__(
-        self, account: Account, peer: str, limits: Limits, registry: TunnelRegistry
+        self,
+        account: Account,
+        peer: str,
+        limits: Limits,
+        registry: TunnelRegistry,
+        early_data: bytes = b"",
     ) -> None:
         super().__init__()
+        # Sent in the upgrade request (docs/protocol.md §10): dst gets it first.
+        self._early_data = early_data
         self._account = account
         self._meter: Meter | None = None
         self._dst_throttled = False
@@ -125,6 +132,11 @@ class PlainTunnel(CheckedListener):
         self._registry.opened(self)
         STATS.opened["plain"] += 1
         self._meter = self._account.open(self)
+        if self._early_data:  # ahead of every frame, counted as any client byte is
+            self._count_up(len(self._early_data))
+            self._pending.append(self._early_data)
+            self._pending_size += len(self._early_data)
+            self._early_data = b""
         self._last_activity = self._loop.time()
         self._arm_idle_timer(self._limits.idle_timeout)
         self._dial_task = spawn(self._dial(), name=f"dial {self._dst_addr} for {self._peer}")

@@ -7,6 +7,10 @@ same 404 page, or go to the fallback site when one is set. Only a WebSocket
 upgrade (RFC 6455 §4.2.1) on a user's path becomes a tunnel. verdict() is
 that decision; the caller parses the head (h11), acts on the verdict and does
 the I/O. A head that does not parse is the caller's 400.
+
+An upgrade may carry early data in Sec-WebSocket-Protocol (early_data.py,
+docs/protocol.md §10), and an operator may limit which browser origins are
+let in (origin.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mtt.address import quote
+from mtt.wire.early_data import EarlyData, TooLarge, early_data
+from mtt.wire.origin import OriginPolicy
 
 SMUX_ON = "smux_on"
 SMUX_OFF = "smux_off"
@@ -44,6 +50,7 @@ class Upgrade:
     mux: bool
     subprotocol: str | None  # to echo in the 101, None for none
     head: bytes
+    early_data: bytes = b""  # to write to dst before any frame (docs/protocol.md §10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,13 @@ class BadRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Forbidden:
+    """403: an upgrade from a browser origin -allow-origin does not list."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class PlainHttpOnTlsPort:
     """Plain HTTP sent to the TLS listener: nginx's "plain HTTP request was
     sent to HTTPS port" 400, whatever the path."""
@@ -79,7 +93,7 @@ class PlainHttpOnTlsPort:
     head_only: bool
 
 
-Verdict = Upgrade | NotFound | ToFallback | BadRequest | PlainHttpOnTlsPort
+Verdict = Upgrade | NotFound | ToFallback | BadRequest | Forbidden | PlainHttpOnTlsPort
 
 
 def verdict(
@@ -88,17 +102,20 @@ def verdict(
     route_exists: Callable[[str], bool],
     default_mux: bool,
     max_head: int,
+    max_early_data: int,
     keep_alive_allowed: bool = True,
     fallback: bool = False,
     on_tls_port: bool = False,
+    origins: OriginPolicy | None = None,
 ) -> Verdict:
     """The answer to one request head.
 
     route_exists tells whether a routing key names a user; default_mux is the
     mode of a client that names no sub-protocol; max_head caps the head's
-    size; keep_alive_allowed is False once a connection has had its share of
-    requests; fallback when 404s go to a fallback site; on_tls_port for plain
-    HTTP that came to the TLS listener.
+    size and max_early_data the bytes of early data; keep_alive_allowed is
+    False once a connection has had its share of requests; fallback when 404s
+    go to a fallback site; on_tls_port for plain HTTP that came to the TLS
+    listener; origins the browser origins allowed (None: any).
     """
     if head_size(head) > max_head:
         # h11 caps only a head still incomplete; one that arrived whole is
@@ -114,10 +131,7 @@ def verdict(
         reason = f"{key}: not a WebSocket upgrade ({problem})"
         failure = "not_websocket"
     else:
-        protocols = [value for name, value in head.headers if name == b"sec-websocket-protocol"]
-        offered = b", ".join(protocols).decode("latin-1") if protocols else None
-        mux, subprotocol = choose_subprotocol(offered, default_mux)
-        return Upgrade(key, mux, subprotocol, canonical_upgrade(head))
+        return _upgrade(head, key, default_mux, max_early_data, origins)
     if fallback:
         return ToFallback(reason, failure)
     keep_alive = (
@@ -128,6 +142,34 @@ def verdict(
         )
     )
     return NotFound(reason, failure, head_only=head.method == b"HEAD", keep_alive=keep_alive)
+
+
+def _upgrade(
+    head: RequestHead,
+    key: str,
+    default_mux: bool,
+    max_early_data: int,
+    origins: OriginPolicy | None,
+) -> Upgrade | BadRequest | Forbidden:
+    """A valid upgrade on a user's path: its origin, sub-protocol, early data."""
+    if origins:  # gorilla/websocket checks the origin once the upgrade is valid, too
+        refused = origins.refused([value for name, value in head.headers if name == b"origin"])
+        if refused is not None:
+            return Forbidden(f"{key}: origin {quote(refused, 200)} not allowed")
+    protocols = [value for name, value in head.headers if name == b"sec-websocket-protocol"]
+    offered = b", ".join(protocols).decode("latin-1") if protocols else None
+    mux, subprotocol = choose_subprotocol(offered, default_mux)
+    if subprotocol is None:
+        found = early_data(offered, max_early_data)
+        if isinstance(found, TooLarge):
+            return BadRequest(
+                f"{key}: early data of {found.size} bytes over the {found.limit}-byte bound"
+            )
+        if isinstance(found, EarlyData):
+            # A client that sends early data carries one byte stream (§10), whatever -mux says.
+            head_without = canonical_upgrade(head, with_protocols=False)
+            return Upgrade(key, False, found.header, head_without, found.data)
+    return Upgrade(key, mux, subprotocol, canonical_upgrade(head))
 
 
 def routing_key(target: bytes) -> str | None:
@@ -187,9 +229,10 @@ def head_size(head: RequestHead) -> int:
     return size + sum(len(name) + len(value) + 4 for name, value in head.headers)
 
 
-def canonical_upgrade(head: RequestHead) -> bytes:
+def canonical_upgrade(head: RequestHead, with_protocols: bool = True) -> bytes:
     """The request as the WebSocket layer gets it: only what the tunnel needs,
-    in the one spelling its parser accepts."""
+    in the one spelling its parser accepts (without Sec-WebSocket-Protocol
+    when it held early data, which that layer has no use for)."""
     headers = {name: value for name, value in head.headers}
     lines = [
         b"GET " + head.target + b" HTTP/1.1",
@@ -200,6 +243,6 @@ def canonical_upgrade(head: RequestHead) -> bytes:
         b"Sec-WebSocket-Version: 13",
     ]
     protocols = [value for name, value in head.headers if name == b"sec-websocket-protocol"]
-    if protocols:
+    if protocols and with_protocols:
         lines.append(b"Sec-WebSocket-Protocol: " + b", ".join(protocols))
     return b"\r\n".join(lines) + b"\r\n\r\n"

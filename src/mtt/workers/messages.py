@@ -188,7 +188,15 @@ def config_from_wire(data: Wire) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
     trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
-    return ServerConfig(**{**data, "limits": Limits(**limits), "trusted_proxies": trusted})
+    origins = tuple(data.get("allowed_origins", ()))
+    return ServerConfig(
+        **{
+            **data,
+            "limits": Limits(**limits),
+            "trusted_proxies": trusted,
+            "allowed_origins": origins,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from mtt.logs import log_loop_errors, setup_logging
 from mtt.service.agent import Agent
 from mtt.transport.tasks import spawn
 from mtt.wire.client_address import TrustedProxies
+from mtt.wire.origin import OriginPolicy
 from mtt.workers import channel
 from mtt.workers.heap import trim_after_bursts
 from mtt.workers.messages import (
@@ -131,6 +132,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         fallback=Fallback.parse(config.fallback) if config.fallback else None,
         trusted=TrustedProxies(config.trusted_proxies),
         proxy_protocol=config.proxy_protocol,
+        origins=OriginPolicy(config.allowed_origins),
     )
     await server.start(listen_sock)
     control = WorkerControl(agent, server)
