@@ -56,8 +56,16 @@ class Limits:
     controller_fd_share: int = 4
     # A flood of refused controller connections is logged once, then at most this often.
     controller_refusal_log_interval: float = 60.0
-    # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB).
+    # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB);
+    # the request line of plain HTTP sent to the TLS port is cut at it too.
     max_request_head: int = 16 * KiB
+    # X-Forwarded-For entries looked at, from the right, for a request from a trusted proxy: a
+    # longer list is cut (entries further left are not believed anyway; 32 is more hops than any
+    # real chain of proxies).
+    max_forwarded_hops: int = 32
+    # Largest PROXY protocol v2 header, addresses plus TLVs (haproxy's proxy-protocol.txt §2.2
+    # allows 64 KiB; senders in practice stay far below 4 KiB, and the header is read before TLS).
+    max_proxy_v2_header: int = 4096
     # Requests on one keep-alive connection of the tunnel port's HTTP front; then it closes,
     # like nginx's keepalive_requests.
     max_keepalive_requests: int = 100

@@ -201,7 +201,7 @@ class TunnelServer:
         ssl_context = self.ssl_context
         factory: Callable[[], asyncio.Protocol]
         if self.proxy_protocol:  # the PROXY header comes first, then TLS (prelude.py)
-            factory = lambda: ProxyPrelude(front, ssl_context, timeout, self.trusted)  # noqa: E731
+            factory = lambda: ProxyPrelude(front, ssl_context, self.limits, self.trusted)  # noqa: E731
         elif ssl_context is not None:  # TLS or plain HTTP, told apart as nginx does
             factory = lambda: FirstBytes(front(), ssl_context, timeout)  # noqa: E731
         else:
