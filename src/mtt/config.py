@@ -56,6 +56,10 @@ class Limits:
     controller_fd_share: int = 4
     # A flood of refused controller connections is logged once, then at most this often.
     controller_refusal_log_interval: float = 60.0
+    # The TLS listener reads at most this much of a ClientHello itself, before the TLS layer
+    # takes the connection over and reads the rest (a hello with every extension is a few KiB;
+    # post-quantum key shares make it 2-3 KiB more).
+    max_client_hello: int = 64 * KiB
     # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB);
     # the request line of plain HTTP sent to the TLS port is cut at it too.
     max_request_head: int = 16 * KiB

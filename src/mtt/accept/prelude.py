@@ -115,7 +115,7 @@ class ProxyPrelude(asyncio.Protocol):
         if self._ssl_context is None:
             next_layer = front
         else:  # TLS or plain HTTP to the TLS port, decided as without the header
-            next_layer = FirstBytes(front, self._ssl_context, self._handshake_timeout, client)
+            next_layer = FirstBytes(front, self._ssl_context, self._limits, client)
         transport.set_protocol(next_layer)
         next_layer.connection_made(transport)
         if rest and not transport.is_closing():

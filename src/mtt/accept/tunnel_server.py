@@ -197,13 +197,12 @@ class TunnelServer:
                 client=client,
             )
 
-        timeout = self.limits.handshake_timeout
         ssl_context = self.ssl_context
         factory: Callable[[], asyncio.Protocol]
         if self.proxy_protocol:  # the PROXY header comes first, then TLS (prelude.py)
             factory = lambda: ProxyPrelude(front, ssl_context, self.limits, self.trusted)  # noqa: E731
         elif ssl_context is not None:  # TLS or plain HTTP, told apart as nginx does
-            factory = lambda: FirstBytes(front(), ssl_context, timeout)  # noqa: E731
+            factory = lambda: FirstBytes(front(), ssl_context, self.limits)  # noqa: E731
         else:
             factory = front
         # aiofastnet (by picows' author) runs TLS in C with fewer copies than
