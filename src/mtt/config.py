@@ -96,6 +96,22 @@ class Limits:
     worker_exit_margin: float = 15.0
     # ... and their final reports this long to arrive.
     worker_final_report_wait: float = 5.0
+    # Where the hard RLIMIT_NOFILE is unlimited (macOS), the soft one cannot follow it and is
+    # raised to this: Linux's own ceiling (fs.nr_open) defaults to it.
+    nofile_unlimited_cap: int = 1 << 20
+    # How often a process looks whether a burst of closed connections left its C heap mostly
+    # free (workers/heap.py); a look is one mallinfo2 call.
+    heap_check_interval: float = 1.0
+    # It trims when at least this fraction of the heap is free (a burst has ended) ...
+    heap_trim_free_fraction: float = 0.25
+    # ... and at least this much is free, and RSS has grown by as much since the last trim ...
+    heap_trim_growth: int = 8 * MiB
+    # ... or the heap's use has fallen by this much since (a burst still closing at that trim).
+    heap_trim_freed: int = 2 * MiB
+    # Trims (about 20 ms for 1.6 GB of heap) are at least this far apart ...
+    heap_trim_min_gap: float = 1.0
+    # ... and this many times the last one's duration: trims take at most 5% of the time.
+    heap_trim_cost_factor: int = 20
     # Every read and connect of a Redis store (-store redis://): a stalled Redis is an error.
     redis_socket_timeout: float = 5.0
     # How often a node compares its user table's revision with Redis's (a lost change

@@ -189,7 +189,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
 async def serve(config: ServerConfig, nofile: str = "") -> None:
     """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
     log_loop_errors(asyncio.get_running_loop())
-    trimming = spawn(trim_after_bursts(), name="heap trim")
+    trimming = spawn(trim_after_bursts(config.limits), name="heap trim")
     tls, mode = resolve_tls(config)
     service = UserService(await open_store(config), kick_on_delete=config.kick_on_delete)
     try:
@@ -321,7 +321,8 @@ async def _watch_files(
 def _start(values: dict[str, Any]) -> int:
     config = config_from_flags(values)
     setup_logging(config.verbose, json_format=config.log_json)
-    before, now, error = raise_nofile()  # first, so the workers inherit it
+    # first, so the workers inherit it
+    before, now, error = raise_nofile(config.limits.nofile_unlimited_cap)
     if error:
         log.warning("%s", describe(before, now, error))
     with contextlib.suppress(KeyboardInterrupt):
