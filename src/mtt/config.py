@@ -78,6 +78,16 @@ class Limits:
     lingering_timeout: float = 5.0
     # Queue of not yet accepted connections of every listening socket (tunnel, workers, client).
     listen_backlog: int = 4096
+    # A user's rate is handed to the processes in grants (core/rate.py): a quiet user may spend
+    # this many seconds of it at once ...
+    rate_burst: float = 0.05
+    # ... and each grant adds, beyond what was asked, at least 1/rate_grants_per_second of a
+    # second of the rate, and at least rate_min_grant bytes: a throttled user's process asks the
+    # service some 20 times a second, and a slow rate is not handed out a few bytes at a time.
+    rate_grants_per_second: int = 20
+    rate_min_grant: int = 4096
+    # A user without a rate (or whose rate was lifted) is granted this much per ask.
+    rate_unlimited_grant: int = 1 << 30
     # How often open tunnels' counters are collected: how stale quota decisions and metrics
     # may be for open tunnels.
     collect_interval: float = 1.0

@@ -191,7 +191,9 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
     log_loop_errors(asyncio.get_running_loop())
     trimming = spawn(trim_after_bursts(config.limits), name="heap trim")
     tls, mode = resolve_tls(config)
-    service = UserService(await open_store(config), kick_on_delete=config.kick_on_delete)
+    service = UserService(
+        await open_store(config), kick_on_delete=config.kick_on_delete, limits=config.limits
+    )
     try:
         await service.start()
     except StoreError as exc:  # no table to serve: say so in one line (systemd retries)
