@@ -23,6 +23,9 @@ class Limits:
     connect_timeout: float = 10.0
     # Largest WebSocket frame accepted from a client (the Go client sends <= 16 KiB).
     max_ws_frame: int = 1 * MiB
+    # picows' first read buffer of each WebSocket, grown when a frame needs more: it is most of
+    # the memory of an idle tunnel, so it starts small.
+    ws_read_buffer: int = 16 * KiB
     # Client bytes held while dst is still being dialed; reading stops beyond it.
     dial_buffer: int = 256 * KiB
     # Write-buffer high-water mark of each transport; past it the other side stops reading.
@@ -39,6 +42,9 @@ class Limits:
     drain_quiet: float = 0.25
     # ... but never longer than this (docs/protocol.md §7).
     drain_max: float = 3.0
+    # At shutdown, after the last tunnels were closed, the loop runs this long more so their
+    # close frames reach the sockets.
+    shutdown_flush: float = 0.1
     # Controller request body cap (the original's 2 MiB).
     max_control_body: int = 2 * MiB
     # A controller connection's first request head must be complete this long after it opens

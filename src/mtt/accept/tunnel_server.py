@@ -131,14 +131,14 @@ class TunnelServer:
             logger=self._ws_logger,
             disconnect_on_exception=True,
             websocket_handshake_timeout=limits.handshake_timeout,
-            enable_auto_ping=False,
-            auto_ping_idle_timeout=20,
-            auto_ping_reply_timeout=20,
+            enable_auto_ping=False,  # the server never pings, as the Go server
+            auto_ping_idle_timeout=None,  # (unused with auto-ping off)
+            auto_ping_reply_timeout=None,
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
             enable_auto_pong=False,  # CheckedListener answers pings, with back-pressure
             max_frame_size=limits.max_ws_frame,
             extra_headers=None,
-            read_buffer_init_size=16 * 1024,  # grows when needed; memory per idle tunnel
+            read_buffer_init_size=limits.ws_read_buffer,
         )
 
     def _route(
@@ -231,7 +231,7 @@ class TunnelServer:
                 log.info("closing %d tunnels still open", len(self.registry.active))
         self.close()
         # Let the close frames reach the transports before the loop stops.
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(self.limits.shutdown_flush)
 
     def reload_tls(self, spec: TlsSpec) -> None:
         """New handshakes use the new certificate; established tunnels keep theirs."""
