@@ -84,6 +84,14 @@ class Limits:
     lingering_timeout: float = 5.0
     # Queue of not yet accepted connections of every listening socket (tunnel, workers, client).
     listen_backlog: int = 4096
+    # With -fast-open, connections opened with data in their SYN and not yet accepted, per
+    # listening socket (TCP_FASTOPEN's queue length, as nginx's listen ... fastopen=number).
+    fast_open_queue: int = 256
+    # TLS sessions may be resumed (and tickets say so) for this long: nginx's ssl_session_timeout
+    # default, 5m, which a client sees in every ticket's lifetime hint.
+    tls_session_timeout: int = 300
+    # A -cert or -key file is read up to this size: a chain is a few KiB.
+    max_pem_file: int = 16 * MiB
     # A user's rate is handed to the processes in grants (core/rate.py): a quiet user may spend
     # this many seconds of it at once ...
     rate_burst: float = 0.05
