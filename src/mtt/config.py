@@ -136,6 +136,9 @@ class Limits:
     heap_trim_min_gap: float = 1.0
     # ... and this many times the last one's duration: trims take at most 5% of the time.
     heap_trim_cost_factor: int = 20
+    # How long the SQLite store (-db) waits for another process's lock on the file (an operator's
+    # sqlite3 shell) before a write fails.
+    sqlite_busy_timeout: float = 5.0
     # Every read and connect of a Redis store (-store redis://): a stalled Redis is an error.
     redis_socket_timeout: float = 5.0
     # How often a node compares its user table's revision with Redis's (a lost change
@@ -146,6 +149,11 @@ class Limits:
     # A change bigger than this is announced to the other nodes by its revision only
     # (they reload the table) rather than every subscriber buffering megabytes.
     redis_max_published: int = 1 * MiB
+    # Counters are flushed to Redis in script calls of this many users each (one pipeline):
+    # Redis runs a script to its end before serving anyone else ...
+    redis_flush_chunk: int = 2000
+    # ... and read this many users per HMGET: Lua's unpack() stops near 8000 values.
+    redis_read_chunk: int = 1000
     # The subscription to Redis's changes is retried after this, doubling up to ...
     redis_retry_min: float = 0.25
     # ... this.
