@@ -47,6 +47,9 @@ class Limits:
     shutdown_flush: float = 0.1
     # Controller request body cap (the original's 2 MiB).
     max_control_body: int = 2 * MiB
+    # Longest user path a controller command may name, in characters: the API document's
+    # maxLength (openapi.json), which a test holds to this.
+    max_user_path: int = 4096
     # A controller connection's first request head must be complete this long after it opens
     # (a head is a few hundred bytes; nginx allows 60 s) ...
     controller_head_timeout: float = 10.0
