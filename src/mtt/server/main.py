@@ -43,6 +43,8 @@ log = logging.getLogger("mtt.server")
 
 DEFAULT_BIND = "127.0.0.1:8443"
 DEFAULT_CONTROLLER = "127.0.0.1:8080"
+# The flags' defaults for what ServerConfig and Limits also default: theirs, kept once.
+_DEFAULTS = ServerConfig()
 
 
 def build_flags() -> FlagSet:
@@ -52,7 +54,7 @@ def build_flags() -> FlagSet:
     fs.add("bind-unix", "bool", False, "Bind on a Unix domain socket")
     fs.add("c", "string", DEFAULT_CONTROLLER, "[Host:Port] Controller address")
     fs.add("mux", "bool", False, "Enable multiplex when the client names no sub-protocol")
-    fs.add("timeout", "duration", 60.0, "The idle timeout for connections")
+    fs.add("timeout", "duration", _DEFAULTS.limits.idle_timeout, "The idle timeout for connections")
     fs.add("cert", "string", "", "[Path] X509KeyPair cert file")
     fs.add("key", "string", "", "[Path] X509KeyPair key file")
     fs.add("force-tls", "bool", False, "Serve TLS with a self-signed certificate if no -cert/-key")
@@ -71,8 +73,18 @@ def build_flags() -> FlagSet:
         "Allowed user destinations: CIDR[:port[-port]] (repeatable); default: any",
         repeatable=True,
     )
-    fs.add("dial-timeout", "duration", 10.0, "Timeout for connecting to a user's dst")
-    fs.add("grace", "duration", 10.0, "On SIGTERM/SIGINT, time given to open tunnels to finish")
+    fs.add(
+        "dial-timeout",
+        "duration",
+        _DEFAULTS.limits.connect_timeout,
+        "Timeout for connecting to a user's dst",
+    )
+    fs.add(
+        "grace",
+        "duration",
+        _DEFAULTS.grace,
+        "On SIGTERM/SIGINT, time given to open tunnels to finish",
+    )
     fs.add("log-format", "string", "text", "Log format: text or json")
     fs.add(
         "fallback",
@@ -108,7 +120,7 @@ def build_flags() -> FlagSet:
     fs.add(
         "flush-interval",
         "duration",
-        10.0,
+        _DEFAULTS.flush_interval,
         "How often traffic counters are written to the store (and on shutdown)",
     )
     fs.add(
