@@ -66,8 +66,8 @@ class Limits:
     # A flood of refused controller connections is logged once, then at most this often.
     controller_refusal_log_interval: float = 60.0
     # The TLS listener reads at most this much of a ClientHello itself, before the TLS layer
-    # takes the connection over and reads the rest (a hello with every extension is a few KiB;
-    # post-quantum key shares make it 2-3 KiB more).
+    # takes the connection over and reads the rest (a hello is a few KiB at most, a
+    # post-quantum key share included).
     max_client_hello: int = 64 * KiB
     # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB);
     # the request line of plain HTTP sent to the TLS port is cut at it too.
@@ -76,8 +76,8 @@ class Limits:
     # longer list is cut (entries further left are not believed anyway; 32 is more hops than any
     # real chain of proxies).
     max_forwarded_hops: int = 32
-    # Largest PROXY protocol v2 header, addresses plus TLVs (haproxy's proxy-protocol.txt §2.2
-    # allows 64 KiB; senders in practice stay far below 4 KiB, and the header is read before TLS).
+    # Largest PROXY protocol v2 header, addresses plus TLVs (its length field would allow 64 KiB,
+    # haproxy's proxy-protocol.txt §2.2; senders stay far below 4 KiB, and it is read before TLS).
     max_proxy_v2_header: int = 4096
     # Requests on one keep-alive connection of the tunnel port's HTTP front; then it closes,
     # like nginx's keepalive_requests.
