@@ -23,6 +23,9 @@ class Limits:
     connect_timeout: float = 10.0
     # Largest WebSocket frame accepted from a client (the Go client sends <= 16 KiB).
     max_ws_frame: int = 1 * MiB
+    # picows' first read buffer of each WebSocket, grown when a frame needs more: it is most of
+    # the memory of an idle tunnel, so it starts small.
+    ws_read_buffer: int = 16 * KiB
     # Client bytes held while dst is still being dialed; reading stops beyond it.
     dial_buffer: int = 256 * KiB
     # Write-buffer high-water mark of each transport; past it the other side stops reading.
@@ -39,8 +42,14 @@ class Limits:
     drain_quiet: float = 0.25
     # ... but never longer than this (docs/protocol.md §7).
     drain_max: float = 3.0
+    # At shutdown, after the last tunnels were closed, the loop runs this long more so their
+    # close frames reach the sockets.
+    shutdown_flush: float = 0.1
     # Controller request body cap (the original's 2 MiB).
     max_control_body: int = 2 * MiB
+    # Longest user path a controller command may name, in characters: the API document's
+    # maxLength (openapi.json), which a test holds to this.
+    max_user_path: int = 4096
     # A controller connection's first request head must be complete this long after it opens
     # (a head is a few hundred bytes; nginx allows 60 s) ...
     controller_head_timeout: float = 10.0
@@ -59,11 +68,23 @@ class Limits:
     controller_shutdown_wait: float = 2.0
     # A flood of refused controller connections is logged once, then at most this often.
     controller_refusal_log_interval: float = 60.0
-    # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB).
+    # The TLS listener reads at most this much of a ClientHello itself, before the TLS layer
+    # takes the connection over and reads the rest (a hello is a few KiB at most, a
+    # post-quantum key share included).
+    max_client_hello: int = 64 * KiB
+    # Largest HTTP request head on the tunnel port (nginx's large_client_header_buffers, 4 x 8 KiB);
+    # the request line of plain HTTP sent to the TLS port is cut at it too.
     max_request_head: int = 16 * KiB
     # Early data in Sec-WebSocket-Protocol, decoded (docs/protocol.md §10): Xray's clients
     # send at most their `ed` (2048 or 2560 in the configs they share); more is refused.
     max_early_data: int = 3 * KiB
+    # X-Forwarded-For entries looked at, from the right, for a request from a trusted proxy: a
+    # longer list is cut (entries further left are not believed anyway; 32 is more hops than any
+    # real chain of proxies).
+    max_forwarded_hops: int = 32
+    # Largest PROXY protocol v2 header, addresses plus TLVs (its length field would allow 64 KiB,
+    # haproxy's proxy-protocol.txt §2.2; senders stay far below 4 KiB, and it is read before TLS).
+    max_proxy_v2_header: int = 4096
     # Requests on one keep-alive connection of the tunnel port's HTTP front; then it closes,
     # like nginx's keepalive_requests.
     max_keepalive_requests: int = 100
@@ -72,6 +93,24 @@ class Limits:
     lingering_timeout: float = 5.0
     # Queue of not yet accepted connections of every listening socket (tunnel, workers, client).
     listen_backlog: int = 4096
+    # With -fast-open, connections opened with data in their SYN and not yet accepted, per
+    # listening socket (TCP_FASTOPEN's queue length, as nginx's listen ... fastopen=number).
+    fast_open_queue: int = 256
+    # TLS sessions may be resumed (and tickets say so) for this long: nginx's ssl_session_timeout
+    # default, 5m, which a client sees in every ticket's lifetime hint.
+    tls_session_timeout: int = 300
+    # A -cert or -key file is read up to this size: a chain is a few KiB.
+    max_pem_file: int = 16 * MiB
+    # A user's rate is handed to the processes in grants (core/rate.py): a quiet user may spend
+    # this many seconds of it at once ...
+    rate_burst: float = 0.05
+    # ... and each grant adds, beyond what was asked, at least 1/rate_grants_per_second of a
+    # second of the rate, and at least rate_min_grant bytes: a throttled user's process asks the
+    # service some 20 times a second, and a slow rate is not handed out a few bytes at a time.
+    rate_grants_per_second: int = 20
+    rate_min_grant: int = 4096
+    # A user without a rate (or whose rate was lifted) is granted this much per ask.
+    rate_unlimited_grant: int = 1 << 30
     # How often open tunnels' counters are collected: how stale quota decisions and metrics
     # may be for open tunnels.
     collect_interval: float = 1.0
@@ -91,9 +130,28 @@ class Limits:
     # ... and their final reports this long to arrive.
     worker_final_report_wait: float = 5.0
     # Each other step of a shutdown (controller, store flush) gets at most this; one that
-    # overruns is logged and left behind, so the process still exits within systemd's stop
+    # overruns is logged and cancelled, so the process still exits within systemd's stop
     # timeout (what it still held is said in the log).
     shutdown_step_max: float = 12.0
+    # Where the hard RLIMIT_NOFILE is unlimited (macOS), the soft one cannot follow it and is
+    # raised to this: Linux's own ceiling (fs.nr_open) defaults to it.
+    nofile_unlimited_cap: int = 1 << 20
+    # How often a process looks whether a burst of closed connections left its C heap mostly
+    # free (workers/heap.py); a look is one mallinfo2 call.
+    heap_check_interval: float = 1.0
+    # It trims when at least this fraction of the heap is free (a burst has ended) ...
+    heap_trim_free_fraction: float = 0.25
+    # ... and at least this much is free, and RSS has grown by as much since the last trim ...
+    heap_trim_growth: int = 8 * MiB
+    # ... or the heap's use has fallen by this much since (a burst still closing at that trim).
+    heap_trim_freed: int = 2 * MiB
+    # Trims (about 20 ms for 1.6 GB of heap) are at least this far apart ...
+    heap_trim_min_gap: float = 1.0
+    # ... and this many times the last one's duration: trims take at most 5% of the time.
+    heap_trim_cost_factor: int = 20
+    # How long the SQLite store (-db) waits for another process's lock on the file (an operator's
+    # sqlite3 shell) before a write fails.
+    sqlite_busy_timeout: float = 5.0
     # Every read and connect of a Redis store (-store redis://): a stalled Redis is an error.
     redis_socket_timeout: float = 5.0
     # How often a node compares its user table's revision with Redis's (a lost change
@@ -104,6 +162,11 @@ class Limits:
     # A change bigger than this is announced to the other nodes by its revision only
     # (they reload the table) rather than every subscriber buffering megabytes.
     redis_max_published: int = 1 * MiB
+    # Counters are flushed to Redis in script calls of this many users each (one pipeline):
+    # Redis runs a script to its end before serving anyone else ...
+    redis_flush_chunk: int = 2000
+    # ... and read this many users per HMGET: Lua's unpack() stops near 8000 values.
+    redis_read_chunk: int = 1000
     # The subscription to Redis's changes is retried after this, doubling up to ...
     redis_retry_min: float = 0.25
     # ... this.

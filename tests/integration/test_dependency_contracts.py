@@ -115,7 +115,7 @@ async def test_aiofastnet_calls_our_force_close_with_the_handshake_error(
     server_sock, client_sock = tcp_pair
     app = AppStub()
     await aiofastnet.connect_accepted_socket(
-        loop, lambda: FirstBytes(app, server_ctx, WAIT), own(server_sock)
+        loop, lambda: FirstBytes(app, server_ctx, Limits(handshake_timeout=WAIT)), own(server_sock)
     )
     reader, writer = await asyncio.open_connection(sock=own(client_sock))
     writer.write(SSLV3_HELLO)
@@ -137,7 +137,7 @@ async def test_aiofastnet_tls_layer_hands_a_tls_transport_to_the_app(
     server_sock, client_sock = tcp_pair
     app = AppStub()
     await aiofastnet.connect_accepted_socket(
-        loop, lambda: FirstBytes(app, server_ctx, WAIT), own(server_sock)
+        loop, lambda: FirstBytes(app, server_ctx, Limits(handshake_timeout=WAIT)), own(server_sock)
     )
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_ctx.check_hostname = False

@@ -5,9 +5,17 @@ import json
 import pytest
 
 from mtt.address import Destination, parse_destination
-from mtt.core.commands import apply_command, parse_command, reply
+from mtt.config import Limits
+from mtt.core.commands import Command, apply_command, reply
+from mtt.core.commands import parse_command as parse_with
 from mtt.core.users import UserTable
 from mtt.errors import ControlError
+
+MAX_PATH = Limits().max_user_path  # what the controller gives the parser
+
+
+def parse_command(body: bytes) -> Command:
+    return parse_with(body, max_path=MAX_PATH)
 
 
 def run(table: UserTable, doc: object) -> dict[str, object]:
@@ -92,6 +100,19 @@ def test_paths_match_exactly() -> None:
 def test_bad_requests_name_the_problem(body: bytes, message: str) -> None:
     with pytest.raises(ControlError, match=message):
         parse_command(body)
+
+
+@pytest.mark.parametrize("opt", [1, 2, 4, 5])
+def test_a_path_is_at_most_max_path_characters(opt: int) -> None:
+    def body(path: str) -> bytes:
+        return json.dumps({"opt": opt, "args_bunch": [{"path": path, "dst": "h:1"}]}).encode()
+
+    longest = "/" + "é" * (MAX_PATH - 1)  # characters, not bytes
+    assert parse_command(body(longest)).opt == opt
+    with pytest.raises(ControlError, match=f"path is longer than {MAX_PATH} characters"):
+        parse_command(body(longest + "x"))
+    with pytest.raises(ControlError, match="path is longer than 10 characters"):
+        parse_with(body("/" + "a" * 10), max_path=10)
 
 
 def test_deep_nesting_and_huge_numbers_are_errors_not_crashes() -> None:

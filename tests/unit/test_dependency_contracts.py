@@ -15,6 +15,8 @@ import ssl
 
 import pytest
 
+from mtt.config import Limits
+
 
 def relied_on_by(module: str, what: str) -> str:
     return f"{module} relies on {what}; see docs/dependencies.md"
@@ -140,9 +142,10 @@ def test_openssl_ctrl_numbers_do_what_libssl_py_means(fresh_ctx: ssl.SSLContext)
     from mtt.transport import libssl
 
     why = relied_on_by("mtt.transport.libssl.apply", "the SSL_CTRL_* numbers of openssl/ssl.h")
-    assert libssl.apply(fresh_ctx) is None, why
+    session_timeout = Limits().tls_session_timeout
+    assert libssl.apply(fresh_ctx, session_timeout) is None, why
     lib, pointer = libssl._libssl(), libssl.ssl_ctx_pointer(fresh_ctx)
-    assert libssl.session_timeout(fresh_ctx) == libssl.NGINX_SESSION_TIMEOUT, why
+    assert libssl.session_timeout(fresh_ctx) == session_timeout, why
     expected_cache = (
         libssl._SSL_SESS_CACHE_SERVER
         | libssl._SSL_SESS_CACHE_NO_AUTO_CLEAR

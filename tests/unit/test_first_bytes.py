@@ -15,7 +15,10 @@ from mtt.accept.first_bytes import (
     client_hello_complete,
     refusal_reply,
 )
+from mtt.config import Limits
 from mtt.transport.tls import context_from_pem, self_signed_pem
+
+MAX_HELLO = Limits().max_client_hello  # what the TLS listener gives the reader
 
 # nmap's SSLSessionReq probe: an SSLv3 ClientHello
 SSLV3_HELLO = (
@@ -77,24 +80,31 @@ def test_classify_follows_nginx(first: int, start: Start) -> None:
 
 def test_a_client_hello_is_whole_only_at_its_last_byte() -> None:
     hello = client_hello()
-    assert all(not client_hello_complete(hello[:n]) for n in range(len(hello)))
-    assert client_hello_complete(hello)
+    assert all(not client_hello_complete(hello[:n], MAX_HELLO) for n in range(len(hello)))
+    assert client_hello_complete(hello, MAX_HELLO)
 
 
 @pytest.mark.parametrize("at", [1, 3, 4, 100])
 def test_a_hello_over_two_records_is_whole_only_at_the_end(at: int) -> None:
     hello = refragment(client_hello(), at)
-    assert all(not client_hello_complete(hello[:n]) for n in range(len(hello)))
-    assert client_hello_complete(hello)
+    assert all(not client_hello_complete(hello[:n], MAX_HELLO) for n in range(len(hello)))
+    assert client_hello_complete(hello, MAX_HELLO)
 
 
 @pytest.mark.parametrize("at", [0, 1, 3, 4, 100])
 def test_the_reader_fed_byte_by_byte_agrees(at: int) -> None:
     """The reader resumes where it was: the same verdicts as reading at once."""
     hello = refragment(client_hello(), at) if at else client_hello()
-    reader = ClientHelloReader()
+    reader = ClientHelloReader(MAX_HELLO)
     verdicts = [reader.complete(hello[:n]) for n in range(1, len(hello) + 1)]
     assert verdicts == [False] * (len(hello) - 1) + [True]
+
+
+def test_a_hello_longer_than_the_cap_is_handed_on_at_the_cap() -> None:
+    hello = client_hello()
+    assert not client_hello_complete(hello[:100], len(hello))
+    assert client_hello_complete(hello[:100], 100)
+    assert not ClientHelloReader(101).complete(hello[:100])
 
 
 @pytest.mark.parametrize(
@@ -107,13 +117,13 @@ def test_the_reader_fed_byte_by_byte_agrees(at: int) -> None:
     ],
 )
 def test_what_is_no_hello_is_handed_on_at_once(data: bytes) -> None:
-    assert client_hello_complete(data)
+    assert client_hello_complete(data, MAX_HELLO)
 
 
 def test_sslv2_hello_is_whole_at_its_length() -> None:
     record = b"\x80\x0b" + b"\x01\x03\x01\x00\x00\x00\x00\x00\x00\x00\x00"
-    assert all(not client_hello_complete(record[:n]) for n in range(len(record)))
-    assert client_hello_complete(record)
+    assert all(not client_hello_complete(record[:n], MAX_HELLO) for n in range(len(record)))
+    assert client_hello_complete(record, MAX_HELLO)
 
 
 @pytest.mark.parametrize(
@@ -125,8 +135,8 @@ def test_sslv2_hello_is_whole_at_its_length() -> None:
     ],
 )
 def test_headers_openssl_refuses_are_handed_on_at_once(data: bytes) -> None:
-    assert client_hello_complete(data)
-    assert not client_hello_complete(data[:4])  # a header is 5 bytes
+    assert client_hello_complete(data, MAX_HELLO)
+    assert not client_hello_complete(data[:4], MAX_HELLO)  # a header is 5 bytes
 
 
 def test_a_good_hello_is_no_refusal(server_ctx: ssl.SSLContext) -> None:

@@ -3,10 +3,11 @@ it is busy, and not more often than its cost allows."""
 
 from __future__ import annotations
 
-from mtt.workers import heap
+from mtt.config import Limits
 from mtt.workers.heap import BurstTrimmer, Heap
 
 MiB = 1 << 20
+LIMITS = Limits()  # the trim settings the server runs with
 
 
 class FakeHeap:
@@ -25,11 +26,11 @@ class FakeHeap:
 class World:
     """A fake heap, RSS and clock the trimmer reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = LIMITS) -> None:
         self.heap = FakeHeap()
         self.rss = 60 * MiB
         self.now = 100.0
-        self.trimmer = BurstTrimmer(self.heap, lambda: self.rss, lambda: self.now)  # type: ignore[arg-type]
+        self.trimmer = BurstTrimmer(self.heap, limits, lambda: self.rss, lambda: self.now)  # type: ignore[arg-type]
 
     def burst(self, size: int) -> None:
         """size bytes allocated (and made resident), then freed."""
@@ -78,8 +79,17 @@ def test_trims_are_spaced() -> None:
     world.burst(100 * MiB)
     assert world.tick()
     world.burst(100 * MiB)
-    assert not world.tick(0.5)  # within MIN_GAP of the last one
-    assert world.tick(heap.MIN_GAP)
+    assert not world.tick(0.5)  # within heap_trim_min_gap of the last one
+    assert world.tick(LIMITS.heap_trim_min_gap)
+
+
+def test_the_spacing_is_the_limits_one() -> None:
+    world = World(Limits(heap_trim_min_gap=5.0))
+    world.burst(100 * MiB)
+    assert world.tick()
+    world.burst(100 * MiB)
+    assert not world.tick(4.0)
+    assert world.tick(1.0)
 
 
 def test_real_heap() -> None:
@@ -99,7 +109,7 @@ def test_memory_freed_after_a_trim_is_trimmed_too() -> None:
     assert world.tick()
     world.heap.in_use -= 50 * MiB  # the burst's last connections close
     world.heap.free += 50 * MiB
-    assert world.tick(heap.MIN_GAP)
+    assert world.tick(LIMITS.heap_trim_min_gap)
     assert not any(world.tick() for _ in range(10))
     assert world.heap.trims == 2
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import schemathesis
 
+from mtt.config import Limits
 from mtt.core.commands import Opt
 
 
@@ -68,3 +69,22 @@ def test_every_reply_status_carries_the_reply_shape() -> None:
                     path,
                     status,
                 )
+
+
+def test_the_documented_path_length_is_the_servers() -> None:
+    """The schema's maxLength of a user path is the bound the controller applies."""
+    doc = _document()
+    lengths = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if "path" in node.get("properties", {}):
+                lengths.add(_resolve(doc, node["properties"]["path"]).get("maxLength"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    assert lengths == {Limits().max_user_path}

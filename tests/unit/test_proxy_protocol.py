@@ -13,15 +13,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mtt.config import Limits
 from mtt.errors import ProtocolError
-from mtt.wire.proxy_header import (
-    MAX_V2_HEADER,
-    NEED_DATA,
-    V2_SIGNATURE,
-    ProxyHeader,
-    ProxyHeaderReader,
-    parse_header,
-)
+from mtt.wire import proxy_header
+from mtt.wire.proxy_header import NEED_DATA, V2_SIGNATURE, NeedData, ProxyHeader
+
+MAX_V2_HEADER = Limits().max_proxy_v2_header  # the cap the PROXY listener gives the parser
+
+
+def parse_header(data: bytes) -> ProxyHeader | NeedData:
+    return proxy_header.parse_header(data, max_v2_header=MAX_V2_HEADER)
+
+
+def new_reader() -> proxy_header.ProxyHeaderReader:
+    return proxy_header.ProxyHeaderReader(max_v2_header=MAX_V2_HEADER)
+
 
 SETTINGS = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -149,6 +155,16 @@ def test_v2_refusals(data: bytes, reason: str) -> None:
         parse_header(data)
 
 
+def test_v2_cap_is_the_callers() -> None:
+    data = v2(block=socket.inet_aton("192.0.2.1") * 2 + struct.pack("!HH", 1, 2) + bytes(20))
+    header = proxy_header.parse_header(data, max_v2_header=len(data))
+    assert header == ProxyHeader(2, ("192.0.2.1", 1), len(data))
+    with pytest.raises(
+        ProtocolError, match=f"v2 header of {len(data)} bytes, more than {len(data) - 1}"
+    ):
+        proxy_header.parse_header(data, max_v2_header=len(data) - 1)
+
+
 def test_v2_waits_for_the_whole_block() -> None:
     data = v2()
     for n in range(len(data)):
@@ -156,7 +172,7 @@ def test_v2_waits_for_the_whole_block() -> None:
 
 
 def test_reader_keeps_what_follows() -> None:
-    reader = ProxyHeaderReader()
+    reader = new_reader()
     data = v2() + b"hello"
     for i in range(len(data) - 6):
         assert reader.feed(data[i : i + 1]) is NEED_DATA
@@ -182,7 +198,7 @@ headers = st.sampled_from(
 def test_splits_never_matter(header: bytes, tail: bytes, cuts: list[int]) -> None:
     data = header + tail
     expected = parse_header(data)
-    reader = ProxyHeaderReader()
+    reader = new_reader()
     points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
     result = None
     for start, end in itertools.pairwise(points):

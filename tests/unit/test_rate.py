@@ -7,12 +7,16 @@ import heapq
 
 import pytest
 
-from mtt.core.rate import BURST, MIN_GRANT, Direction, Throttle, TokenSchedule
+from mtt.config import Limits
+from mtt.core.rate import Direction, GrantRules, Throttle, TokenSchedule
 
 UP, DOWN = Direction.UP, Direction.DOWN
 
+LIMITS = Limits()
+RULES = GrantRules(LIMITS.rate_burst, LIMITS.rate_grants_per_second, LIMITS.rate_min_grant)
+BURST, PER_SECOND, MIN_GRANT = RULES.burst, RULES.grants_per_second, RULES.min_grant
 RATE = 1_000_000  # bytes/s
-GRANT = max(RATE // 20, MIN_GRANT)  # what one ask adds beyond the overdraft
+GRANT = max(RATE // PER_SECOND, MIN_GRANT)  # what one ask adds beyond the overdraft
 
 
 class Tunnel:
@@ -37,7 +41,7 @@ class Tunnel:
 
 def test_a_saturating_user_gets_the_rate_to_within_one_grant() -> None:
     """Ask again as soon as each grant is handed out, for a simulated 10 s."""
-    schedule = TokenSchedule(RATE)
+    schedule = TokenSchedule(RATE, RULES)
     now = 0.0
     handed_out = 0
     while True:
@@ -51,8 +55,8 @@ def test_a_saturating_user_gets_the_rate_to_within_one_grant() -> None:
 
 @pytest.mark.parametrize("rate", [1, 1000, 4096 * 20, 12_345_678])
 def test_the_long_run_rate_is_exact_at_any_rate(rate: int) -> None:
-    schedule = TokenSchedule(rate)
-    grant = max(rate // 20, MIN_GRANT)
+    schedule = TokenSchedule(rate, RULES)
+    grant = max(rate // PER_SECOND, MIN_GRANT)
     seconds = max(10.0, 100 * grant / rate)  # at least a hundred grants
     now = 0.0
     handed_out = 0
@@ -66,7 +70,7 @@ def test_the_long_run_rate_is_exact_at_any_rate(rate: int) -> None:
 
 
 def test_a_quiet_user_may_spend_only_the_burst_at_once() -> None:
-    schedule = TokenSchedule(RATE)
+    schedule = TokenSchedule(RATE, RULES)
     schedule.reserve(0, 0.0)
     now = 3600.0  # quiet for an hour: no credit beyond BURST
     at_once = 0
@@ -81,7 +85,7 @@ def test_a_quiet_user_may_spend_only_the_burst_at_once() -> None:
 
 def test_an_overdraft_is_charged_to_the_next_grant() -> None:
     overdraft = 3 * RATE  # one read of three seconds' worth beyond the allowance
-    plain, charged = TokenSchedule(RATE), TokenSchedule(RATE)
+    plain, charged = TokenSchedule(RATE, RULES), TokenSchedule(RATE, RULES)
     assert plain.reserve(0, 0.0) == (GRANT, 0.0)
     grant, delay = charged.reserve(overdraft, 0.0)
     assert (grant, delay) == (overdraft + GRANT, 0.0)  # covers the debt, and more
@@ -91,11 +95,24 @@ def test_an_overdraft_is_charged_to_the_next_grant() -> None:
 
 
 def test_a_new_rate_applies_from_the_next_grant() -> None:
-    schedule = TokenSchedule(RATE)
+    schedule = TokenSchedule(RATE, RULES)
     schedule.reserve(0, 0.0)
     schedule.rate = RATE * 10
     grant, _ = schedule.reserve(0, 0.0)
-    assert grant == RATE * 10 // 20
+    assert grant == RATE * 10 // PER_SECOND
+
+
+def test_the_rules_are_the_callers() -> None:
+    """A grant and the burst follow the GrantRules given, not numbers of the schedule's own."""
+    schedule = TokenSchedule(RATE, GrantRules(burst=2.0, grants_per_second=4, min_grant=1))
+    assert schedule.reserve(0, 0.0) == (RATE // 4, 0.0)
+    schedule.reserve(0, 100.0)  # quiet: the clock restarts 2 s back ...
+    spent = RATE // 4
+    while schedule.reserve(0, 100.0)[1] == 0:
+        spent += RATE // 4
+    assert spent == 2 * RATE + RATE // 4  # ... so 2 s of rate at once, and the grant due now
+    small = TokenSchedule(100, GrantRules(burst=0.0, grants_per_second=4, min_grant=1000))
+    assert small.reserve(0, 0.0) == (1000, 0.0)
 
 
 # -- Throttle ------------------------------------------------------------------------------
@@ -167,7 +184,7 @@ def test_tunnels_sharing_one_throttle_and_schedule_get_the_rate_exactly() -> Non
     10 s the bytes read are the rate to within one grant plus one read each."""
     chunk = 16 * 1024
     seconds = 10.0
-    schedule = TokenSchedule(RATE)
+    schedule = TokenSchedule(RATE, RULES)
     now = 0.0
     grants: list[tuple[float, int, int]] = []  # (at, order, size) heap
     order = 0

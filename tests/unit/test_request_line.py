@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from mtt.wire.request_line import MAX_LINE, RequestLineReader, Verdict, request_line_verdict
+from mtt.config import Limits
+from mtt.wire.request_line import LineVerdict, RequestLineReader, Verdict
+from mtt.wire.request_line import request_line_verdict as verdict_with_cap
+
+MAX_LINE = Limits().max_request_head  # the cap the front layer gives the reader
+
+
+def request_line_verdict(data: bytes) -> LineVerdict:
+    return verdict_with_cap(data, max_line=MAX_LINE)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +60,7 @@ from mtt.wire.request_line import MAX_LINE, RequestLineReader, Verdict, request_
 )
 def test_verdicts(data: bytes, verdict: Verdict) -> None:
     assert request_line_verdict(data).verdict is verdict
-    reader = RequestLineReader()  # the same, a byte at a time
+    reader = RequestLineReader(max_line=MAX_LINE)  # the same, a byte at a time
     dribbled = [reader.feed(data[i : i + 1]) for i in range(len(data))]
     assert (dribbled[-1] if dribbled else reader.feed(b"")) == request_line_verdict(data)
 
@@ -65,6 +73,9 @@ def test_method_and_start_are_reported() -> None:
 
 def test_a_line_never_ending_is_refused_at_the_cap() -> None:
     assert request_line_verdict(b"GET /" + b"a" * MAX_LINE).verdict is Verdict.INVALID
+    line = b"GET /" + b"a" * 100
+    assert verdict_with_cap(line, max_line=len(line) + 1).verdict is Verdict.NEED_MORE
+    assert verdict_with_cap(line, max_line=len(line)).verdict is Verdict.INVALID
 
 
 def test_every_prefix_of_a_good_line_needs_more() -> None:

@@ -40,10 +40,10 @@ from aiofastnet.constants import SSL_BIO_SIZE_DEFAULTS, SSL_TIMEOUT_DEFAULTS
 from aiofastnet.ssl_transport import SSLTransport_Transport  # type: ignore[import-not-found]
 
 from mtt.accept.front import FrontProtocol, format_peer, shut
+from mtt.config import Limits
 
 log = logging.getLogger("mtt.server")
 
-MAX_CLIENT_HELLO = 64 * 1024  # then the TLS layer reads the rest itself
 _MAX_RECORD = 16 * 1024 + 2048  # TLSCiphertext's bound; a larger length is refused
 _MIN_SSL2_RECORD = 9  # OpenSSL's MIN_SSL2_RECORD_LEN
 _HANDSHAKE = 0x16
@@ -65,9 +65,11 @@ class ClientHelloReader:
     message, or enough to show that OpenSSL will not wait for one (then it
     may decide now). Like OpenSSL's record layer it reads a 5-byte header
     first. Each call resumes after the records already whole, so bytes
-    dribbled one by one cost each byte once."""
+    dribbled one by one cost each byte once. Past max_hello bytes it stops
+    waiting: the TLS layer reads the rest itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_hello: int) -> None:
+        self._max_hello = max_hello
         self._next = 0  # offset of the first record not yet whole
         self._payload = 0  # handshake bytes in the whole records before it
         self._header = b""  # the handshake message's first 4 bytes, as far as seen
@@ -77,7 +79,7 @@ class ClientHelloReader:
         size = len(data)
         if size < 5:
             return False
-        if size >= MAX_CLIENT_HELLO:
+        if size >= self._max_hello:
             return True
         if data[0] & 0x80 and data[2] == _CLIENT_HELLO:  # an SSLv2-style ClientHello
             length = ((data[0] & 0x7F) << 8) | data[1]
@@ -103,9 +105,9 @@ class ClientHelloReader:
         return False
 
 
-def client_hello_complete(data: bytes | bytearray) -> bool:
+def client_hello_complete(data: bytes | bytearray, max_hello: int) -> bool:
     """ClientHelloReader's verdict on data read at once."""
-    return ClientHelloReader().complete(data)
+    return ClientHelloReader(max_hello).complete(data)
 
 
 def refusal_reply(ctx: ssl.SSLContext, received: bytes) -> tuple[bytes, str]:
@@ -169,15 +171,15 @@ class FirstBytes(asyncio.Protocol):
         self,
         front: FrontProtocol,
         ssl_context: ssl.SSLContext,
-        handshake_timeout: float,
+        limits: Limits,
         client: tuple[str, int] | None = None,
     ) -> None:
         self._front = front
         self._client = client  # named by a PROXY header: the peer for log lines
         self._ssl_context = ssl_context
-        self._handshake_timeout = handshake_timeout
+        self._handshake_timeout = limits.handshake_timeout
         self._buffer = bytearray()
-        self._hello = ClientHelloReader()
+        self._hello = ClientHelloReader(limits.max_client_hello)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0

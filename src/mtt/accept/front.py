@@ -133,7 +133,8 @@ class FrontProtocol(asyncio.Protocol):
         answer as nginx does there, never with a tunnel or a user's 404."""
         self._on_tls_port = True
         self._line = bytearray()
-        self._line_reader = RequestLineReader()
+        # A request line is part of the head: no longer than the head may be.
+        self._line_reader = RequestLineReader(max_line=self._limits.max_request_head)
 
     def __del__(self) -> None:
         if not self._made:
@@ -246,7 +247,9 @@ class FrontProtocol(asyncio.Protocol):
         self._requests += 1
         if self._trusted is not None and self._client is not None:
             conn_ip = self._client[0]
-            self.client_ip = self._trusted.real_client(conn_ip, request.headers)
+            self.client_ip = self._trusted.real_client(
+                conn_ip, request.headers, max_hops=self._limits.max_forwarded_hops
+            )
             if self.client_ip == conn_ip:
                 self.peer = format_peer(*self._client)
             else:  # X-Forwarded-For names no port

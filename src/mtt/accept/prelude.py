@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from mtt.accept.first_bytes import FirstBytes, feed
 from mtt.accept.front import FrontProtocol, format_peer, shut
+from mtt.config import Limits
 from mtt.core.stats import STATS
 from mtt.errors import ProtocolError
 from mtt.wire.client_address import TrustedProxies
@@ -43,14 +44,15 @@ class ProxyPrelude(asyncio.Protocol):
         self,
         make_front: MakeFront,
         ssl_context: ssl.SSLContext | None,
-        handshake_timeout: float,
+        limits: Limits,
         trusted: TrustedProxies | None,
     ) -> None:
         self._make_front = make_front
         self._ssl_context = ssl_context
-        self._handshake_timeout = handshake_timeout
+        self._limits = limits
+        self._handshake_timeout = limits.handshake_timeout
         self._trusted = trusted if trusted else None
-        self._reader = ProxyHeaderReader()
+        self._reader = ProxyHeaderReader(max_v2_header=limits.max_proxy_v2_header)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._peer: tuple[str, int] = ("", 0)
@@ -113,7 +115,7 @@ class ProxyPrelude(asyncio.Protocol):
         if self._ssl_context is None:
             next_layer = front
         else:  # TLS or plain HTTP to the TLS port, decided as without the header
-            next_layer = FirstBytes(front, self._ssl_context, self._handshake_timeout, client)
+            next_layer = FirstBytes(front, self._ssl_context, self._limits, client)
         transport.set_protocol(next_layer)
         next_layer.connection_made(transport)
         if rest and not transport.is_closing():

@@ -134,14 +134,14 @@ class TunnelServer:
             logger=self._ws_logger,
             disconnect_on_exception=True,
             websocket_handshake_timeout=limits.handshake_timeout,
-            enable_auto_ping=False,
-            auto_ping_idle_timeout=20,
-            auto_ping_reply_timeout=20,
+            enable_auto_ping=False,  # the server never pings, as the Go server
+            auto_ping_idle_timeout=None,  # (unused with auto-ping off)
+            auto_ping_reply_timeout=None,
             auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
             enable_auto_pong=False,  # CheckedListener answers pings, with back-pressure
             max_frame_size=limits.max_ws_frame,
             extra_headers=None,
-            read_buffer_init_size=16 * 1024,  # grows when needed; memory per idle tunnel
+            read_buffer_init_size=limits.ws_read_buffer,
         )
 
     def _route(
@@ -206,13 +206,12 @@ class TunnelServer:
                 origins=self.origins,
             )
 
-        timeout = self.limits.handshake_timeout
         ssl_context = self.ssl_context
         factory: Callable[[], asyncio.Protocol]
         if self.proxy_protocol:  # the PROXY header comes first, then TLS (prelude.py)
-            factory = lambda: ProxyPrelude(front, ssl_context, timeout, self.trusted)  # noqa: E731
+            factory = lambda: ProxyPrelude(front, ssl_context, self.limits, self.trusted)  # noqa: E731
         elif ssl_context is not None:  # TLS or plain HTTP, told apart as nginx does
-            factory = lambda: FirstBytes(front(), ssl_context, timeout)  # noqa: E731
+            factory = lambda: FirstBytes(front(), ssl_context, self.limits)  # noqa: E731
         else:
             factory = front
         # aiofastnet (by picows' author) runs TLS in C with fewer copies than
@@ -241,7 +240,7 @@ class TunnelServer:
                 log.info("closing %d tunnels still open", len(self.registry.active))
         self.close()
         # Let the close frames reach the transports before the loop stops.
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(self.limits.shutdown_flush)
 
     def reload_tls(self, spec: TlsSpec) -> None:
         """New handshakes use the new certificate; established tunnels keep theirs."""

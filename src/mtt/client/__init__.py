@@ -35,6 +35,9 @@ class ClientLimits:
     dial_buffer: int = 256 * KiB
     # Largest WebSocket frame accepted from the server.
     max_ws_frame: int = 1024 * KiB
+    # picows' first read buffer of a WebSocket, grown when a frame needs more: a client holds
+    # few WebSockets, so it starts larger than the server's.
+    ws_read_buffer: int = 64 * KiB
     # How long a closed tunnel may wait for a slow peer to take its last bytes.
     close_linger: float = 5.0
     # At shutdown, how long the close frames and FINs get to reach the sockets; then the rest

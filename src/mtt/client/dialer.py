@@ -159,7 +159,7 @@ class Dialer:
                     max_frame_size=limits.max_ws_frame,
                     extra_headers={"Sec-WebSocket-Protocol": subprotocol},
                     max_redirects=0,
-                    read_buffer_init_size=64 * 1024,
+                    read_buffer_init_size=limits.ws_read_buffer,
                 )
         except BaseException:
             # picows leaves the transport open when cancelled while waiting for the

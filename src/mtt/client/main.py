@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -34,6 +35,8 @@ from mtt.transport.listen import tcp_listen_socket
 log = logging.getLogger("mtt.client")
 
 PROGRAM = "mtt-client"
+# ClientConfig's defaults are the Go client's: the flags take theirs from it.
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ClientConfig)}
 GO_DEFAULTS: dict[str, Any] = {
     "b": "",
     "s": "",
@@ -42,15 +45,14 @@ GO_DEFAULTS: dict[str, Any] = {
     "n": "",
     "sv": False,
     "mux": False,
-    "mux-max-stream": 4,
-    "timeout": 300.0,
+    "mux-max-stream": _CONFIG_DEFAULTS["mux_max_stream"],
+    "timeout": _CONFIG_DEFAULTS["idle_timeout"],
     "fast-open": False,
     "fallback-dns": "",
     "verbose": False,
     "V": False,
     "vpn": False,
 }
-MAX_STREAMS = SmuxConfig().max_streams  # what the server accepts per session
 
 
 def build_flags(defaults: Mapping[str, Any] | None = None) -> FlagSet:
@@ -141,8 +143,9 @@ def config_from_flags(values: Mapping[str, Any], warnings: list[str]) -> ClientC
     except ValueError as exc:
         raise ConfigError(f"bad server address -s {values['s']!r}: {exc}") from None
     max_stream = values["mux-max-stream"]
-    if not 1 <= max_stream <= MAX_STREAMS:
-        raise ConfigError(f"-mux-max-stream must be 1..{MAX_STREAMS}, not {max_stream}")
+    max_streams = SmuxConfig().max_streams  # what the server accepts per session
+    if not 1 <= max_stream <= max_streams:
+        raise ConfigError(f"-mux-max-stream must be 1..{max_streams}, not {max_stream}")
     timeout = values["timeout"]
     if timeout <= 0:
         raise ConfigError("-timeout must be positive")

@@ -160,7 +160,7 @@ async def _handle(request: web.Request) -> web.Response:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
         return _json(413, error_reply(service, f"body larger than {cap} bytes"))
     try:
-        command = parse_command(body, settings.policy)
+        command = parse_command(body, settings.policy, max_path=settings.limits.max_user_path)
     except ControlError as exc:
         log.warning("controller: %s: rejected: %s", peer, exc)
         return _json(400, error_reply(service, str(exc)))

@@ -24,7 +24,6 @@ from mtt.core.policy import DstPolicy
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits, UserTable
 from mtt.errors import ControlError
 
-MAX_PATH_LENGTH = 4096
 MAX_NUMBER = 2**53  # what every JSON implementation a panel may use holds exactly
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ALLOW_ALL = DstPolicy()
@@ -112,8 +111,9 @@ def reply(res: int, current_users: int, err_string: str = "", revision: int = 0)
     }
 
 
-def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
-    """Decode and validate a request body; raise ControlError naming the problem."""
+def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL, *, max_path: int) -> Command:
+    """Decode and validate a request body (a user's path at most max_path
+    characters); raise ControlError naming the problem."""
     try:
         doc = json.loads(body, object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
@@ -136,7 +136,7 @@ def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
     if opt in (Opt.RESET, Opt.PING):
         return Command(opt)
     if opt is Opt.LIST:
-        return _parse_list(doc)
+        return _parse_list(doc, max_path)
     bunch = doc.get("args_bunch")
     if bunch is None:
         if opt is Opt.REPLACE:
@@ -147,14 +147,14 @@ def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL) -> Command:
     if not bunch and opt is not Opt.REPLACE:
         raise ControlError("args_bunch is empty")
     if opt in (Opt.ADD, Opt.REPLACE):
-        entries = tuple(_parse_add(i, arg, policy) for i, arg in enumerate(bunch))
+        entries = tuple(_parse_add(i, arg, policy, max_path) for i, arg in enumerate(bunch))
         if opt is Opt.REPLACE:
             _check_unique(entries)
         return Command(opt, entries=entries)
-    return Command(opt, paths=tuple(_parse_delete(i, arg) for i, arg in enumerate(bunch)))
+    return Command(opt, paths=tuple(_parse_delete(i, arg, max_path) for i, arg in enumerate(bunch)))
 
 
-def _parse_list(doc: dict[str, Any]) -> Command:
+def _parse_list(doc: dict[str, Any], max_path: int) -> Command:
     reset = doc.get("reset", False)
     if not isinstance(reset, bool):
         raise ControlError(f"reset must be a boolean, got {_json_type(reset)}")
@@ -163,7 +163,7 @@ def _parse_list(doc: dict[str, Any]) -> Command:
         return Command(Opt.LIST, reset=reset)
     if not isinstance(bunch, list):
         raise ControlError(f"args_bunch must be an array, got {_json_type(bunch)}")
-    paths = tuple(_parse_delete(i, arg) for i, arg in enumerate(bunch))
+    paths = tuple(_parse_delete(i, arg, max_path) for i, arg in enumerate(bunch))
     return Command(Opt.LIST, paths=paths, reset=reset)
 
 
@@ -198,10 +198,10 @@ def apply_command(table: UserTable, command: Command) -> None:
         table.replace((e.path, e.user) for e in command.entries)
 
 
-def _parse_add(index: int, arg: Any, policy: DstPolicy) -> Entry:
+def _parse_add(index: int, arg: Any, policy: DstPolicy, max_path: int) -> Entry:
     if not isinstance(arg, dict):
         raise ControlError(f"args_bunch[{index}] must be an object, got {_json_type(arg)}")
-    path = _parse_path(index, arg)
+    path = _parse_path(index, arg, max_path)
     if "dst" not in arg:
         raise ControlError(f"args_bunch[{index}]: missing dst")
     dst = arg["dst"]
@@ -235,13 +235,13 @@ def _parse_count(index: int, arg: dict[str, Any], name: str) -> int:
     return value
 
 
-def _parse_delete(index: int, arg: Any) -> str:
+def _parse_delete(index: int, arg: Any, max_path: int) -> str:
     if not isinstance(arg, dict):
         raise ControlError(f"args_bunch[{index}] must be an object, got {_json_type(arg)}")
-    return _parse_path(index, arg)
+    return _parse_path(index, arg, max_path)
 
 
-def _parse_path(index: int, arg: dict[str, Any]) -> str:
+def _parse_path(index: int, arg: dict[str, Any], max_path: int) -> str:
     if "path" not in arg:
         raise ControlError(f"args_bunch[{index}]: missing path")
     path = arg["path"]
@@ -249,8 +249,8 @@ def _parse_path(index: int, arg: dict[str, Any]) -> str:
         raise ControlError(f"args_bunch[{index}].path must be a string, got {_json_type(path)}")
     if not path.startswith("/"):
         raise ControlError(f"args_bunch[{index}].path {quote(path)} must start with /")
-    if len(path) > MAX_PATH_LENGTH:
-        raise ControlError(f"args_bunch[{index}].path is longer than {MAX_PATH_LENGTH} characters")
+    if len(path) > max_path:
+        raise ControlError(f"args_bunch[{index}].path is longer than {max_path} characters")
     if _CONTROL_CHARS.search(path):
         raise ControlError(f"args_bunch[{index}].path contains control characters")
     try:

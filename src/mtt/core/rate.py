@@ -7,13 +7,15 @@ halves are free of I/O: the caller moves the requests and owns the clock.
 
 Bytes are charged after they are read, so a process may overdraw by one read
 per tunnel; the schedule charges the overdraft to the next grant, which keeps
-the long-run rate exact.
+the long-run rate exact. How much a grant adds and how much a quiet user may
+spend at once are the caller's GrantRules (from the server's Limits).
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -24,25 +26,31 @@ class Direction(enum.IntEnum):
     DOWN = 1  # dst to client
 
 
-BURST = 0.05  # seconds of rate a quiet user may spend at once
-MIN_GRANT = 4096
+@dataclass(frozen=True, slots=True)
+class GrantRules:
+    """How a schedule hands out its rate."""
+
+    burst: float  # seconds of rate a quiet user may spend at once
+    grants_per_second: int  # a grant adds at least 1/this of a second of the rate ...
+    min_grant: int  # ... and at least this many bytes, beyond what was asked
 
 
 class TokenSchedule:
     """The service's budget for one user and direction, as a virtual clock:
     every grant of n bytes occupies n / rate seconds of it."""
 
-    __slots__ = ("next_free", "rate")
+    __slots__ = ("next_free", "rate", "rules")
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, rules: GrantRules) -> None:
         self.rate = rate
+        self.rules = rules
         self.next_free = 0.0
 
     def reserve(self, want: int, now: float) -> tuple[int, float]:
         """(bytes granted, seconds to wait before handing them out)."""
-        rate = self.rate
-        grant = max(want, 0) + max(rate // 20, MIN_GRANT)
-        start = max(self.next_free, now - BURST)
+        rate, rules = self.rate, self.rules
+        grant = max(want, 0) + max(rate // rules.grants_per_second, rules.min_grant)
+        start = max(self.next_free, now - rules.burst)
         self.next_free = start + grant / rate
         return grant, max(0.0, start - now)
 

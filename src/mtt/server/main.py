@@ -44,6 +44,8 @@ log = logging.getLogger("mtt.server")
 
 DEFAULT_BIND = "127.0.0.1:8443"
 DEFAULT_CONTROLLER = "127.0.0.1:8080"
+# The flags' defaults for what ServerConfig and Limits also default: theirs, kept once.
+_DEFAULTS = ServerConfig()
 
 
 def build_flags() -> FlagSet:
@@ -53,7 +55,7 @@ def build_flags() -> FlagSet:
     fs.add("bind-unix", "bool", False, "Bind on a Unix domain socket")
     fs.add("c", "string", DEFAULT_CONTROLLER, "[Host:Port] Controller address")
     fs.add("mux", "bool", False, "Enable multiplex when the client names no sub-protocol")
-    fs.add("timeout", "duration", 60.0, "The idle timeout for connections")
+    fs.add("timeout", "duration", _DEFAULTS.limits.idle_timeout, "The idle timeout for connections")
     fs.add("cert", "string", "", "[Path] X509KeyPair cert file")
     fs.add("key", "string", "", "[Path] X509KeyPair key file")
     fs.add("force-tls", "bool", False, "Serve TLS with a self-signed certificate if no -cert/-key")
@@ -72,8 +74,18 @@ def build_flags() -> FlagSet:
         "Allowed user destinations: CIDR[:port[-port]] (repeatable); default: any",
         repeatable=True,
     )
-    fs.add("dial-timeout", "duration", 10.0, "Timeout for connecting to a user's dst")
-    fs.add("grace", "duration", 10.0, "On SIGTERM/SIGINT, time given to open tunnels to finish")
+    fs.add(
+        "dial-timeout",
+        "duration",
+        _DEFAULTS.limits.connect_timeout,
+        "Timeout for connecting to a user's dst",
+    )
+    fs.add(
+        "grace",
+        "duration",
+        _DEFAULTS.grace,
+        "On SIGTERM/SIGINT, time given to open tunnels to finish",
+    )
     fs.add("log-format", "string", "text", "Log format: text or json")
     fs.add(
         "fallback",
@@ -109,7 +121,7 @@ def build_flags() -> FlagSet:
     fs.add(
         "flush-interval",
         "duration",
-        10.0,
+        _DEFAULTS.flush_interval,
         "How often traffic counters are written to the store (and on shutdown)",
     )
     fs.add(
@@ -200,9 +212,11 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
 async def serve(config: ServerConfig, nofile: str = "") -> None:
     """Run the tunnel listener(s) and the controller until SIGINT or SIGTERM."""
     log_loop_errors(asyncio.get_running_loop())
-    trimming = spawn(trim_after_bursts(), name="heap trim")
+    trimming = spawn(trim_after_bursts(config.limits), name="heap trim")
     tls, mode = resolve_tls(config)
-    service = UserService(await open_store(config), kick_on_delete=config.kick_on_delete)
+    service = UserService(
+        await open_store(config), kick_on_delete=config.kick_on_delete, limits=config.limits
+    )
     try:
         await service.start()
     except StoreError as exc:  # no table to serve: say so in one line (systemd retries)
@@ -347,7 +361,8 @@ async def _watch_files(
 def _start(values: dict[str, Any]) -> int:
     config = config_from_flags(values)
     setup_logging(config.verbose, json_format=config.log_json)
-    before, now, error = raise_nofile()  # first, so the workers inherit it
+    # first, so the workers inherit it
+    before, now, error = raise_nofile(config.limits.nofile_unlimited_cap)
     if error:
         log.warning("%s", describe(before, now, error))
     with contextlib.suppress(KeyboardInterrupt):

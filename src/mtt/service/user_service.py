@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from mtt.config import Limits
 from mtt.core.admission import AdmissionBook, expired, over_quota
 from mtt.core.commands import CHANGES, Command, Entry, Opt, apply_command
-from mtt.core.rate import Direction, TokenSchedule
+from mtt.core.rate import Direction, GrantRules, TokenSchedule
 from mtt.core.stats import StatsTotals
 from mtt.core.usage import Usage
 from mtt.core.users import User, UserTable
@@ -51,8 +51,14 @@ class Live:
 
 
 class UserService:
-    def __init__(self, store: Store, *, kick_on_delete: bool = False) -> None:
+    def __init__(
+        self, store: Store, *, kick_on_delete: bool = False, limits: Limits = _LIMITS
+    ) -> None:
         self.store = store
+        self._limits = limits
+        self._grants = GrantRules(
+            limits.rate_burst, limits.rate_grants_per_second, limits.rate_min_grant
+        )
         self.kick_on_delete = kick_on_delete
         self.table = UserTable()
         self.revision = 0
@@ -193,7 +199,7 @@ class UserService:
 
     async def _collect_loop(self) -> None:
         while True:
-            await asyncio.sleep(_LIMITS.collect_interval)
+            await asyncio.sleep(self._limits.collect_interval)
             try:
                 await self.collect()
             except (StoreError, ConnectionError, OSError) as exc:
@@ -291,11 +297,11 @@ class UserService:
     async def tokens(self, path: str, direction: Direction, want: int) -> int:
         user = self.table.lookup(path)
         if user is None or not user.limits.rate:
-            return max(want, 1 << 30)  # no limit (any more)
+            return max(want, self._limits.rate_unlimited_grant)  # no limit (any more)
         key = (path, direction)
         schedule = self._schedules.get(key)
         if schedule is None:
-            schedule = self._schedules[key] = TokenSchedule(user.limits.rate)
+            schedule = self._schedules[key] = TokenSchedule(user.limits.rate, self._grants)
         grant, delay = schedule.reserve(want, asyncio.get_running_loop().time())
         if delay > 0:
             await asyncio.sleep(delay)

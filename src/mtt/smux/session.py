@@ -69,6 +69,13 @@ class SmuxConfig:
     max_frame_size: int = 16 * 1024
     keepalive_interval: float = 30.0
     keepalive_timeout: float = 70.0
+    # Ours, not smux's (the I/O layer's SessionTimer): a session's streams are checked for
+    # idleness idle_sweeps times per tunnel idle timeout, so an idle stream closes within
+    # 1 + 1/idle_sweeps of it; but at least every idle_sweep_max seconds and at most every
+    # idle_sweep_min (a tiny idle timeout must not spin the loop).
+    idle_sweeps: int = 4
+    idle_sweep_min: float = 0.05
+    idle_sweep_max: float = 15.0
 
     def __post_init__(self) -> None:
         # Same sanity rules as Go's VerifyConfig, so we never send what Go rejects.
@@ -82,6 +89,8 @@ class SmuxConfig:
             raise ValueError("receive_budget must be positive, max_streams not negative")
         if self.keepalive_interval <= 0 or self.keepalive_timeout < self.keepalive_interval:
             raise ValueError("need 0 < keepalive_interval <= keepalive_timeout")
+        if self.idle_sweeps < 1 or not 0 < self.idle_sweep_min <= self.idle_sweep_max:
+            raise ValueError("need idle_sweeps >= 1 and 0 < idle_sweep_min <= idle_sweep_max")
 
 
 @dataclass(frozen=True, slots=True)

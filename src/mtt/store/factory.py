@@ -32,4 +32,6 @@ async def open_store(config: ServerConfig) -> Store:
         return MemoryStore()
     from mtt.store.sqlite import SqliteStore  # noqa: PLC0415
 
-    return await SqliteStore.open(config.db, config.flush_interval)
+    return await SqliteStore.open(
+        config.db, config.flush_interval, config.limits.sqlite_busy_timeout
+    )

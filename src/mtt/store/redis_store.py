@@ -64,8 +64,6 @@ CHANNEL = PREFIX + "changes"
 UP, DOWN, QUOTA, TUNNELS, SEEN = (PREFIX + n for n in ("up", "down", "quota", "tunnels", "seen"))
 COUNTERS = (UP, DOWN, QUOTA, TUNNELS, SEEN)
 
-FLUSH_CHUNK = 2000  # users per script call when counters are flushed
-READ_CHUNK = 1000  # Lua's unpack() stops near 8000 values
 _LIMITS = Limits()
 
 # Both keys exist after this, and a new epoch begins if either was missing:
@@ -145,7 +143,7 @@ return 0
 
 # KEYS: users, up, down, quota, tunnels, seen. ARGV[1]: '1' to reset,
 # ARGV[2]: JSON list of paths (those that are not users are skipped), or '*'
-# for every user. Returns
+# for every user, ARGV[3]: paths per HMGET and HDEL. Returns
 # {paths, up, down, quota, tunnels, seen}, aligned, nil where absent; with
 # reset, up, down and tunnels of those paths are zeroed in the same step.
 _READ_USAGE = """
@@ -160,8 +158,9 @@ else
 end
 local out = {paths, {}, {}, {}, {}, {}}
 local n = #paths
-for first = 1, n, 1000 do
-  local last = math.min(first + 999, n)
+local chunk = tonumber(ARGV[3])
+for first = 1, n, chunk do
+  local last = math.min(first + chunk - 1, n)
   for i = 2, 6 do
     local values = redis.call('HMGET', KEYS[i], unpack(paths, first, last))
     for j = 1, last - first + 1 do out[i][first + j - 1] = values[j] end
@@ -268,7 +267,8 @@ class RedisStore:
         async with self._usage_lock:
             try:
                 result = await self._read_usage(
-                    keys=[USERS, *COUNTERS], args=["1" if reset else "0", selected]
+                    keys=[USERS, *COUNTERS],
+                    args=["1" if reset else "0", selected, str(_LIMITS.redis_read_chunk)],
                 )
             except (RedisError, OSError) as exc:
                 raise StoreError(f"Redis: {exc}") from None
@@ -307,8 +307,9 @@ class RedisStore:
             ]
             try:
                 async with self._redis.pipeline(transaction=True) as pipe:
-                    for start in range(0, len(rows), FLUSH_CHUNK):
-                        chunk = _json(rows[start : start + FLUSH_CHUNK])
+                    size = _LIMITS.redis_flush_chunk
+                    for start in range(0, len(rows), size):
+                        chunk = _json(rows[start : start + size])
                         await self._add_usage(keys=[USERS, *COUNTERS], args=[chunk], client=pipe)
                     await pipe.execute()
             except (RedisError, OSError) as exc:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from mtt.address import Destination
+from mtt.config import Limits
 from mtt.core.commands import Command, Opt
 from mtt.core.usage import Usage
 from mtt.core.users import NO_LIMITS, User, UserLimits
@@ -48,6 +49,7 @@ from mtt.store.base import RemoteChange, Served, StoreSnapshot
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")
+_LIMITS = Limits()
 
 LOCK_SUFFIX = ".lock"  # users.db.lock: flock-ed by the one server using users.db
 NOT_OURS = "not an mtt user database"
@@ -98,7 +100,9 @@ T = TypeVar("T")
 class SqliteStore:
     """Users and counters in one SQLite file, written from one thread."""
 
-    def __init__(self, path: str, flush_interval: float, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str, flush_interval: float, busy_timeout: float = _LIMITS.sqlite_busy_timeout
+    ) -> None:
         self.path = path
         self.flush_interval = flush_interval
         self.busy_timeout = busy_timeout  # waiting for another process's lock (sqlite3 CLI)
@@ -113,7 +117,9 @@ class SqliteStore:
         self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: str, flush_interval: float, busy_timeout: float = 5.0) -> SqliteStore:
+    async def open(
+        cls, path: str, flush_interval: float, busy_timeout: float = _LIMITS.sqlite_busy_timeout
+    ) -> SqliteStore:
         """Open (creating if needed) the database; ConfigError if it is unusable."""
         store = cls(path, flush_interval, busy_timeout)
         try:

@@ -11,8 +11,9 @@ from Python's defaults in ways a client can see:
 - an ALPN callback choosing from http/1.1, http/1.0, http/0.9 and refusing
   the handshake (alert no_application_protocol) when none is offered, where
   Python's just leaves ALPN out;
-- a session timeout of 300 s (ssl_session_timeout 5m), which is also the
-  lifetime hint of session tickets; OpenSSL's default is 7200 s;
+- a session timeout of 300 s (ssl_session_timeout 5m, the caller's
+  Limits.tls_session_timeout), which is also the lifetime hint of session
+  tickets; OpenSSL's default is 7200 s;
 - the session cache mode of `ssl_session_cache none` (sessions announced,
   none stored) and SSL_MODE_NO_AUTO_CHAIN;
 - OpenSSL's default security level (Python's cipher string pins level 2).
@@ -35,7 +36,6 @@ from typing import Any
 
 log = logging.getLogger("mtt.server")
 
-NGINX_SESSION_TIMEOUT = 300  # ssl_session_timeout's default, 5m
 NGINX_ALPN = b"\x08http/1.1\x08http/1.0\x08http/0.9"  # NGX_HTTP_ALPN_PROTOS, without h2
 
 # openssl/ssl.h
@@ -156,17 +156,18 @@ def default_security_level() -> int:
     return _fresh_defaults()[1]
 
 
-def apply(ctx: ssl.SSLContext) -> str | None:
-    """Set nginx's session timeout, session cache mode, SNI and ALPN
-    callbacks and security level on ctx; None if all of them are set, or why
-    they are not (then ctx keeps Python's behaviour for them)."""
+def apply(ctx: ssl.SSLContext, session_timeout: int) -> str | None:
+    """Set nginx's session timeout (session_timeout seconds), session cache
+    mode, SNI and ALPN callbacks and security level on ctx; None if all of
+    them are set, or why they are not (then ctx keeps Python's behaviour for
+    them)."""
     try:
         lib = _libssl()
         pointer = ssl_ctx_pointer(ctx)
         level = default_security_level()
     except (OSError, AttributeError, ImportError) as exc:
         return f"libssl not reachable: {exc}"
-    lib.SSL_CTX_set_timeout(pointer, NGINX_SESSION_TIMEOUT)
+    lib.SSL_CTX_set_timeout(pointer, session_timeout)
     cache_mode = (
         _SSL_SESS_CACHE_SERVER | _SSL_SESS_CACHE_NO_AUTO_CLEAR | _SSL_SESS_CACHE_NO_INTERNAL_STORE
     )
@@ -177,7 +178,7 @@ def apply(ctx: ssl.SSLContext) -> str | None:
     servername = ctypes.cast(_SERVERNAME_CALLBACK, ctypes.c_void_p)
     lib.SSL_CTX_callback_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_SERVERNAME_CB, servername)
     lib.SSL_CTX_set_alpn_select_cb(pointer, ctypes.cast(_ALPN_CALLBACK, ctypes.c_void_p), None)
-    if lib.SSL_CTX_get_timeout(pointer) != NGINX_SESSION_TIMEOUT:
+    if lib.SSL_CTX_get_timeout(pointer) != session_timeout:
         return "SSL_CTX_set_timeout did not take"
     return None
 

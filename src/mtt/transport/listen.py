@@ -54,7 +54,7 @@ def tcp_listen_socket(
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         if fast_open and hasattr(socket, "TCP_FASTOPEN"):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 256)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_FASTOPEN, _LIMITS.fast_open_queue)
         sock.bind(sockaddr)
         if listen:
             sock.listen(backlog)

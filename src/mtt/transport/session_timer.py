@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from mtt.smux import SmuxConfig
+
 
 class SessionTimer:
     """Call `fire(now, sweep)` at the earlier of the smux deadline and the next sweep."""
@@ -21,12 +23,14 @@ class SessionTimer:
         self,
         loop: asyncio.AbstractEventLoop,
         idle_timeout: float,
+        config: SmuxConfig,
         fire: Callable[[float, bool], None],
     ) -> None:
         self._loop = loop
         self._fire = fire
-        # A quarter of the idle timeout: an idle stream closes within 1.25x of it.
-        self._sweep_every = max(0.05, min(idle_timeout / 4, 15.0))
+        # A fraction of the idle timeout: an idle stream closes soon after it (SmuxConfig).
+        every = idle_timeout / config.idle_sweeps
+        self._sweep_every = max(config.idle_sweep_min, min(every, config.idle_sweep_max))
         self._next_sweep = loop.time() + self._sweep_every
         self._handle: asyncio.TimerHandle | None = None
         self._at = 0.0

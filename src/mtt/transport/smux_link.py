@@ -87,7 +87,7 @@ class SmuxLink(Generic[S]):
         self._ws: WSTransport | None = None
         self._write: Callable[[bytes], None] = _nowhere
         self._reading_paused = False
-        self._timer = SessionTimer(self.loop, idle_timeout, self._on_timer)
+        self._timer = SessionTimer(self.loop, idle_timeout, config, self._on_timer)
         super().__init__()  # the role's listener
 
     @property

@@ -30,10 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mtt.config import Limits
 from mtt.errors import ConfigError
 from mtt.transport import libssl
 
 log = logging.getLogger("mtt.server")
+_LIMITS = Limits()
 
 NGINX_CIPHERS = "HIGH:!aNULL:!MD5"  # ssl_ciphers' default
 # What ngx_ssl_create and ssl_prefer_server_ciphers on add to OpenSSL's
@@ -104,7 +106,7 @@ def _base_server_context() -> ssl.SSLContext:
     except (OSError, AttributeError, ImportError):
         defaults = _OPENSSL_DEFAULT_OPTIONS
     ctx.options = ssl.Options(defaults | NGINX_OPTIONS)
-    problem = libssl.apply(ctx)
+    problem = libssl.apply(ctx, _LIMITS.tls_session_timeout)
     if problem is not None:
         ctx.set_alpn_protocols(["http/1.1", "http/1.0", "http/0.9"])
         _warn_once(problem)
@@ -125,7 +127,7 @@ def read_pem_files(cert_file: str, key_file: str) -> tuple[bytes, bytes]:
     for path in (cert_file, key_file):
         try:
             with open(path, "rb") as fh:
-                out.append(fh.read(16 * 1024 * 1024))
+                out.append(fh.read(_LIMITS.max_pem_file))
         except FileNotFoundError:
             raise ConfigError(f"cannot read {path}: no such file") from None
         except PermissionError:

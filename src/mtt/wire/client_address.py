@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from mtt.errors import ConfigError
 
 UNIX = "unix:"  # as in nginx's set_real_ip_from: trust peers on a Unix socket
-MAX_FORWARDED_HOPS = 32  # a longer list is cut: entries further left are not believed anyway
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -53,8 +52,11 @@ class TrustedProxies:
             address = address.ipv4_mapped  # a dual-stack listener reports IPv4 peers this way
         return any(address in network for network in self.networks)
 
-    def real_client(self, peer_ip: str, headers: Iterable[tuple[bytes, bytes]]) -> str:
-        """The client's IP for a request from peer_ip with these (lower-case) headers."""
+    def real_client(
+        self, peer_ip: str, headers: Iterable[tuple[bytes, bytes]], *, max_hops: int
+    ) -> str:
+        """The client's IP for a request from peer_ip with these (lower-case) headers;
+        only the last max_hops X-Forwarded-For entries are looked at."""
         if not self.contains(peer_ip):
             return peer_ip
         forwarded: list[bytes] = []
@@ -66,7 +68,7 @@ class TrustedProxies:
                 real_ip.append(value)
         if forwarded:
             client = peer_ip
-            for entry in reversed(forwarded[-MAX_FORWARDED_HOPS:]):
+            for entry in reversed(forwarded[-max_hops:]):
                 if not self.contains(client):
                     break
                 ip = forwarded_ip(entry)

@@ -10,8 +10,8 @@ layer hands whatever follows it to TLS or HTTP.
 Theory of operation: the first byte decides the version ("P" for v1, CR for
 the v2 signature); any other start is refused at once, so a client speaking
 TLS or HTTP directly is closed without waiting for a deadline. Every size is
-capped: a v1 line at 107 bytes (§2.1), a v2 header at MAX_V2_HEADER bytes
-with its TLVs skipped unread (§2.2).
+capped: a v1 line at 107 bytes (§2.1), a v2 header at the caller's
+max_v2_header bytes with its TLVs skipped unread (§2.2).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ V1_PREFIX = b"PROXY "
 V1_MAX_LINE = 107  # §2.1: the worst case "PROXY UNKNOWN" + two IPv6 + ports + CRLF
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16  # signature, version/command, family/transport, length (§2.2)
-MAX_V2_HEADER = 4096  # addresses plus TLVs; senders in practice stay far below
 
 _V2_LOCAL = 0x0
 _V2_PROXY = 0x1
@@ -54,14 +53,15 @@ class ProxyHeader:
     length: int  # bytes the header took; what follows belongs to TLS/HTTP
 
 
-def parse_header(data: bytes) -> ProxyHeader | NeedData:
-    """Parse the header at the start of data (which may hold more after it)."""
+def parse_header(data: bytes, *, max_v2_header: int) -> ProxyHeader | NeedData:
+    """Parse the header at the start of data (which may hold more after it);
+    a v2 header longer than max_v2_header bytes is refused."""
     if not data:
         return NEED_DATA
     if data[0] == V1_PREFIX[0]:
         return _parse_v1(data)
     if data[0] == V2_SIGNATURE[0]:
-        return _parse_v2(data)
+        return _parse_v2(data, max_v2_header)
     raise ProtocolError("not a PROXY protocol header")
 
 
@@ -112,7 +112,7 @@ def _v1_port(field: bytes) -> int:
     return port
 
 
-def _parse_v2(data: bytes) -> ProxyHeader | NeedData:
+def _parse_v2(data: bytes, max_header: int) -> ProxyHeader | NeedData:
     if not data.startswith(V2_SIGNATURE[: len(data)]):
         raise ProtocolError("not a PROXY protocol header")
     if len(data) < V2_FIXED:
@@ -126,8 +126,8 @@ def _parse_v2(data: bytes) -> ProxyHeader | NeedData:
         raise ProtocolError(f"v2 command {command} is not LOCAL or PROXY")
     if family > _AF_UNIX or transport > _TP_DGRAM:
         raise ProtocolError(f"v2 address family/transport 0x{data[13]:02x} unknown")
-    if V2_FIXED + size > MAX_V2_HEADER:
-        raise ProtocolError(f"v2 header of {V2_FIXED + size} bytes, more than {MAX_V2_HEADER}")
+    if V2_FIXED + size > max_header:
+        raise ProtocolError(f"v2 header of {V2_FIXED + size} bytes, more than {max_header}")
     length = V2_FIXED + size
     if len(data) < length:
         return NEED_DATA
@@ -158,13 +158,14 @@ def _show(field: bytes) -> str:
 class ProxyHeaderReader:
     """Accumulates a connection's first bytes until its header is complete."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_v2_header: int) -> None:
+        self.max_v2_header = max_v2_header
         self._buffer = b""
         self.remainder = b""  # bytes after the header, once it is complete
 
     def feed(self, data: bytes) -> ProxyHeader | NeedData:
         self._buffer += data
-        result = parse_header(self._buffer)
+        result = parse_header(self._buffer, max_v2_header=self.max_v2_header)
         if isinstance(result, ProxyHeader):
             self.remainder = self._buffer[result.length :]
             self._buffer = b""

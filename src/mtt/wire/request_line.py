@@ -12,15 +12,14 @@ Modelled on nginx 1.22: methods of A-Z, '_' and '-'; the target starts with
 '/' or a scheme followed by "://"; no control byte in it; "HTTP/" then a
 major version 1 (2 and up are 505) and a minor of at most two digits.
 RequestLineReader resumes where the last bytes left it, so a line dribbled
-a byte at a time costs each byte once.
+a byte at a time costs each byte once; a line longer than its max_line
+(the caller's request-head cap) is invalid.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
-MAX_LINE = 16 * 1024
 
 
 class Verdict(enum.Enum):
@@ -65,7 +64,8 @@ _SP, _CR, _LF, _SLASH = 0x20, 0x0D, 0x0A, 0x2F
 class RequestLineReader:
     """Feed it the bytes as they come; it answers as nginx's parser would."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_line: int) -> None:
+        self._max_line = max_line
         self._state = _State.START
         self._seen = 0
         self._start = 0
@@ -83,7 +83,7 @@ class RequestLineReader:
             if verdict is not None:
                 self._verdict = LineVerdict(verdict, bytes(self._method), self._start)
                 return self._verdict
-            if self._seen >= MAX_LINE:
+            if self._seen >= self._max_line:
                 self._verdict = LineVerdict(Verdict.INVALID)
                 return self._verdict
         return self._verdict
@@ -191,6 +191,6 @@ class RequestLineReader:
         return Verdict.INVALID
 
 
-def request_line_verdict(data: bytes | bytearray) -> LineVerdict:
+def request_line_verdict(data: bytes | bytearray, *, max_line: int) -> LineVerdict:
     """What nginx makes of data as the start of a request."""
-    return RequestLineReader().feed(data)
+    return RequestLineReader(max_line=max_line).feed(data)

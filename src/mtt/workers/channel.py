@@ -15,7 +15,7 @@ from mtt.config import Limits
 from mtt.errors import ProtocolError
 
 _LENGTH = struct.Struct("!I")
-MAX_MESSAGE = Limits().max_worker_message  # the same on both ends of the channel
+_LIMITS = Limits()  # the defaults, not a worker's configuration: the same on both ends
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -24,7 +24,7 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def encode_body(body: bytes) -> bytes:
     """Frame an already encoded JSON object."""
-    if len(body) > MAX_MESSAGE:
+    if len(body) > _LIMITS.max_worker_message:
         raise ValueError("control message too large")
     return _LENGTH.pack(len(body)) + body
 
@@ -38,7 +38,7 @@ async def read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
             raise ProtocolError("control channel closed mid-message") from None
         return None
     (size,) = _LENGTH.unpack(header)
-    if size > MAX_MESSAGE:
+    if size > _LIMITS.max_worker_message:
         raise ProtocolError(f"control message of {size} bytes")
     try:
         body = await reader.readexactly(size)

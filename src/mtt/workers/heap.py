@@ -7,13 +7,14 @@ shrink the heap: three waves of 3,000 stalled handshakes left a worker at 8
 times its size, with 97% of its heap free. malloc_trim(0) returns the free
 pages (madvise) without moving anything.
 
-The trigger, checked every second: much of the heap is free (glibc's own
-count, mallinfo2, glibc 2.33+) and the process has grown since the last trim,
-or more of the heap was freed since (a burst still closing at the last trim
-left its rest resident): there is something to give back. A trim walks the
-heap (about 20 ms for 1.6 GB of it), so trims are spaced by at least MIN_GAP
-seconds and by 20 times the last one's duration. Elsewhere (musl, macOS, an
-older glibc) this is a no-op.
+The trigger, checked every heap_check_interval (the settings are Limits'
+heap_* fields): much of the heap is free (glibc's own count, mallinfo2,
+glibc 2.33+) and the process has grown since the last trim, or more of the
+heap was freed since (a burst still closing at the last trim left its rest
+resident): there is something to give back. A trim walks the heap (about
+20 ms for 1.6 GB of it), so trims are spaced by at least heap_trim_min_gap
+and by heap_trim_cost_factor times the last one's duration. Elsewhere (musl,
+macOS, an older glibc) this is a no-op.
 """
 
 from __future__ import annotations
@@ -26,15 +27,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mtt.config import Limits
+
 log = logging.getLogger("mtt.server")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-CHECK_INTERVAL = 1.0
-MIN_GAP = 1.0  # seconds between two trims, at least
-FREE_FRACTION = 0.25  # of the heap free: a burst has ended
-GROWTH = 8 << 20  # bytes: heap free, and RSS grown since the last trim, by at least this
-FREED = 2 << 20  # bytes: or the heap's use fallen since the last trim by at least this
-COST_FACTOR = 20  # trims take at most 5% of the time
 
 
 class _MallInfo2(ctypes.Structure):
@@ -94,15 +90,21 @@ def rss_bytes() -> int:
 
 
 class BurstTrimmer:
-    """Decides, from one sample a second, when to trim."""
+    """Decides, from one sample every heap_check_interval, when to trim."""
 
     def __init__(
         self,
         heap: Heap,
+        limits: Limits,
         rss: Callable[[], int] = rss_bytes,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._heap = heap
+        self._free_fraction = limits.heap_trim_free_fraction
+        self._growth = limits.heap_trim_growth
+        self._freed = limits.heap_trim_freed
+        self._min_gap = limits.heap_trim_min_gap
+        self._cost_factor = limits.heap_trim_cost_factor
         self._rss = rss
         self._clock = clock
         self._rss_after = rss()  # RSS when last trimmed (or at start)
@@ -112,21 +114,21 @@ class BurstTrimmer:
     def check(self) -> bool:
         """Trim if a burst has left much of the heap free; True when it did."""
         in_use, free = self._heap.usage()
-        if free < GROWTH or free < FREE_FRACTION * (in_use + free):
+        if free < self._growth or free < self._free_fraction * (in_use + free):
             return False
         if self._clock() < self._next:
             return False
         # Freed since the last trim (a burst still closing then), or grown since;
         # steady traffic reusing free chunks does neither.
-        freed = in_use + FREED <= self._in_use_after
-        if not freed and self._rss() < self._rss_after + GROWTH:
+        freed = in_use + self._freed <= self._in_use_after
+        if not freed and self._rss() < self._rss_after + self._growth:
             return False
         started = time.perf_counter()
         self._heap.trim()
         took = time.perf_counter() - started
         self._rss_after = self._rss()
         self._in_use_after = in_use
-        self._next = self._clock() + max(MIN_GAP, COST_FACTOR * took)
+        self._next = self._clock() + max(self._min_gap, self._cost_factor * took)
         log.debug(
             "heap trimmed in %.1f ms: %d MiB free of %d MiB",
             took * 1000,
@@ -136,12 +138,12 @@ class BurstTrimmer:
         return True
 
 
-async def trim_after_bursts() -> None:
+async def trim_after_bursts(limits: Limits) -> None:
     """Run for the life of the process (a no-op where glibc's calls are missing)."""
     heap = Heap.load()
     if heap is None:
         return
-    trimmer = BurstTrimmer(heap)
+    trimmer = BurstTrimmer(heap, limits)
     while True:
-        await asyncio.sleep(CHECK_INTERVAL)
+        await asyncio.sleep(limits.heap_check_interval)
         trimmer.check()

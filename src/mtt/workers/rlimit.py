@@ -12,18 +12,16 @@ from __future__ import annotations
 import resource
 from collections.abc import Callable
 
-# Where the hard limit is "unlimited" (macOS), the soft one cannot follow it;
-# Linux's own ceiling (fs.nr_open) defaults to this.
-UNLIMITED_CAP = 1 << 20
-
 
 def raise_nofile(
+    unlimited_cap: int,
     getrlimit: Callable[[int], tuple[int, int]] = resource.getrlimit,
     setrlimit: Callable[[int, tuple[int, int]], None] = resource.setrlimit,
 ) -> tuple[int, int, str | None]:
-    """Raise the soft limit to the hard one: (soft before, soft now, why not or None)."""
+    """Raise the soft limit to the hard one, or to unlimited_cap where the hard one
+    is unlimited: (soft before, soft now, why not or None)."""
     soft, hard = getrlimit(resource.RLIMIT_NOFILE)
-    wanted = UNLIMITED_CAP if hard == resource.RLIM_INFINITY else hard
+    wanted = unlimited_cap if hard == resource.RLIM_INFINITY else hard
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return soft, soft, None
     try:

@@ -117,10 +117,11 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     config = init.config
     setup_logging(config.verbose, tag=f"w{index}", json_format=config.log_json)
     log_loop_errors(asyncio.get_running_loop())
-    before, now, error = raise_nofile()  # inherited from the supervisor: normally a no-op
+    # inherited from the supervisor: normally a no-op
+    before, now, error = raise_nofile(config.limits.nofile_unlimited_cap)
     if error is not None or now != before:
         (log.warning if error else log.info)("%s", describe(before, now, error))
-    trimming = spawn(trim_after_bursts(), name="heap trim")
+    trimming = spawn(trim_after_bursts(config.limits), name="heap trim")
     link = SupervisorLink()
     agent = Agent(link)
     agent.apply(init.users, kick=False)
