@@ -4,6 +4,7 @@ over TCP and over a Unix socket (`proxy_pass http://unix:`)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -76,9 +77,9 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], limit_s: float = 15
 
 
 @contextlib.contextmanager
-def running(argv: list[str], *ports: int) -> Iterator[None]:
-    """A proxy (nginx, haproxy) from start until it listens on ports, to its end."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+def running(argv: list[str], *ports: int, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A proxy (nginx, haproxy, caddy) from start until it listens on ports, to its end."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     try:
         for port in ports:
             wait_listening(port, proc)

@@ -1,6 +1,6 @@
-"""Real client addresses behind a real nginx and a real haproxy (Debian's):
+"""Real client addresses behind a real nginx, haproxy and Caddy (Debian's):
 PROXY protocol v1 from nginx's stream module, v1 and v2 from haproxy in TCP
-mode, X-Forwarded-For from both in HTTP mode. The test client binds its
+mode, X-Forwarded-For from all three in HTTP mode. The test client binds its
 source to 127.0.0.x, so the address the server logs tells which one it took.
 """
 
@@ -79,6 +79,19 @@ backend be
 """
 
 
+CADDYFILE = """
+{{
+    admin off
+    auto_https off
+    storage file_system {tmp}/caddy-data
+}}
+http://:{port} {{
+    bind 127.0.0.1
+    reverse_proxy {upstream}
+}}
+"""
+
+
 @pytest.fixture
 def client_ctx(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(tls_files[0]))
@@ -114,6 +127,18 @@ def haproxy(tmp: Path, server: ServerProcess, mode: str, send_proxy: str = "") -
         )
     )
     with running([binary, "-db", "-f", str(conf)], port):
+        yield port
+
+
+@contextlib.contextmanager
+def caddy(tmp: Path, server: ServerProcess) -> Iterator[int]:
+    """Caddy's reverse_proxy, which passes WebSocket upgrades and adds X-Forwarded-For."""
+    binary = shutil.which("caddy") or "/usr/bin/caddy"
+    port = free_port()
+    conf = tmp / "Caddyfile"
+    conf.write_text(CADDYFILE.format(tmp=tmp, port=port, upstream=server.tunnel))
+    argv = [binary, "run", "--config", str(conf), "--adapter", "caddyfile"]
+    with running(argv, port, env={"XDG_CONFIG_HOME": str(tmp), "XDG_DATA_HOME": str(tmp)}):
         yield port
 
 
@@ -203,3 +228,15 @@ async def test_spoofed_forwarded_for_is_not_taken(tmp_path: Path) -> None:
         await tunnel_through(server, connected(server, "127.0.0.8"), None, "/direct", spoof)
         assert "127.0.0.8:" in wait_for_log(server, "/direct: upgrade")
         assert "6.6.6" not in server.log_text()
+
+
+async def test_caddy_reverse_proxy_forwarded_for(tmp_path: Path) -> None:
+    with (
+        running_server("-trusted-proxy", "127.0.0.1/32", "-verbose") as server,
+        caddy(tmp_path, server) as port,
+    ):
+        via = Via(server, port)
+        spoof = {"X-Forwarded-For": "6.6.6.6"}
+        await tunnel_through(via, connected(via, "127.0.0.7"), None, "/cx", spoof)
+        assert "127.0.0.7 /cx: upgrade" in wait_for_log(server, "/cx: upgrade")
+        assert "6.6.6.6" not in server.log_text()
