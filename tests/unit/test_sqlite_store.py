@@ -268,7 +268,7 @@ async def test_a_cancelled_caller_does_not_split_memory_from_the_file(db_path: s
     await store.close()
 
 
-# -- harvests (docs/controller.md, "Harvests") ----------------------------------------------
+# -- harvests (docs/protocol.md §6, harvests) ----------------------------------------------
 
 BOUNDS = HarvestBounds()
 

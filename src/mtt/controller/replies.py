@@ -3,7 +3,7 @@
 Every reply has the original's shape (mtt.core.commands.reply: res,
 err_string, current_users, and our revision); a list adds "users", a kick
 adds "kicked", a harvest its id, time and "harvested" users, an ack its
-state (docs/controller.md, "Harvests"). The HTTP status beside it is chosen
+state (docs/protocol.md §6, harvests). The HTTP status beside it is chosen
 by http.py.
 """
 

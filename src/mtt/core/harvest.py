@@ -1,4 +1,4 @@
-"""Harvests: counters taken exactly once (docs/controller.md, "Harvests").
+"""Harvests: counters taken exactly once (docs/protocol.md §6, harvests).
 
 A read-and-reset (opt 5 with reset) zeroes the counters in the request that
 reads them: when its reply is lost, those bytes are gone. A harvest (opt 7)

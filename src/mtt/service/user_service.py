@@ -282,7 +282,7 @@ class UserService:
 
     async def harvest(self, harvest_id: str, paths: tuple[str, ...] | None) -> HarvestOutcome:
         """Collect what the planes hold, then let the store take the harvest
-        (docs/controller.md, "Harvests"). Shielded: a panel that hangs up
+        (docs/protocol.md §6, harvests). Shielded: a panel that hangs up
         mid-request finds the harvest under its id when it asks again."""
         return await asyncio.shield(self._harvest(harvest_id, paths))
 

@@ -61,7 +61,7 @@ class Store(Protocol):
         now: float,
         bounds: HarvestBounds,
     ) -> HarvestOutcome:
-        """Take a harvest (docs/controller.md, "Harvests"): move bytes_up,
+        """Take a harvest (docs/protocol.md §6, harvests): move bytes_up,
         bytes_down and total_tunnels of the picked users (mtt.core.harvest.pick)
         into a pending harvest under harvest_id, in one step that is durable
         (or shared) before it returns; or answer the harvest already pending

@@ -423,7 +423,7 @@ class RedisStore:
             self._pending = batch
             raise StoreError(f"Redis: {exc}") from None
 
-    # -- harvests (docs/controller.md, "Harvests"; global, like the counters) ---------------
+    # -- harvests (docs/protocol.md §6, harvests; global, like the counters) ---------------
 
     async def harvest(
         self,

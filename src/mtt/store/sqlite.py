@@ -352,7 +352,7 @@ class SqliteStore:
                 db.execute("ROLLBACK")
             raise
 
-    # -- harvests (docs/controller.md, "Harvests") --------------------------------------------
+    # -- harvests (docs/protocol.md §6, harvests) --------------------------------------------
 
     async def harvest(
         self,
