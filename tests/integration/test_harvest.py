@@ -20,6 +20,12 @@ from typing import Any
 import pytest
 from redis import Redis as RedisClient
 
+from mtt.address import Destination
+from mtt.core.commands import Command, Entry, Opt
+from mtt.core.harvest import Acked, AckState, HarvestBounds, Refused, Share, Taken
+from mtt.core.usage import Usage
+from mtt.core.users import User
+from mtt.store.redis_store import RedisStore
 from tests.integration.accounting_support import (
     KiB,
     Probe,
@@ -387,3 +393,45 @@ async def test_one_harvest_takes_every_nodes_counters_once(redis_server: RedisSe
                 entry = listing(node, "/n")["/n"]
                 assert (entry["bytes_up"], entry["bytes_down"]) == (0, 0)
                 assert entry["quota_used"] == up + down + up_c + down_c
+
+
+async def test_redis_harvest_script_bounds_paths_and_exact_counters(
+    redis_server: RedisServer,
+) -> None:
+    """The store against a real redis-server: what the Lua script takes."""
+    store = RedisStore(redis_server.url, 3600.0)
+    await store.load()
+    try:
+        user = User(Destination("127.0.0.1", 9))
+        paths = ["/a", "/b", "/é", "/idle"]
+        await store.commit(Command(Opt.ADD, entries=tuple(Entry(p, user) for p in paths)))
+        huge = 2**62 + 1  # beyond a double: moved as a string, exact
+        await store.add_usage(
+            {"/a": Usage(huge, 1, 0, 1), "/b": Usage(5, 0, 5, 0), "/é": Usage(0, 0, 0, 2)}
+        )
+        await store.flush()
+        await store.add_usage({"/b": Usage(1, 2, 3, 1)})  # this node's, not yet flushed
+        two = HarvestBounds(max_users=2, acked_kept=2)
+        taken = await store.harvest("r1", None, 10.5, two)
+        assert isinstance(taken, Taken) and not taken.repeat
+        assert taken.harvest.users == (("/a", Share(huge, 1, 1)), ("/b", Share(6, 2, 1)))
+        assert (taken.harvest.more, taken.harvest.taken_at) == (True, 10.5)
+        assert await store.harvest("r1", ["/é"], 99.0, two) == Taken(taken.harvest, True)
+        assert await store.pending_harvest() == taken.harvest
+        assert await store.harvest("r2", None, 11.0, two) == Refused("r1", False)
+        live = await store.read_usage(["/a", "/é"], False)
+        assert (live["/a"].bytes_up, live["/a"].quota_used, live["/é"].total_tunnels) == (0, 0, 2)
+        assert await store.ack_harvest("r1", two) == Acked(AckState.ACKED, "")
+        rest = await store.harvest("r2", ["/é", "/idle", "/nobody"], 12.0, two)
+        assert isinstance(rest, Taken)
+        assert (rest.harvest.users, rest.harvest.more) == ((("/é", Share(0, 0, 2)),), False)
+        assert await store.ack_harvest("r2", two) == Acked(AckState.ACKED, "")
+        await store.harvest("r3", None, 13.0, two)
+        assert await store.ack_harvest("r3", two) == Acked(AckState.ACKED, "")
+        # Two acknowledged ids are kept: r1 is forgotten, r2 and r3 are not.
+        assert await store.ack_harvest("r2", two) == Acked(AckState.ALREADY_ACKED, "")
+        assert await store.ack_harvest("r1", two) == Acked(AckState.UNKNOWN, "")
+        assert await store.harvest("r3", None, 14.0, two) == Refused("", acked_before=True)
+        assert await store.pending_harvest() is None
+    finally:
+        await store.close()
