@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mtt.core.harvest import HarvestBounds
 from mtt.core.policy import DstPolicy
 from mtt.smux.session import SmuxConfig
 
@@ -175,6 +176,9 @@ class Limits:
     redis_health_check_interval: float = 15.0
     # smux sessions inside WebSockets.
     smux: SmuxConfig = field(default_factory=SmuxConfig)
+    # Harvests (opts 7, 8, 10): id length, paths per request, users and bytes per reply,
+    # acknowledged ids remembered.
+    harvest: HarvestBounds = field(default_factory=HarvestBounds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,12 +34,12 @@ def test_every_reply_carries_the_live_count(server: ServerProcess) -> None:
         200,
         {"res": 1, "err_string": "", "current_users": 5, "revision": revision + 1},
     )
-    status, reply = server.control({"opt": 7})
+    status, reply = server.control({"opt": 11})
     assert status == 400
     assert reply == {
         "res": 2,
-        "err_string": "unknown opt 7 (valid: 1 add, 2 delete, 3 reset, 4 replace, 5 list, "
-        "6 kick, 9 ping)",
+        "err_string": "unknown opt 11 (valid: 1 add, 2 delete, 3 reset, 4 replace, 5 list, "
+        "6 kick, 7 harvest, 8 ack, 9 ping, 10 pending)",
         "current_users": 5,
         "revision": revision + 1,
     }

@@ -125,10 +125,10 @@ async def test_a_broken_new_certificate_keeps_the_old_one(tmp_path: Path) -> Non
 
 def test_json_logs_are_one_object_per_line() -> None:
     server = start_server("-log-format", "json", "-workers", "2")
-    server.control({"opt": 7})
+    server.control({"opt": 11})
     assert server.stop() == 0
     lines = [ln for ln in server.log_text().splitlines() if ln.strip()]
     entries = [json.loads(ln) for ln in lines]
     assert any("tunnel listener on" in e["msg"] for e in entries)
-    assert any(e["level"] == "warning" and "unknown opt 7" in e["msg"] for e in entries)
+    assert any(e["level"] == "warning" and "unknown opt 11" in e["msg"] for e in entries)
     assert all({"time", "level", "logger", "msg"} <= set(e) for e in entries)

@@ -143,8 +143,15 @@ def test_replies_fit_the_document(open_controller: Any, path: str, method: str) 
 
 @_PENDING
 @pytest.mark.parametrize("name", list(EXAMPLES))
-def test_documented_examples_succeed(open_controller: Any, name: str) -> None:
+def test_documented_examples_succeed(
+    open_server: ServerProcess, open_controller: Any, name: str
+) -> None:
     """Each example in the document is accepted, and its reply fits."""
+    if EXAMPLES[name]["value"]["opt"] == Opt.HARVEST:
+        # Generated requests may have left a harvest pending: one at a time.
+        _, pending = open_server.control({"opt": Opt.PENDING})
+        if pending["harvest_id"]:
+            open_server.control({"opt": Opt.ACK, "harvest_id": pending["harvest_id"]})
     case = open_controller["/"]["POST"].Case(
         body=EXAMPLES[name]["value"], media_type="application/json"
     )

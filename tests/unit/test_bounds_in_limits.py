@@ -27,6 +27,9 @@ WIRE_FORMAT = {
     "accept/first_bytes.py": "_MAX_RECORD _MIN_SSL2_RECORD _HANDSHAKE _CLIENT_HELLO",
     # Go durations are int64 nanoseconds.
     "cli.py": "_MAX_DURATION_S",
+    # The JSON around one harvested user in a reply (a path and three 63-bit counters),
+    # by which HarvestBounds.max_reply is counted: a size of the reply's format.
+    "core/harvest.py": "ENTRY_OVERHEAD",
     # Integers every JSON implementation holds exactly; the reply's res codes (protocol.md §6).
     "core/commands.py": "MAX_NUMBER RES_OK RES_ERR",
     # The in-process agent's id among the workers' (an id, not a quantity).

@@ -74,7 +74,7 @@ def test_paths_match_exactly() -> None:
         (b'{"opt": "1"}', "opt must be an integer, got string"),
         (b'{"opt": 1.0}', "opt must be an integer, got number"),
         (b'{"opt": true}', "opt must be an integer, got boolean"),
-        (b'{"opt": 7}', "unknown opt 7"),
+        (b'{"opt": 11}', "unknown opt 11"),
         (b'{"opt": 99999999999999999999999}', "unknown opt"),
         (b'{"opt": 1}', "missing args_bunch"),
         (b'{"opt": 1, "args_bunch": []}', "args_bunch is empty"),

@@ -14,6 +14,7 @@ import pytest
 
 from mtt.address import Destination
 from mtt.core.commands import Command, Entry, Opt
+from mtt.core.harvest import Acked, AckState, Harvest, HarvestBounds, Refused, Share, Taken
 from mtt.core.usage import Usage
 from mtt.core.users import User, UserLimits
 from mtt.errors import ConfigError, StoreError
@@ -265,3 +266,119 @@ async def test_a_cancelled_caller_does_not_split_memory_from_the_file(db_path: s
     assert await store.commit(add("/b")) == 2  # the first one went through whole
     assert set(await store.read_usage(None, False)) == {"/a", "/b"}
     await store.close()
+
+
+# -- harvests (docs/protocol.md §6, harvests) ----------------------------------------------
+
+BOUNDS = HarvestBounds()
+
+
+def peek(db_path: str, query: str) -> list[tuple[object, ...]]:
+    """The file as another reader sees it, committed transactions only."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        return db.execute(query).fetchall()
+
+
+async def test_a_harvest_is_in_the_file_with_the_counters_it_zeroed(db_path: str) -> None:
+    store = await opened(db_path)  # a minute between flushes: none happens here
+    await store.commit(add("/a", "/b", "/idle"))
+    await store.add_usage({"/a": usage(100, 50, 2, 5.0)})
+    await store.flush()
+    await store.add_usage({"/a": usage(1, 2, 1, 6.0), "/b": usage(7, 0, 1, 3.0)})  # buffered
+    taken = await store.harvest("h1", None, 1000.5, BOUNDS)
+    expected = Harvest("h1", 1000.5, (("/a", Share(101, 52, 3)), ("/b", Share(7, 0, 1))), False)
+    assert taken == Taken(expected, repeat=False)
+    # Harvested deltas are in the file although no flush ran: a crash now keeps them.
+    assert peek(db_path, "SELECT id, acked, taken_at, more FROM harvests") == [("h1", 0, 1000.5, 0)]
+    assert peek(db_path, "SELECT path, bytes_up, bytes_down, total_tunnels FROM harvest_users") == [
+        ("/a", 101, 52, 3),
+        ("/b", 7, 0, 1),
+    ]
+    assert peek(db_path, "SELECT path, bytes_up, bytes_down, quota_used FROM users") == [
+        ("/a", 0, 0, 153),
+        ("/b", 0, 0, 7),
+        ("/idle", 0, 0, 0),
+    ]
+    assert await store.read_usage(["/a"], False) == {"/a": Usage(0, 0, 153, 0, 6.0)}
+    assert await store.harvest("h1", ["/idle"], 2000.0, BOUNDS) == Taken(expected, repeat=True)
+    assert await store.harvest("h2", None, 2000.0, BOUNDS) == Refused("h1", acked_before=False)
+    await store.close()
+
+    again = await opened(db_path)
+    assert await again.pending_harvest() == expected
+    assert await again.ack_harvest("h1", BOUNDS) == Acked(AckState.ACKED, "")
+    assert peek(db_path, "SELECT id, acked FROM harvests") == [("h1", 1)]
+    assert peek(db_path, "SELECT * FROM harvest_users") == []
+    await again.close()
+
+    third = await opened(db_path)
+    assert await third.pending_harvest() is None
+    assert await third.ack_harvest("h1", BOUNDS) == Acked(AckState.ALREADY_ACKED, "")
+    assert await third.harvest("h1", None, 0.0, BOUNDS) == Refused("", acked_before=True)
+    nothing = await third.harvest("h2", None, 3000.0, BOUNDS)
+    assert nothing == Taken(Harvest("h2", 3000.0, (), False), repeat=False)
+    await third.close()
+
+
+async def test_traffic_during_a_harvest_stays_live(store: SqliteStore, db_path: str) -> None:
+    await store.commit(add("/a"))
+    await store.add_usage({"/a": usage(10, 20, 1, 5.0)})
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # hold the harvest's transaction back a moment
+    taking = asyncio.ensure_future(store.harvest("h1", None, 1.0, BOUNDS))
+    await asyncio.sleep(0.05)
+    await store.add_usage({"/a": usage(1000, 0, 1, 6.0)})  # arrives while it is written
+    assert not taking.done()
+    other.execute("ROLLBACK")
+    other.close()
+    taken = await taking
+    assert isinstance(taken, Taken) and taken.harvest.users == (("/a", Share(10, 20, 1)),)
+    assert await store.read_usage(["/a"], False) == {"/a": Usage(1000, 0, 1030, 1, 6.0)}
+    await store.ack_harvest("h1", BOUNDS)
+    second = await store.harvest("h2", None, 2.0, BOUNDS)
+    assert isinstance(second, Taken) and second.harvest.users == (("/a", Share(1000, 0, 1)),)
+
+
+async def test_a_harvest_the_file_refuses_moves_nothing(db_path: str) -> None:
+    store = await opened(db_path, busy_timeout=0.1)
+    await store.commit(add("/a"))
+    await store.add_usage({"/a": usage(5, 6, 1)})
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError):
+            await store.harvest("h1", None, 1.0, BOUNDS)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert await store.pending_harvest() is None
+    assert await store.read_usage(["/a"], False) == {"/a": Usage(5, 6, 11, 1, 0.0)}
+    taken = await store.harvest("h1", None, 1.0, BOUNDS)
+    assert isinstance(taken, Taken) and taken.harvest.users == (("/a", Share(5, 6, 1)),)
+    await store.close()
+
+
+async def test_acknowledged_ids_in_the_file_are_bounded(db_path: str) -> None:
+    store = await opened(db_path)
+    kept = HarvestBounds(acked_kept=2)
+    for harvest_id in ("h1", "h2", "h3"):
+        await store.harvest(harvest_id, None, 1.0, kept)
+        await store.ack_harvest(harvest_id, kept)
+    assert peek(db_path, "SELECT id FROM harvests ORDER BY seq") == [("h2",), ("h3",)]
+    await store.close()
+
+
+async def test_a_file_of_an_earlier_version_gains_the_harvest_tables(db_path: str) -> None:
+    store = await opened(db_path)
+    await store.commit(add("/a"))
+    await store.close()
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.execute("DROP TABLE harvests")
+        db.execute("DROP TABLE harvest_users")
+        db.commit()
+    again = await opened(db_path)
+    assert set(await again.read_usage(None, False)) == {"/a"}
+    assert await again.harvest("h1", None, 1.0, BOUNDS) == Taken(
+        Harvest("h1", 1.0, (), False), repeat=False
+    )
+    await again.close()

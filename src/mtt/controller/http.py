@@ -36,12 +36,15 @@ from mtt.controller.replies import error_reply, result_reply
 from mtt.core.commands import CHANGES, Opt, parse_command
 from mtt.core.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError, StoreError
+from mtt.service.results import HarvestRefused
 from mtt.service.user_service import UserService
 from mtt.transport.listen import split_host_port
 
 log = logging.getLogger("mtt.controller")
 
 _SERVICE: web.AppKey[UserService] = web.AppKey("service")
+# Logged at info: what changes the table, closes tunnels or moves counters.
+_LOGGED = CHANGES | {Opt.KICK, Opt.HARVEST, Opt.ACK}
 TOKEN_ENV = "MTT_CONTROLLER_TOKEN"
 _LIMITS = Limits()
 
@@ -160,18 +163,28 @@ async def _handle(request: web.Request) -> web.Response:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
         return _json(413, error_reply(service, f"body larger than {cap} bytes"))
     try:
-        command = parse_command(body, settings.policy, max_path=settings.limits.max_user_path)
+        command = parse_command(
+            body,
+            settings.policy,
+            max_path=settings.limits.max_user_path,
+            harvest=settings.limits.harvest,
+        )
     except ControlError as exc:
         log.warning("controller: %s: rejected: %s", peer, exc)
         return _json(400, error_reply(service, str(exc)))
     try:
-        status, answer = 200, result_reply(await service.execute(command))
+        result = await service.execute(command)
+        # 409: a harvest under another id is pending, or this id was acknowledged.
+        status = 409 if isinstance(result, HarvestRefused) else 200
+        answer = result_reply(result)
     except StoreError as exc:
-        if command.opt in CHANGES:
+        if command.opt in _LOGGED:
             log.error("controller: %s: opt %d not applied: %s", peer, command.opt, exc)
         status, answer = 503, error_reply(service, f"user store unavailable: {exc}")
+    if status == 409:
+        log.warning("controller: %s: opt %d refused: %s", peer, command.opt, answer["err_string"])
     log.log(
-        logging.INFO if command.opt in CHANGES or command.opt is Opt.KICK else logging.DEBUG,
+        logging.INFO if command.opt in _LOGGED else logging.DEBUG,
         "controller: %s: opt %d: res %d, %d users, revision %d",
         peer,
         command.opt,

@@ -2,16 +2,31 @@
 
 Every reply has the original's shape (mtt.core.commands.reply: res,
 err_string, current_users, and our revision); a list adds "users", a kick
-adds "kicked". The HTTP status beside it is chosen by http.py.
+adds "kicked", a harvest its id, time and "harvested" users, an ack its
+state (docs/protocol.md §6, harvests). The HTTP status beside it is chosen
+by http.py.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mtt.address import quote
 from mtt.core.commands import RES_ERR, RES_OK, reply
+from mtt.core.harvest import Harvest
 from mtt.core.users import LIMIT_FIELDS
-from mtt.service.results import Changed, Kicked, Listed, Pong, Result, UserReport
+from mtt.service.results import (
+    Changed,
+    HarvestAcked,
+    Harvested,
+    HarvestPending,
+    HarvestRefused,
+    Kicked,
+    Listed,
+    Pong,
+    Result,
+    UserReport,
+)
 from mtt.service.user_service import UserService
 
 
@@ -31,6 +46,48 @@ def result_reply(result: Result) -> dict[str, Any]:
             return {**reply(RES_OK, users, "", revision), "kicked": tunnels}
         case Pong(users, revision):
             return reply(RES_OK, users, "", revision)
+        case Harvested(harvest, repeat, users, revision):
+            return {**reply(RES_OK, users, "", revision), **describe_harvest(harvest, repeat)}
+        case HarvestRefused(refusal, harvest_id, users, revision):
+            if refusal.pending_id:
+                why = (
+                    f"harvest {quote(refusal.pending_id)} is pending: repeat it (opt 7 with"
+                    " its harvest_id) and acknowledge it (opt 8) before taking another"
+                )
+            else:
+                why = f"harvest_id {quote(harvest_id)} was acknowledged already: choose a new one"
+            return {**reply(RES_ERR, users, why, revision), "pending_id": refusal.pending_id}
+        case HarvestAcked(acked, harvest_id, users, revision):
+            return {
+                **reply(RES_OK, users, "", revision),
+                "harvest_id": harvest_id,
+                "ack": str(acked.state),
+                "pending_id": acked.pending_id,
+            }
+        case HarvestPending(harvest, users, revision):
+            base = reply(RES_OK, users, "", revision)
+            if harvest is None:
+                return {**base, "harvest_id": ""}
+            return {**base, **describe_harvest(harvest, repeat=True)}
+
+
+def describe_harvest(harvest: Harvest, repeat: bool) -> dict[str, Any]:
+    """A harvest's fields of a reply (opt 7, opt 10), the same however often asked."""
+    return {
+        "harvest_id": harvest.harvest_id,
+        "taken_at": int(harvest.taken_at),
+        "repeat": repeat,
+        "more": harvest.more,
+        "harvested": [
+            {
+                "path": path,
+                "bytes_up": share.bytes_up,
+                "bytes_down": share.bytes_down,
+                "total_tunnels": share.total_tunnels,
+            }
+            for path, share in harvest.users
+        ],
+    }
 
 
 def describe_users(reports: tuple[UserReport, ...]) -> list[dict[str, Any]]:

@@ -7,8 +7,10 @@ JSON, every error names its cause, and one bad entry rejects the whole request.
 
 Beyond the original, in the same style: per-user limits on add entries,
 opt 4 replace (the panel's desired state, atomically), opt 5 list (settings and
-counters, optionally read-and-reset), opt 6 kick; every reply carries the
-table's revision (docs/controller.md).
+counters, optionally read-and-reset), opt 6 kick, opts 7, 8 and 10 harvest,
+ack and pending (counters taken exactly once, mtt.core.harvest); every reply
+carries the table's revision (docs/controller.md). Opt numbers stay clear of
+the original's 1, 2, 3 and 9 (docs/protocol.md §6).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from enum import IntEnum
 from typing import Any
 
 from mtt.address import Destination, parse_destination, quote
+from mtt.core.harvest import HarvestBounds, id_problem
 from mtt.core.policy import DstPolicy
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits, UserTable
 from mtt.errors import ControlError
@@ -27,6 +30,7 @@ from mtt.errors import ControlError
 MAX_NUMBER = 2**53  # what every JSON implementation a panel may use holds exactly
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _ALLOW_ALL = DstPolicy()
+_HARVEST = HarvestBounds()
 RES_OK = 1
 RES_ERR = 2
 
@@ -38,11 +42,16 @@ class Opt(IntEnum):
     REPLACE = 4
     LIST = 5
     KICK = 6
+    HARVEST = 7
+    ACK = 8
     PING = 9
+    PENDING = 10
 
 
 CHANGES = frozenset({Opt.ADD, Opt.DELETE, Opt.RESET, Opt.REPLACE})  # these bump the revision
-_OPT_NAMES = "1 add, 2 delete, 3 reset, 4 replace, 5 list, 6 kick, 9 ping"
+_OPT_NAMES = (
+    "1 add, 2 delete, 3 reset, 4 replace, 5 list, 6 kick, 7 harvest, 8 ack, 9 ping, 10 pending"
+)
 
 
 @dataclass(slots=True)
@@ -62,6 +71,7 @@ class Command:
     entries: tuple[Entry, ...] = ()
     paths: tuple[str, ...] = ()
     reset: bool = False  # list: read-and-reset the counters
+    harvest_id: str = ""  # harvest and ack: the panel's id of the harvest
 
     def to_wire(self) -> dict[str, Any]:
         """As JSON for a worker, a store or another node (trusted: already validated)."""
@@ -72,6 +82,8 @@ class Command:
             out["paths"] = list(self.paths)
         if self.reset:
             out["reset"] = True
+        if self.harvest_id:
+            out["harvest_id"] = self.harvest_id
         return out
 
     @classmethod
@@ -81,6 +93,7 @@ class Command:
             entries=tuple(_entry_from_wire(e) for e in data.get("entries", ())),
             paths=tuple(data.get("paths", ())),
             reset=bool(data.get("reset", False)),
+            harvest_id=str(data.get("harvest_id", "")),
         )
 
 
@@ -111,7 +124,13 @@ def reply(res: int, current_users: int, err_string: str = "", revision: int = 0)
     }
 
 
-def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL, *, max_path: int) -> Command:
+def parse_command(
+    body: bytes,
+    policy: DstPolicy = _ALLOW_ALL,
+    *,
+    max_path: int,
+    harvest: HarvestBounds = _HARVEST,
+) -> Command:
     """Decode and validate a request body (a user's path at most max_path
     characters); raise ControlError naming the problem."""
     try:
@@ -133,10 +152,12 @@ def parse_command(body: bytes, policy: DstPolicy = _ALLOW_ALL, *, max_path: int)
         opt = Opt(raw_opt)
     except ValueError:
         raise ControlError(f"unknown opt {raw_opt} (valid: {_OPT_NAMES})") from None
-    if opt in (Opt.RESET, Opt.PING):
+    if opt in (Opt.RESET, Opt.PING, Opt.PENDING):
         return Command(opt)
     if opt is Opt.LIST:
         return _parse_list(doc, max_path)
+    if opt in (Opt.HARVEST, Opt.ACK):
+        return _parse_harvest(opt, doc, harvest, max_path)
     bunch = doc.get("args_bunch")
     if bunch is None:
         if opt is Opt.REPLACE:
@@ -165,6 +186,27 @@ def _parse_list(doc: dict[str, Any], max_path: int) -> Command:
         raise ControlError(f"args_bunch must be an array, got {_json_type(bunch)}")
     paths = tuple(_parse_delete(i, arg, max_path) for i, arg in enumerate(bunch))
     return Command(Opt.LIST, paths=paths, reset=reset)
+
+
+def _parse_harvest(opt: Opt, doc: dict[str, Any], bounds: HarvestBounds, max_path: int) -> Command:
+    """Harvest: an id and optionally the paths to take; ack: an id."""
+    if "harvest_id" not in doc:
+        raise ControlError("missing harvest_id")
+    harvest_id = doc["harvest_id"]
+    problem = id_problem(harvest_id, bounds)
+    if problem is not None:
+        raise ControlError(f"harvest_id {problem}")
+    bunch = doc.get("args_bunch") if opt is Opt.HARVEST else None
+    if bunch is None:
+        return Command(opt, harvest_id=harvest_id)
+    if not isinstance(bunch, list):
+        raise ControlError(f"args_bunch must be an array, got {_json_type(bunch)}")
+    if not bunch:
+        raise ControlError("args_bunch is empty (leave it out to harvest every user)")
+    if len(bunch) > bounds.max_paths:
+        raise ControlError(f"args_bunch has more than {bounds.max_paths} paths")
+    paths = tuple(dict.fromkeys(_parse_delete(i, arg, max_path) for i, arg in enumerate(bunch)))
+    return Command(opt, paths=paths, harvest_id=harvest_id)
 
 
 def _check_unique(entries: tuple[Entry, ...]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtt.core.harvest import Acked, Harvest, Refused
 from mtt.core.usage import Usage
 from mtt.core.users import User
 
@@ -65,4 +66,45 @@ class Pong:
     revision: int
 
 
-Result = Changed | Listed | Kicked | Pong
+@dataclass(frozen=True, slots=True)
+class Harvested:
+    """The harvest under the id asked for; repeat: an earlier request took it."""
+
+    harvest: Harvest
+    repeat: bool
+    users: int
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class HarvestRefused:
+    """No harvest under that id: another one is pending, or the id was acknowledged."""
+
+    refusal: Refused
+    harvest_id: str
+    users: int
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class HarvestAcked:
+    """What an ack did (acked, already_acked, unknown) and what is pending now."""
+
+    acked: Acked
+    harvest_id: str
+    users: int
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class HarvestPending:
+    """The harvest taken and not yet acknowledged, if any."""
+
+    harvest: Harvest | None
+    users: int
+    revision: int
+
+
+Result = (
+    Changed | Listed | Kicked | Pong | Harvested | HarvestRefused | HarvestAcked | HarvestPending
+)

@@ -20,12 +20,24 @@ from typing import Any, Protocol
 from mtt.config import Limits
 from mtt.core.admission import AdmissionBook, expired, over_quota
 from mtt.core.commands import CHANGES, Command, Entry, Opt, apply_command
+from mtt.core.harvest import HarvestOutcome, Taken
 from mtt.core.rate import Direction, GrantRules, TokenSchedule
 from mtt.core.stats import StatsTotals
 from mtt.core.usage import Usage
 from mtt.core.users import User, UserTable
 from mtt.errors import StoreError
-from mtt.service.results import Changed, Kicked, Listed, Pong, Result, UserReport
+from mtt.service.results import (
+    Changed,
+    HarvestAcked,
+    Harvested,
+    HarvestPending,
+    HarvestRefused,
+    Kicked,
+    Listed,
+    Pong,
+    Result,
+    UserReport,
+)
 from mtt.store.base import Store
 from mtt.transport.tasks import spawn
 
@@ -119,6 +131,19 @@ class UserService:
         if opt is Opt.KICK:
             kicked = await self.plane.kick(command.paths) if self.plane is not None else 0
             return Kicked(kicked, len(self.table), self.revision)
+        if opt is Opt.HARVEST:
+            outcome = await self.harvest(command.harvest_id, command.paths or None)
+            if isinstance(outcome, Taken):
+                return Harvested(outcome.harvest, outcome.repeat, len(self.table), self.revision)
+            return HarvestRefused(outcome, command.harvest_id, len(self.table), self.revision)
+        if opt is Opt.ACK:
+            acked = await asyncio.shield(
+                self.store.ack_harvest(command.harvest_id, _LIMITS.harvest)
+            )
+            return HarvestAcked(acked, command.harvest_id, len(self.table), self.revision)
+        if opt is Opt.PENDING:
+            pending = await self.store.pending_harvest()
+            return HarvestPending(pending, len(self.table), self.revision)
         return Pong(len(self.table), self.revision)
 
     async def change(self, command: Command) -> tuple[int, int]:
@@ -260,6 +285,29 @@ class UserService:
             live = self.live.get(path) or Live()
             users.append(_describe(path, user, counters, live, now))
         return users
+
+    async def harvest(self, harvest_id: str, paths: tuple[str, ...] | None) -> HarvestOutcome:
+        """Collect what the planes hold, then let the store take the harvest
+        (docs/protocol.md §6, harvests). Shielded: a panel that hangs up
+        mid-request finds the harvest under its id when it asks again."""
+        return await asyncio.shield(self._harvest(harvest_id, paths))
+
+    async def _harvest(self, harvest_id: str, paths: tuple[str, ...] | None) -> HarvestOutcome:
+        async with self._usage_lock:
+            if self.plane is not None:
+                await self._collect_locked()
+            outcome = await self.store.harvest(harvest_id, paths, time.time(), _LIMITS.harvest)
+        if isinstance(outcome, Taken) and not outcome.repeat:
+            harvest = outcome.harvest
+            log.info(
+                "harvest %s taken: %d users, %d bytes up, %d down%s",
+                harvest_id,
+                len(harvest.users),
+                sum(share.bytes_up for _, share in harvest.users),
+                sum(share.bytes_down for _, share in harvest.users),
+                " (more left for the next one)" if harvest.more else "",
+            )
+        return outcome
 
     # -- requests from agents ---------------------------------------------------------
 

@@ -7,11 +7,12 @@ per-user counters, so billing survives restarts and adds up across nodes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from mtt.core.commands import Command
+from mtt.core.harvest import Acked, Harvest, HarvestBounds, HarvestOutcome
 from mtt.core.usage import Usage
 from mtt.core.users import User
 
@@ -51,6 +52,28 @@ class Store(Protocol):
     async def read_usage(self, paths: Iterable[str] | None, reset: bool) -> dict[str, Usage]:
         """Counters of the given users (None: all); with reset, atomically zero
         bytes_up, bytes_down and total_tunnels (not quota_used) as they are read."""
+        ...
+
+    async def harvest(
+        self,
+        harvest_id: str,
+        paths: Sequence[str] | None,
+        now: float,
+        bounds: HarvestBounds,
+    ) -> HarvestOutcome:
+        """Take a harvest (docs/protocol.md §6, harvests): move bytes_up,
+        bytes_down and total_tunnels of the picked users (mtt.core.harvest.pick)
+        into a pending harvest under harvest_id, in one step that is durable
+        (or shared) before it returns; or answer the harvest already pending
+        under that id; or refuse. StoreError, nothing moved, if it cannot."""
+        ...
+
+    async def ack_harvest(self, harvest_id: str, bounds: HarvestBounds) -> Acked:
+        """Forget the pending harvest harvest_id, keeping its id (idempotent)."""
+        ...
+
+    async def pending_harvest(self) -> Harvest | None:
+        """The harvest taken and not yet acknowledged, if any."""
         ...
 
     def watch(self, on_remote: RemoteChange, served: Served) -> None:

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from mtt.core.commands import Command, Opt
+from mtt.core.harvest import (
+    Acked,
+    AckState,
+    Harvest,
+    HarvestBook,
+    HarvestBounds,
+    HarvestOutcome,
+    Taken,
+    pick,
+)
 from mtt.core.usage import Usage
 from mtt.store.base import RemoteChange, Served, StoreSnapshot
 
 
 class MemoryStore:
-    """Counters in a dict; every commit succeeds."""
+    """Counters in a dict; every commit succeeds. A pending harvest lives as
+    long as the process, like the counters it was taken from."""
 
     def __init__(self) -> None:
         self.revision = 0
         self.usage: dict[str, Usage] = {}
+        self.harvests = HarvestBook(HarvestBounds().acked_kept)
 
     async def load(self) -> StoreSnapshot:
         return StoreSnapshot(self.revision)
@@ -33,6 +45,37 @@ class MemoryStore:
 
     async def read_usage(self, paths: Iterable[str] | None, reset: bool) -> dict[str, Usage]:
         return read_usage(self.usage, paths, reset)
+
+    async def harvest(
+        self,
+        harvest_id: str,
+        paths: Sequence[str] | None,
+        now: float,
+        bounds: HarvestBounds,
+    ) -> HarvestOutcome:
+        book = self.harvests
+        book.kept = bounds.acked_kept
+        verdict = book.verdict(harvest_id)
+        if verdict is not None:
+            return verdict
+        users, more = pick(self.usage, paths, bounds)
+        for path, _ in users:
+            counters = self.usage[path]
+            counters.bytes_up = counters.bytes_down = counters.total_tunnels = 0
+        harvest = Harvest(harvest_id, now, users, more)
+        book.begin(harvest)
+        return Taken(harvest, repeat=False)
+
+    async def ack_harvest(self, harvest_id: str, bounds: HarvestBounds) -> Acked:
+        book = self.harvests
+        book.kept = bounds.acked_kept
+        state = book.ack_state(harvest_id)
+        if state is AckState.ACKED:
+            book.acked(harvest_id)
+        return book.outcome(state)
+
+    async def pending_harvest(self) -> Harvest | None:
+        return self.harvests.pending
 
     def watch(self, on_remote: RemoteChange, served: Served) -> None:
         pass

@@ -9,6 +9,9 @@ Layout, all under PREFIX (one Redis database may hold one mtt deployment):
                   hashes path -> counter (absent = 0); only users have entries
     mtt:changes   channel: "<revision> <epoch> <command wire JSON>" after every change
                   ("<revision> <epoch> " alone when the command is too big to publish)
+    mtt:harvest   hash  id, taken_at, more: the pending harvest, absent when none
+    mtt:harvest:users   hash  path -> "<bytes_up> <bytes_down> <total_tunnels>" of it
+    mtt:harvest:acked   sorted set  ids of the last acknowledged harvests (score: ack time)
 
 Every change is one Lua script (apply, INCR, PUBLISH), so no node ever sees a
 half-applied change and revisions have no holes. Each node keeps serving the
@@ -27,6 +30,11 @@ seen) summed over every node. What is not: max_tunnels, max_ips and rate are
 enforced by each node for its own tunnels, so N nodes allow up to N times them.
 Quota is checked against the shared quota_used, which lags by up to the flush
 interval (plus the 1 s counter collection) on each node.
+
+A harvest is global, as the counters are: one Lua script moves the shared
+counters of the picked users into mtt:harvest:users, after the node taking it
+has written its own buffered deltas. Other nodes' deltas not yet flushed stay
+theirs and land in the live counters, for the next harvest.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -47,6 +56,17 @@ from redis.exceptions import RedisError
 from mtt.address import Destination
 from mtt.config import Limits
 from mtt.core.commands import Command, Opt
+from mtt.core.harvest import (
+    ENTRY_OVERHEAD,
+    Acked,
+    AckState,
+    Harvest,
+    HarvestBounds,
+    HarvestOutcome,
+    Refused,
+    Share,
+    Taken,
+)
 from mtt.core.usage import Usage
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits
 from mtt.errors import ConfigError, StoreError
@@ -63,6 +83,9 @@ CHANNEL = PREFIX + "changes"
 # Counter hashes, in Usage field order except that last_seen keeps a maximum.
 UP, DOWN, QUOTA, TUNNELS, SEEN = (PREFIX + n for n in ("up", "down", "quota", "tunnels", "seen"))
 COUNTERS = (UP, DOWN, QUOTA, TUNNELS, SEEN)
+HARVEST = PREFIX + "harvest"
+HARVEST_USERS = HARVEST + ":users"
+HARVEST_ACKED = HARVEST + ":acked"
 
 _LIMITS = Limits()
 
@@ -175,6 +198,84 @@ return out
 """
 
 
+# The pending harvest as a script returns it: {id, taken_at, more, {path, share, ...}}.
+_STORED_HARVEST = """
+local function stored()
+  local h = redis.call('HMGET', KEYS[5], 'id', 'taken_at', 'more')
+  return {h[1], h[2], h[3], redis.call('HGETALL', KEYS[6])}
+end
+"""
+
+# KEYS: users, up, down, tunnels, harvest, harvest users, acked ids.
+# ARGV: the id, JSON paths or '*', max users, max reply bytes, bytes per
+# entry besides the path, taken_at. Returns {'repeat'|'new', stored()},
+# {'pending', pending id, acked before: 0|1} or {'acked'}. Counter values
+# are moved as strings: no number goes through Lua's doubles.
+_HARVEST = (
+    _STORED_HARVEST
+    + """
+local pending = redis.call('HGET', KEYS[5], 'id')
+if pending then
+  if pending == ARGV[1] then return {'repeat', stored()} end
+  local before = redis.call('ZSCORE', KEYS[7], ARGV[1]) and 1 or 0
+  return {'pending', pending, before}
+end
+if redis.call('ZSCORE', KEYS[7], ARGV[1]) then return {'acked'} end
+local paths = {}
+if ARGV[2] == '*' then
+  local seen = {}
+  for i = 2, 4 do
+    for _, path in ipairs(redis.call('HKEYS', KEYS[i])) do
+      if not seen[path] then seen[path] = true; paths[#paths + 1] = path end
+    end
+  end
+else
+  paths = cjson.decode(ARGV[2])
+end
+table.sort(paths)
+local max_users, max_bytes, overhead = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local count, size, more = 0, 0, 0
+for _, path in ipairs(paths) do
+  if redis.call('HEXISTS', KEYS[1], path) == 1 then
+    local up = redis.call('HGET', KEYS[2], path) or '0'
+    local down = redis.call('HGET', KEYS[3], path) or '0'
+    local tunnels = redis.call('HGET', KEYS[4], path) or '0'
+    if up ~= '0' or down ~= '0' or tunnels ~= '0' then
+      local cost = overhead + #path
+      if count >= max_users or (count > 0 and size + cost > max_bytes) then
+        more = 1
+        break
+      end
+      count = count + 1
+      size = size + cost
+      redis.call('HSET', KEYS[6], path, up .. ' ' .. down .. ' ' .. tunnels)
+      for i = 2, 4 do redis.call('HDEL', KEYS[i], path) end
+    end
+  end
+end
+redis.call('HSET', KEYS[5], 'id', ARGV[1], 'taken_at', ARGV[6], 'more', more)
+return {'new', stored()}
+"""
+)
+
+# KEYS: harvest, harvest users, acked ids. ARGV: the id, the time, ids kept.
+# Returns {state, the id pending after this}.
+_ACK = """
+local pending = redis.call('HGET', KEYS[1], 'id')
+if pending == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[3]) + 1))
+  return {'acked', ''}
+end
+local state = redis.call('ZSCORE', KEYS[3], ARGV[1]) and 'already_acked' or 'unknown'
+return {state, pending or ''}
+"""
+
+# KEYS as _HARVEST's. Returns stored(), all nil but the users ({}) when none is pending.
+_PENDING = _STORED_HARVEST + "return stored()\n"
+
+
 class RedisStore:
     """The shared table and counters; counter deltas are batched in memory."""
 
@@ -197,6 +298,9 @@ class RedisStore:
         self._load_epoch = self._redis.register_script(_LOAD_EPOCH)
         self._add_usage = self._redis.register_script(_ADD_USAGE)
         self._read_usage = self._redis.register_script(_READ_USAGE)
+        self._harvest = self._redis.register_script(_HARVEST)
+        self._ack = self._redis.register_script(_ACK)
+        self._pending_harvest = self._redis.register_script(_PENDING)
         self._pending: dict[str, Usage] = {}  # this node's deltas not yet in Redis
         self._usage_lock = asyncio.Lock()  # a flush and a read never interleave
         self._epoch = ""  # of the table last loaded, the one the service serves
@@ -291,31 +395,90 @@ class RedisStore:
     async def flush(self) -> None:
         """Write this node's deltas; on failure keep them for the next try."""
         async with self._usage_lock:
-            batch, self._pending = self._pending, {}
-            if not batch:
-                return
-            rows = [
-                [
-                    path,
-                    str(d.bytes_up),
-                    str(d.bytes_down),
-                    str(d.quota_used),
-                    str(d.total_tunnels),
-                    str(int(d.last_seen)),
-                ]
-                for path, d in batch.items()
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        batch, self._pending = self._pending, {}
+        if not batch:
+            return
+        rows = [
+            [
+                path,
+                str(d.bytes_up),
+                str(d.bytes_down),
+                str(d.quota_used),
+                str(d.total_tunnels),
+                str(int(d.last_seen)),
             ]
+            for path, d in batch.items()
+        ]
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                size = _LIMITS.redis_flush_chunk
+                for start in range(0, len(rows), size):
+                    chunk = _json(rows[start : start + size])
+                    await self._add_usage(keys=[USERS, *COUNTERS], args=[chunk], client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            _merge(batch, self._pending)  # newer deltas on top of the old
+            self._pending = batch
+            raise StoreError(f"Redis: {exc}") from None
+
+    # -- harvests (docs/protocol.md §6, harvests; global, like the counters) ---------------
+
+    async def harvest(
+        self,
+        harvest_id: str,
+        paths: Sequence[str] | None,
+        now: float,
+        bounds: HarvestBounds,
+    ) -> HarvestOutcome:
+        selected = "*" if paths is None else _json(list(dict.fromkeys(paths)))
+        args: list[str | int] = [
+            harvest_id,
+            selected,
+            bounds.max_users,
+            bounds.max_reply,
+            ENTRY_OVERHEAD,
+            repr(now),
+        ]
+        async with self._usage_lock:
             try:
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    size = _LIMITS.redis_flush_chunk
-                    for start in range(0, len(rows), size):
-                        chunk = _json(rows[start : start + size])
-                        await self._add_usage(keys=[USERS, *COUNTERS], args=[chunk], client=pipe)
-                    await pipe.execute()
+                # This node's buffered deltas first: what it counted is in this harvest.
+                await self._flush_locked()
+                result = await self._harvest(
+                    keys=[USERS, UP, DOWN, TUNNELS, HARVEST, HARVEST_USERS, HARVEST_ACKED],
+                    args=args,
+                )
             except (RedisError, OSError) as exc:
-                _merge(batch, self._pending)  # newer deltas on top of the old
-                self._pending = batch
                 raise StoreError(f"Redis: {exc}") from None
+        kind = _text(result[0])
+        if kind == "pending":
+            return Refused(_text(result[1]), acked_before=bool(result[2]))
+        if kind == "acked":
+            return Refused("", acked_before=True)
+        harvest = _decode_harvest(result[1])
+        assert harvest is not None  # the script answers one for 'new' and 'repeat'
+        return Taken(harvest, repeat=kind == "repeat")
+
+    async def ack_harvest(self, harvest_id: str, bounds: HarvestBounds) -> Acked:
+        try:
+            state, pending = await self._ack(
+                keys=[HARVEST, HARVEST_USERS, HARVEST_ACKED],
+                args=[harvest_id, repr(time.time()), bounds.acked_kept],
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis: {exc}") from None
+        return Acked(AckState(_text(state)), _text(pending))
+
+    async def pending_harvest(self) -> Harvest | None:
+        try:
+            result = await self._pending_harvest(
+                keys=[USERS, UP, DOWN, TUNNELS, HARVEST, HARVEST_USERS, HARVEST_ACKED]
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis: {exc}") from None
+        return _decode_harvest(result)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -486,6 +649,26 @@ def _merge(into: dict[str, Usage], deltas: dict[str, Usage]) -> None:
             into[path] = delta.copy()
         else:
             mine.add(delta)
+
+
+def _text(value: bytes | str | int | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode_harvest(raw: list[Any]) -> Harvest | None:
+    """A script's stored(): {id, taken_at, more, {path, "up down tunnels", ...}}."""
+    harvest_id, taken_at, more, flat = raw
+    if harvest_id is None:
+        return None
+    users = []
+    for i in range(0, len(flat), 2):
+        up, down, tunnels = _text(flat[i + 1]).split()
+        users.append((_text(flat[i]), Share(int(up), int(down), int(tunnels))))
+    return Harvest(
+        _text(harvest_id), float(_text(taken_at)), tuple(sorted(users)), _text(more) == "1"
+    )
 
 
 def _int(values: list[bytes | None], index: int) -> int:

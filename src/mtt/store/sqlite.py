@@ -8,6 +8,12 @@ buffered: add_usage() only adds to `_pending`, and a background task writes
 the deltas every flush_interval (and close() writes the rest). A crash loses
 at most one interval of counts, never a user or a setting.
 
+A harvest (opt 7) is one transaction too: the harvest's rows are written and
+the same users' counters zeroed together, buffered deltas included, so after
+a crash the harvest and the counters add up to what was counted, whichever
+side of the commit the crash fell on. An acknowledged harvest's rows go in
+the ack's transaction; its id stays (the last HarvestBounds.acked_kept).
+
 All sqlite3 calls run on one dedicated thread, so the event loop never waits
 on the disk. Operations that write go through `_lock`, one at a time, and
 update `_stored` (the counters as the file holds them) only once their
@@ -34,7 +40,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -42,6 +48,17 @@ from typing import Any, TypeVar, cast
 from mtt.address import Destination
 from mtt.config import Limits
 from mtt.core.commands import Command, Opt
+from mtt.core.harvest import (
+    Acked,
+    AckState,
+    Harvest,
+    HarvestBook,
+    HarvestBounds,
+    HarvestOutcome,
+    Share,
+    Taken,
+    pick,
+)
 from mtt.core.usage import Usage
 from mtt.core.users import NO_LIMITS, User, UserLimits
 from mtt.errors import ConfigError, StoreError
@@ -72,6 +89,31 @@ CREATE TABLE users (
     last_seen REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+# Added to files of every version on opening (an earlier server ignores them):
+# the pending harvest (acked 0, at most one) and the ids acknowledged lately,
+# seq giving their order; the users of the pending one.
+_HARVEST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS harvests (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    acked INTEGER NOT NULL DEFAULT 0,
+    taken_at REAL NOT NULL,
+    more INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS harvest_users (
+    id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    total_tunnels INTEGER NOT NULL,
+    PRIMARY KEY (id, path)
+) WITHOUT ROWID;
+"""
+_NEXT_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM harvests"
+_FORGET_ACKED = """
+DELETE FROM harvests WHERE acked = 1 AND id NOT IN
+    (SELECT id FROM harvests WHERE acked = 1 ORDER BY seq DESC LIMIT ?)
 """
 _UPSERT = """
 INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire)
@@ -115,6 +157,7 @@ class SqliteStore:
         self._flushing: dict[str, Usage] = {}  # deltas being written right now
         self._pending: dict[str, Usage] = {}  # deltas not yet given to the file
         self._flusher: asyncio.Task[None] | None = None
+        self._harvests = HarvestBook(HarvestBounds().acked_kept)  # as the file holds them
 
     @classmethod
     async def open(
@@ -163,10 +206,12 @@ class SqliteStore:
         async with self._lock:
             try:
                 revision, users, usage = await self._run(self._load_sync)
+                pending, acked = await self._run(self._load_harvests_sync)
             except sqlite3.Error as exc:
                 raise StoreError(f"reading {self.path}: {exc}") from None
             self.revision = revision
             self._stored = usage
+            self._harvests.restore(pending, acked)
         if self._flusher is None:
             self._flusher = spawn(self._flush_loop(), name="flush counters to sqlite")
         return StoreSnapshot(revision, users)
@@ -186,6 +231,22 @@ class SqliteStore:
             users[path] = User(Destination(host, port), user_limits)
             usage[path] = Usage(up, down, used, total, seen)
         return (row[0] if row else 0), users, usage
+
+    def _load_harvests_sync(self) -> tuple[Harvest | None, list[str]]:
+        db = self._conn()
+        acked = [i for (i,) in db.execute("SELECT id FROM harvests WHERE acked = 1 ORDER BY seq")]
+        row = db.execute(
+            "SELECT id, taken_at, more FROM harvests WHERE acked = 0 ORDER BY seq LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None, acked
+        harvest_id, taken_at, more = row
+        rows = db.execute(
+            "SELECT path, bytes_up, bytes_down, total_tunnels FROM harvest_users WHERE id = ?",
+            (harvest_id,),
+        )
+        users = tuple(sorted((path, Share(up, down, total)) for path, up, down, total in rows))
+        return Harvest(harvest_id, taken_at, users, bool(more)), acked
 
     async def commit(self, command: Command) -> int:
         return await self._to_the_end(self._commit(command))
@@ -264,36 +325,128 @@ class SqliteStore:
                 await self._run(self._reset_sync, list(out), taken)
             except sqlite3.Error as exc:
                 raise StoreError(f"writing {self.path}: {exc}") from None
-            for path, now in out.items():
-                counters = self._stored.get(path)
-                if counters is None:
-                    continue
-                counters.bytes_up = counters.bytes_down = counters.total_tunnels = 0
-                counters.quota_used = now.quota_used
-                counters.last_seen = now.last_seen
-                delta = taken.get(path)
-                left = self._pending.get(path)
-                if delta is not None and left is not None:  # keep what came in meanwhile
-                    left.bytes_up -= delta.bytes_up
-                    left.bytes_down -= delta.bytes_down
-                    left.quota_used -= delta.quota_used
-                    left.total_tunnels -= delta.total_tunnels
+            self._zeroed(out, taken)
             return out
+
+    def _zeroed(self, read: dict[str, Usage], taken: dict[str, Usage]) -> None:
+        """After a reset's or harvest's commit: the file's rows hold zero
+        bytes and tunnels, and the buffered deltas that `read` included
+        (`taken`) are in the file; what arrived meanwhile stays buffered."""
+        for path, now in read.items():
+            counters = self._stored.get(path)
+            if counters is None:
+                continue
+            counters.bytes_up = counters.bytes_down = counters.total_tunnels = 0
+            counters.quota_used = now.quota_used
+            counters.last_seen = now.last_seen
+            delta = taken.get(path)
+            left = self._pending.get(path)
+            if delta is not None and left is not None:  # keep what came in meanwhile
+                left.bytes_up -= delta.bytes_up
+                left.bytes_down -= delta.bytes_down
+                left.quota_used -= delta.quota_used
+                left.total_tunnels -= delta.total_tunnels
 
     def _reset_sync(self, paths: list[str], taken: dict[str, Usage]) -> None:
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            rows = []
-            for path in paths:
-                delta = taken.get(path)
-                rows.append((delta.quota_used, delta.last_seen, path) if delta else (0, 0.0, path))
-            db.executemany(_RESET_USAGE, rows)
+            _reset_rows(db, paths, taken)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+
+    # -- harvests (docs/protocol.md §6, harvests) --------------------------------------------
+
+    async def harvest(
+        self,
+        harvest_id: str,
+        paths: Sequence[str] | None,
+        now: float,
+        bounds: HarvestBounds,
+    ) -> HarvestOutcome:
+        return await self._to_the_end(self._harvest(harvest_id, paths, now, bounds))
+
+    async def _harvest(
+        self, harvest_id: str, paths: Sequence[str] | None, now: float, bounds: HarvestBounds
+    ) -> HarvestOutcome:
+        async with self._lock:  # no flush in between: _flushing is empty
+            book = self._harvests
+            book.kept = bounds.acked_kept
+            verdict = book.verdict(harvest_id)
+            if verdict is not None:
+                return verdict
+            current = self._current(self._stored if paths is None else paths)
+            users, more = pick(current, None, bounds)
+            harvest = Harvest(harvest_id, now, users, more)
+            read = {path: current[path] for path, _ in users}
+            taken = {p: self._pending[p].copy() for p in read if p in self._pending}
+            try:
+                await self._run(self._harvest_sync, harvest, taken)
+            except sqlite3.Error as exc:
+                raise StoreError(f"writing {self.path}: {exc}") from None
+            self._zeroed(read, taken)
+            book.begin(harvest)
+            return Taken(harvest, repeat=False)
+
+    def _harvest_sync(self, harvest: Harvest, taken: dict[str, Usage]) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (seq,) = db.execute(_NEXT_SEQ).fetchone()
+            db.execute(
+                "INSERT INTO harvests (id, seq, acked, taken_at, more) VALUES (?, ?, 0, ?, ?)",
+                (harvest.harvest_id, seq, harvest.taken_at, int(harvest.more)),
+            )
+            db.executemany(
+                "INSERT INTO harvest_users (id, path, bytes_up, bytes_down, total_tunnels)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    (harvest.harvest_id, path, s.bytes_up, s.bytes_down, s.total_tunnels)
+                    for path, s in harvest.users
+                ),
+            )
+            _reset_rows(db, [path for path, _ in harvest.users], taken)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    async def ack_harvest(self, harvest_id: str, bounds: HarvestBounds) -> Acked:
+        return await self._to_the_end(self._ack(harvest_id, bounds))
+
+    async def _ack(self, harvest_id: str, bounds: HarvestBounds) -> Acked:
+        async with self._lock:
+            book = self._harvests
+            book.kept = bounds.acked_kept
+            state = book.ack_state(harvest_id)
+            if state is AckState.ACKED:
+                try:
+                    await self._run(self._ack_sync, harvest_id, bounds.acked_kept)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"writing {self.path}: {exc}") from None
+                book.acked(harvest_id)
+            return book.outcome(state)
+
+    def _ack_sync(self, harvest_id: str, kept: int) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            (seq,) = db.execute(_NEXT_SEQ).fetchone()
+            db.execute("UPDATE harvests SET acked = 1, seq = ? WHERE id = ?", (seq, harvest_id))
+            db.execute("DELETE FROM harvest_users WHERE id = ?", (harvest_id,))
+            db.execute(_FORGET_ACKED, (kept,))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    async def pending_harvest(self) -> Harvest | None:
+        return self._harvests.pending
 
     def _current(self, paths: Iterable[str]) -> dict[str, Usage]:
         """Committed counters plus what is on its way to the file."""
@@ -422,6 +575,7 @@ def _prepare(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0)")
         db.execute("COMMIT")
+        _add_harvest_tables(db)
         return
     if not {"users", "meta"} <= tables:
         raise ConfigError(f"{NOT_OURS} (it has other tables: {', '.join(sorted(tables))})")
@@ -432,6 +586,26 @@ def _prepare(db: sqlite3.Connection) -> None:
         raise ConfigError(
             f"schema version {row[0]}, this server reads {SCHEMA_VERSION} (a newer mtt wrote it?)"
         )
+    _add_harvest_tables(db)
+
+
+def _add_harvest_tables(db: sqlite3.Connection) -> None:
+    """Harvest tables, in a file of ours that has none yet (from an earlier version)."""
+    db.execute("BEGIN IMMEDIATE")
+    for statement in _HARVEST_SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute("COMMIT")
+
+
+def _reset_rows(db: sqlite3.Connection, paths: list[str], taken: dict[str, Usage]) -> None:
+    """Zero bytes and tunnels of these rows; the buffered deltas the caller
+    read (taken) land in quota_used and last_seen, in the same transaction."""
+    rows = []
+    for path in paths:
+        delta = taken.get(path)
+        rows.append((delta.quota_used, delta.last_seen, path) if delta else (0, 0.0, path))
+    db.executemany(_RESET_USAGE, rows)
 
 
 def _claim(db: str) -> int:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from mtt.config import Limits, ServerConfig
 from mtt.core.commands import Command
+from mtt.core.harvest import HarvestBounds
 from mtt.core.rate import Direction
 from mtt.core.usage import Usage
 from mtt.errors import ProtocolError
@@ -187,6 +188,7 @@ def config_to_wire(config: ServerConfig) -> Wire:
 def config_from_wire(data: Wire) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
+    limits["harvest"] = HarvestBounds(**limits["harvest"])
     trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
     origins = tuple(data.get("allowed_origins", ()))
     return ServerConfig(
