@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mtt.core.policy import DstPolicy
+from mtt.core.users import MuxProtocol
+from mtt.muxcool.session import MuxCoolConfig
 from mtt.smux.session import SmuxConfig
 
 KiB = 1024
@@ -102,6 +104,8 @@ class Limits:
     redis_health_check_interval: float = 15.0
     # smux sessions inside WebSockets.
     smux: SmuxConfig = field(default_factory=SmuxConfig)
+    # Mux.Cool sessions inside WebSockets (its idle_timeout is set from -timeout).
+    muxcool: MuxCoolConfig = field(default_factory=MuxCoolConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +115,8 @@ class ServerConfig:
     bind: str = ""
     bind_unix: bool = False
     controller: str = ""
-    mux: bool = False
+    # What a WebSocket carries when the client names no sub-protocol (-mux, -mux-protocol).
+    mux_protocol: MuxProtocol = MuxProtocol.NONE
     cert: str = ""
     key: str = ""
     force_tls: bool = False

@@ -2,7 +2,9 @@
 server does with it. The head is parsed by h11 as the front layer parses it;
 the verdict is sans-I/O, so no server, socket or clock is involved.
 
-The users are /user, "/a b" and "/\u4f60"; -mux is off unless a row says so.
+The users are /user, "/a b" and "/\u4f60". The sub-protocol picks the mode; a
+client that names none leaves it to the route (the user's "mux", the server's
+-mux-protocol), which mode_for() decides.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 
 from mtt.accept.front import request_head_of
 from mtt.config import Limits
+from mtt.core.users import MuxProtocol
 from mtt.wire.nginx_pages import TO_HTTPS_PAGE, http09_page, http_response
 from mtt.wire.request_head import (
     BadRequest,
@@ -24,9 +27,11 @@ from mtt.wire.request_head import (
     Verdict,
     canonical_upgrade,
     head_size,
+    mode_for,
     verdict,
 )
 
+NONE, SMUX, MUXCOOL = MuxProtocol.NONE, MuxProtocol.SMUX, MuxProtocol.MUXCOOL
 USERS = {"/user", "/a b", "/\u4f60"}
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample: 16 bytes in base64
 
@@ -80,14 +85,12 @@ def canonical(target: str, protocols: str | None = "smux_off", host: str = "tunn
 class Context:
     """The server-side inputs of a verdict other than the head."""
 
-    default_mux: bool = False
     keep_alive_allowed: bool = True
     fallback: bool = False
     on_tls_port: bool = False
     users: frozenset[str] = field(default=frozenset(USERS))
 
 
-MUX = Context(default_mux=True)
 FALLBACK = Context(fallback=True)
 TLS_PORT = Context(on_tls_port=True)
 LAST_REQUEST = Context(keep_alive_allowed=False)
@@ -102,7 +105,6 @@ def decide(raw: bytes, context: Context = Context()) -> Verdict:
     return verdict(
         request_head_of(event),
         route_exists=context.users.__contains__,
-        default_mux=context.default_mux,
         max_head=MAX_REQUEST_HEAD,
         keep_alive_allowed=context.keep_alive_allowed,
         fallback=context.fallback,
@@ -136,79 +138,67 @@ _OVER_THE_CAP = request(extra=(_PADDING + "p",))
 
 TABLE: list[tuple[str, bytes, Context, Verdict]] = [
     # -- upgrades on a user's path: the sub-protocol picks the mode -----------------------
-    ("smux_off", request(), Context(), Upgrade("/user", False, "smux_off", canonical("/user"))),
-    (
-        "smux_off with -mux",
-        request(),
-        MUX,
-        Upgrade("/user", False, "smux_off", canonical("/user")),
-    ),
+    ("smux_off", request(), Context(), Upgrade("/user", NONE, "smux_off", canonical("/user"))),
     (
         "smux_on",
         request(protocols=("smux_on",)),
         Context(),
-        Upgrade("/user", True, "smux_on", canonical("/user", "smux_on")),
+        Upgrade("/user", SMUX, "smux_on", canonical("/user", "smux_on")),
     ),
     (
-        "no sub-protocol, -mux off",
+        "no sub-protocol: the route decides",
         request(protocols=()),
         Context(),
-        Upgrade("/user", False, None, canonical("/user", None)),
-    ),
-    (
-        "no sub-protocol, -mux on",
-        request(protocols=()),
-        MUX,
-        Upgrade("/user", True, None, canonical("/user", None)),
+        Upgrade("/user", None, None, canonical("/user", None)),
     ),
     (
         "both offered: smux_on wins",
         request(protocols=("smux_off, smux_on",)),
         Context(),
-        Upgrade("/user", True, "smux_on", canonical("/user", "smux_off, smux_on")),
+        Upgrade("/user", SMUX, "smux_on", canonical("/user", "smux_off, smux_on")),
     ),
     (
         "offers in two headers",
         request(protocols=("chat", "smux_on")),
         Context(),
-        Upgrade("/user", True, "smux_on", canonical("/user", "chat, smux_on")),
+        Upgrade("/user", SMUX, "smux_on", canonical("/user", "chat, smux_on")),
     ),
     (
-        "an unknown sub-protocol is not echoed",
+        "an unknown sub-protocol is not echoed and leaves it to the route",
         request(protocols=("chat",)),
-        MUX,
-        Upgrade("/user", True, None, canonical("/user", "chat")),
+        Context(),
+        Upgrade("/user", None, None, canonical("/user", "chat")),
     ),
     # -- the routing key: path only, percent-decoded ---------------------------------------
     (
         "query string ignored",
         request("/user?x=1&y"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user?x=1&y")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user?x=1&y")),
     ),
     (
         "percent-decoded",
         request("/a%20b"),
         Context(),
-        Upgrade("/a b", False, "smux_off", canonical("/a%20b")),
+        Upgrade("/a b", NONE, "smux_off", canonical("/a%20b")),
     ),
     (
         "percent-decoded UTF-8",
         request("/%E4%BD%A0"),
         Context(),
-        Upgrade("/\u4f60", False, "smux_off", canonical("/%E4%BD%A0")),
+        Upgrade("/\u4f60", NONE, "smux_off", canonical("/%E4%BD%A0")),
     ),
     (
         "absolute-form target",
         request("http://tunnel.test/user?x"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("http://tunnel.test/user?x")),
+        Upgrade("/user", NONE, "smux_off", canonical("http://tunnel.test/user?x")),
     ),
     (
         "absolute-form https target",
         request("https://tunnel.test/user"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("https://tunnel.test/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("https://tunnel.test/user")),
     ),
     ("trailing slash is another path", request("/user/"), Context(), unknown('"/user/"')),
     ("bad escape", request("/user%zz"), Context(), unknown('"/user%zz"')),
@@ -221,19 +211,19 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "tokens in lists, any case",
         request(upgrade="WebSocket", connection="keep-alive, Upgrade"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "HTTP/1.0 without Host: the WebSocket layer still gets one",
         request(http="HTTP/1.0", host=None),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user", host="localhost")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user", host="localhost")),
     ),
     (
         "HTTP/1.0 with the upgrade headers",
         request(http="HTTP/1.0"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     # -- not an upgrade on a user's path: the same 404 as an unknown path ------------------
     ("GET of a user's path", plain(), Context(), not_websocket("no Upgrade: websocket")),
@@ -338,7 +328,7 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "fallback: a valid upgrade is still a tunnel",
         request(),
         FALLBACK,
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     # -- plain HTTP sent to the TLS port: nginx's 400 whatever the path ---------------------
     ("TLS port: a valid upgrade", request(), TLS_PORT, PlainHttpOnTlsPort(head_only=False)),
@@ -349,7 +339,7 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "a head of exactly the cap",
         _AT_THE_CAP,
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "one byte over: user path",
@@ -478,3 +468,23 @@ def test_nginx_plain_http_to_tls_port_answer() -> None:
 def test_nginx_http09_answers_are_pages_alone() -> None:
     assert http09_page(b"GET") == TO_HTTPS_PAGE
     assert http09_page(b"POST").startswith(b"<html>\r\n<head><title>400 Bad Request</title>")
+
+
+@pytest.mark.parametrize(
+    ("asked", "user_mux", "server_default", "mode"),
+    [
+        (SMUX, MUXCOOL, NONE, SMUX),  # smux_on: the client's word wins
+        (NONE, MUXCOOL, SMUX, NONE),  # smux_off
+        (None, MUXCOOL, NONE, MUXCOOL),  # no sub-protocol: the user's "mux" ...
+        (None, NONE, SMUX, NONE),
+        (None, None, MUXCOOL, MUXCOOL),  # ... else -mux-protocol
+        (None, None, NONE, NONE),
+    ],
+)
+def test_the_mode_of_a_tunnel(
+    asked: MuxProtocol | None,
+    user_mux: MuxProtocol | None,
+    server_default: MuxProtocol,
+    mode: MuxProtocol,
+) -> None:
+    assert mode_for(asked, user_mux, server_default) is mode

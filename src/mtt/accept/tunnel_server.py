@@ -29,13 +29,19 @@ from mtt.accept.front import FrontProtocol
 from mtt.accept.prelude import ProxyPrelude
 from mtt.accept.tls_setup import TlsSpec
 from mtt.config import Limits
+from mtt.core.users import MuxProtocol
 from mtt.service.agent import Agent, TunnelAccount
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
 from mtt.transport.tls import load_pem_into
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.nginx_pages import PAGES
-from mtt.wire.request_head import Upgrade, choose_subprotocol, routing_key  # noqa: F401 (re-exported)
+from mtt.wire.request_head import (  # noqa: F401 (choose_subprotocol, routing_key re-exported)
+    Upgrade,
+    choose_subprotocol,
+    mode_for,
+    routing_key,
+)
 
 log = logging.getLogger("mtt.server")
 
@@ -89,7 +95,7 @@ class TunnelServer:
         agent: Agent,
         limits: Limits,
         *,
-        default_mux: bool,
+        default_mux: MuxProtocol,
         ssl_context: ssl.SSLContext | None,
         fallback: Fallback | None = None,
         trusted: TrustedProxies | None = None,
@@ -146,7 +152,7 @@ class TunnelServer:
     ) -> WSUpgradeResponseWithListener:
         """The 101 with the tunnel the front layer's verdict chose, unless the
         user was deleted while being admitted."""
-        key, mux, subprotocol = upgrade.key, upgrade.mux, upgrade.subprotocol
+        key, subprotocol = upgrade.key, upgrade.subprotocol
         user = self.table.lookup(key)
         if user is None:  # deleted since the front layer looked
             log.info("%s: user %s deleted during the upgrade", peer, key)
@@ -158,28 +164,29 @@ class TunnelServer:
                 ),
                 None,
             )
+        mode = mode_for(upgrade.mode, user.mux, self.default_mux)
         account = TunnelAccount(self.agent, key, user, client_ip, admitted)
         listener: WSListener
-        if mux:
-            listener = MuxTunnel(account, peer, self.limits, self.registry)
-        else:
+        if mode is MuxProtocol.NONE:
             listener = PlainTunnel(account, peer, self.limits, self.registry)
+        else:
+            listener = MuxTunnel(account, peer, self.limits, self.registry, mode)
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
-        log.debug("%s %s: upgrade (%s) to %s", peer, key, "smux" if mux else "plain", user.dst)
+        log.debug("%s %s: upgrade (%s) to %s", peer, key, mode, user.dst)
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(headers), listener
         )
 
     def gauges(self) -> dict[str, int]:
-        """Open tunnels by mode and smux streams, for metrics."""
-        plain = smux = streams = 0
+        """Open tunnels by mode and their streams (smux and Mux.Cool), for metrics."""
+        gauges = {"plain": 0, "smux": 0, "muxcool": 0, "stream": 0}
         for tunnel in self.registry.active:
             if isinstance(tunnel, MuxTunnel):
-                smux += 1
-                streams += len(tunnel.streams)
+                gauges[tunnel.kind] += 1
+                gauges["stream"] += len(tunnel.streams)
             else:
-                plain += 1
-        return {"plain": plain, "smux": smux, "stream": streams}
+                gauges["plain"] += 1
+        return gauges
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound, listening socket."""
@@ -192,7 +199,6 @@ class TunnelServer:
                 self._protocol_factory,
                 self.limits,
                 self.fallback,
-                default_mux=self.default_mux,
                 trusted=self.trusted,
                 client=client,
             )

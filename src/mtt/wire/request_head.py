@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mtt.address import quote
+from mtt.core.users import MuxProtocol
 
 SMUX_ON = "smux_on"
 SMUX_OFF = "smux_off"
@@ -41,7 +42,9 @@ class Upgrade:
     layer with `head` (the request in the one spelling its parser accepts)."""
 
     key: str
-    mux: bool
+    # What the client's sub-protocol asks for; None when it names none, and the
+    # user's "mux" or the server's -mux-protocol decide when the route is taken.
+    mode: MuxProtocol | None
     subprotocol: str | None  # to echo in the 101, None for none
     head: bytes
 
@@ -86,7 +89,6 @@ def verdict(
     head: RequestHead,
     *,
     route_exists: Callable[[str], bool],
-    default_mux: bool,
     max_head: int,
     keep_alive_allowed: bool = True,
     fallback: bool = False,
@@ -94,9 +96,8 @@ def verdict(
 ) -> Verdict:
     """The answer to one request head.
 
-    route_exists tells whether a routing key names a user; default_mux is the
-    mode of a client that names no sub-protocol; max_head caps the head's
-    size; keep_alive_allowed is False once a connection has had its share of
+    route_exists tells whether a routing key names a user; max_head caps the
+    head's size; keep_alive_allowed is False once a connection has had its share of
     requests; fallback when 404s go to a fallback site; on_tls_port for plain
     HTTP that came to the TLS listener.
     """
@@ -116,8 +117,8 @@ def verdict(
     else:
         protocols = [value for name, value in head.headers if name == b"sec-websocket-protocol"]
         offered = b", ".join(protocols).decode("latin-1") if protocols else None
-        mux, subprotocol = choose_subprotocol(offered, default_mux)
-        return Upgrade(key, mux, subprotocol, canonical_upgrade(head))
+        mode, subprotocol = choose_subprotocol(offered)
+        return Upgrade(key, mode, subprotocol, canonical_upgrade(head))
     if fallback:
         return ToFallback(reason, failure)
     keep_alive = (
@@ -146,15 +147,26 @@ def routing_key(target: bytes) -> str | None:
         return None
 
 
-def choose_subprotocol(header: str | None, default_mux: bool) -> tuple[bool, str | None]:
-    """(mux?, sub-protocol to echo), preferring smux_on like gorilla's Upgrader."""
+def choose_subprotocol(header: str | None) -> tuple[MuxProtocol | None, str | None]:
+    """(mode, sub-protocol to echo), preferring smux_on like gorilla's Upgrader;
+    (None, None) when the client names neither."""
     if header:
         offered = {item.strip() for item in header.split(",")}
         if SMUX_ON in offered:
-            return True, SMUX_ON
+            return MuxProtocol.SMUX, SMUX_ON
         if SMUX_OFF in offered:
-            return False, SMUX_OFF
-    return default_mux, None
+            return MuxProtocol.NONE, SMUX_OFF
+    return None, None
+
+
+def mode_for(
+    asked: MuxProtocol | None, user_mux: MuxProtocol | None, server_default: MuxProtocol
+) -> MuxProtocol:
+    """What a tunnel carries: the client's sub-protocol (smux_on, smux_off), else
+    the user's "mux", else the server's -mux-protocol (docs/protocol.md §3)."""
+    if asked is not None:
+        return asked
+    return user_mux if user_mux is not None else server_default
 
 
 def upgrade_problem(head: RequestHead) -> str | None:

@@ -23,7 +23,9 @@ from mtt.config import Limits, ServerConfig
 from mtt.core.commands import Command
 from mtt.core.rate import Direction
 from mtt.core.usage import Usage
+from mtt.core.users import MuxProtocol
 from mtt.errors import ProtocolError
+from mtt.muxcool import MuxCoolConfig
 from mtt.smux import SmuxConfig
 
 Wire = dict[str, Any]
@@ -187,8 +189,16 @@ def config_to_wire(config: ServerConfig) -> Wire:
 def config_from_wire(data: Wire) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
+    limits["muxcool"] = MuxCoolConfig(**limits["muxcool"])
     trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
-    return ServerConfig(**{**data, "limits": Limits(**limits), "trusted_proxies": trusted})
+    return ServerConfig(
+        **{
+            **data,
+            "limits": Limits(**limits),
+            "trusted_proxies": trusted,
+            "mux_protocol": MuxProtocol(data["mux_protocol"]),
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)
