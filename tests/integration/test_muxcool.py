@@ -84,6 +84,10 @@ class CoolClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), 0.05)
 
+    def gone(self) -> bool:
+        """The server closed the WebSocket."""
+        return self._reader.done()
+
     async def close(self) -> None:
         self._reader.cancel()
         await self.ws.close()
@@ -326,3 +330,24 @@ async def test_a_dst_that_does_not_read_stops_reading_the_websocket(
             await client.wait_for(lambda: 1 in client.ended)
     finally:
         dst.close()
+
+
+async def test_a_flood_of_refused_sub_connections_ends_the_session(
+    cool_server: ServerProcess, client_tls: ssl.SSLContext
+) -> None:
+    """1,024 refusals are answered, the next ends the session: one log line in all."""
+    add_user(cool_server, "/flood", "127.0.0.1:9", mux=None)
+    dns = Target(Network.UDP, 53, AddressType.IPV4, b"\x08\x08\x08\x08")
+    flood = b"".join(encode_frame(Frame(sid, Status.NEW, 0, dns)) for sid in range(1, 1100))
+    async with cool_connect(cool_server, client_tls, "/flood") as ws:
+        client = CoolClient(ws)
+        await ws.send(flood)
+        await client.wait_for(client.gone)
+        assert ws.close_code == 1002
+        assert client.ended == dict.fromkeys(range(1, 1025), OPTION_ERROR)
+    await asyncio.sleep(0.1)
+    lines = [line for line in cool_server.log_text().splitlines() if "/flood:" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        "/flood: Mux.Cool protocol error: Mux.Cool: more than 1024 sub-connections refused"
+    )
