@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from functools import partial
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
@@ -250,8 +251,7 @@ class ClientSession(MuxLink[MuxLocalStream, SmuxSession], WSListener):
 
     def __init__(self, pool: MuxPool, number: int) -> None:
         limits = pool.limits
-        smux = limits.smux
-        super().__init__(lambda now: SmuxSession(smux, now), pool.idle_timeout, limits.close_linger)
+        super().__init__(partial(SmuxSession, limits.smux), pool.idle_timeout, limits.close_linger)
         self._pool = pool
         self.number = number
         self.limits = limits

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
@@ -272,15 +273,13 @@ class MuxTunnel(MuxLink[MuxStream, MuxSession], CheckedListener):
     ) -> None:
         make_session: Callable[[float], MuxSession]
         if protocol is MuxProtocol.MUXCOOL:
-            muxcool = limits.muxcool
-            make_session = lambda now: MuxCoolSession(muxcool, now)  # noqa: E731
-            self.dst_high_water = muxcool.stream_budget
+            make_session = partial(MuxCoolSession, limits.muxcool)
+            self.dst_high_water = limits.muxcool.stream_budget
             self._fin_quiet = 0.0
             self.kind, self._name = "muxcool", "Mux.Cool"
         else:
-            smux = limits.smux
-            make_session = lambda now: SmuxSession(smux, now)  # noqa: E731
-            self.dst_high_water = smux.stream_window
+            make_session = partial(SmuxSession, limits.smux)
+            self.dst_high_water = limits.smux.stream_window
             self._fin_quiet = limits.drain_quiet
             self.kind, self._name = "smux", "smux"
         super().__init__(make_session, limits.idle_timeout, limits.idle_timeout)
