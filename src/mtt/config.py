@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from mtt.core.harvest import HarvestBounds
 from mtt.core.policy import DstPolicy
+from mtt.core.users import MuxProtocol
+from mtt.muxcool.session import MuxCoolConfig
 from mtt.smux.session import SmuxConfig
 
 KiB = 1024
@@ -179,6 +181,8 @@ class Limits:
     # Harvests (opts 7, 8, 10): id length, paths per request, users and bytes per reply,
     # acknowledged ids remembered.
     harvest: HarvestBounds = field(default_factory=HarvestBounds)
+    # Mux.Cool sessions inside WebSockets (its idle_timeout is set from -timeout).
+    muxcool: MuxCoolConfig = field(default_factory=MuxCoolConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +192,8 @@ class ServerConfig:
     bind: str = ""
     bind_unix: bool = False
     controller: str = ""
-    mux: bool = False
+    # What a WebSocket carries when the client names no sub-protocol (-mux, -mux-protocol).
+    mux_protocol: MuxProtocol = MuxProtocol.NONE
     cert: str = ""
     key: str = ""
     force_tls: bool = False

@@ -4,7 +4,8 @@
     ├── ConfigError          bad flag, unreadable cert/key: exit with one line
     ├── HelpRequested        -h or -help given: print the usage, exit 0
     ├── ProtocolError        a peer broke a protocol: close that connection
-    │   └── SmuxProtocolError    bad smux frame or state (ends the whole session)
+    │   ├── SmuxProtocolError    bad smux frame or state (ends the whole session)
+    │   └── MuxCoolProtocolError bad Mux.Cool frame or state (ends the whole session)
     ├── ControlError         a controller request that cannot be applied (400, res 2)
     ├── StoreError           the user store cannot take a change now (503, res 2)
     └── RemoteError          the other process's handler failed on our request
@@ -33,6 +34,10 @@ class ProtocolError(MttError):
 
 class SmuxProtocolError(ProtocolError):
     """An smux frame or frame sequence the session cannot accept."""
+
+
+class MuxCoolProtocolError(ProtocolError):
+    """A Mux.Cool frame or frame sequence the session cannot accept."""
 
 
 class ControlError(MttError):

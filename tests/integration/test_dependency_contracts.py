@@ -38,6 +38,7 @@ from mtt.config import Limits
 from mtt.controller import http as controller_http
 from mtt.controller.http import ControllerSettings, start_controller
 from mtt.core.commands import RES_ERR, RES_OK
+from mtt.core.users import MuxProtocol
 from mtt.service.user_service import UserService
 from mtt.store.memory import MemoryStore
 from mtt.transport.tls import context_from_pem, self_signed_pem
@@ -180,7 +181,7 @@ class RecordingListener(WSListener):  # type: ignore[misc]
 def tunnel_server(limits: Limits, unix: bool, listener: RecordingListener | None) -> TunnelServer:
     """A TunnelServer whose routes find no user, or give every upgrade to `listener`."""
     agent = SimpleNamespace(table=SimpleNamespace(lookup=lambda key: None), abandon=print)
-    server = TunnelServer(agent, limits, default_mux=False, ssl_context=None)  # type: ignore[arg-type]
+    server = TunnelServer(agent, limits, default_mux=MuxProtocol.NONE, ssl_context=None)  # type: ignore[arg-type]
     server.unix = unix
     if listener is not None:
         server._route = lambda *args: WSUpgradeResponseWithListener(  # type: ignore[method-assign]
@@ -194,7 +195,7 @@ async def hand_over(server: TunnelServer, sock: socket.socket, request: bytes) -
     loop = asyncio.get_running_loop()
     transport, _ = await aiofastnet.connect_accepted_socket(loop, asyncio.Protocol, sock)
     front = SimpleNamespace(peer="127.0.0.1:1", client_ip="127.0.0.1")
-    upgrade = Upgrade(key="/u", mux=False, subprotocol=None, head=request)
+    upgrade = Upgrade(key="/u", mode=None, subprotocol=None, head=request)
     ws_protocol = server._protocol_factory(front, upgrade, False)  # type: ignore[arg-type]
     transport.set_protocol(ws_protocol)
     ws_protocol.connection_made(transport)

@@ -432,3 +432,24 @@ async def test_a_node_that_missed_changes_serves_redis_soon_after_it_returns(
             {"/before": "127.0.0.1:1000", "/meanwhile": "127.0.0.1:2000"},
         )
         assert agrees(b, conn)
+
+
+async def test_a_users_mux_reaches_every_node_and_a_node_started_later(
+    redis: RedisServer,
+) -> None:
+    """Through the change message (2 workers: and on to them), and through mtt:users."""
+    with nodes(redis, 1, 2) as (a, b):
+        rev = add(
+            a,
+            {"path": "/v2", "dst": "127.0.0.1:8388", "mux": "mux.cool"},
+            {"path": "/plain", "dst": "127.0.0.1:8389"},
+        )
+        await reach(rev, b)
+        for node in (a, b):
+            assert (listed(node, "/v2") or {})["mux"] == "mux.cool"
+            assert (listed(node, "/plain") or {})["mux"] is None
+        c = start_server(*node_args(redis))
+        try:
+            assert (listed(c, "/v2") or {})["mux"] == "mux.cool"
+        finally:
+            stop_clean(c)

@@ -32,6 +32,9 @@ WIRE_FORMAT = {
     "core/harvest.py": "ENTRY_OVERHEAD",
     # Integers every JSON implementation holds exactly; the reply's res codes (protocol.md §6).
     "core/commands.py": "MAX_NUMBER RES_OK RES_ERR",
+    # Mux.Cool's format (protocol.md §11): v2ray's largest metadata, the u16 data length,
+    # and the option bits.
+    "muxcool/frames.py": "MAX_METADATA MAX_PAYLOAD OPTION_DATA OPTION_ERROR",
     # The in-process agent's id among the workers' (an id, not a quantity).
     "service/planes.py": "LOCAL_AGENT",
     # smux's frame header and UPD payload, its u16 length, u32 arithmetic, Go's

@@ -1,10 +1,12 @@
 """Go flag conventions and durations, as existing start scripts use them."""
 
 import io
+import re
 
 import pytest
 
 from mtt.cli import FlagSet, format_duration, parse_duration, run_cli
+from mtt.core.users import MuxProtocol
 from mtt.errors import ConfigError
 from mtt.server.main import build_flags, config_from_flags
 
@@ -136,7 +138,8 @@ def test_server_accepts_the_go_servers_flags() -> None:
     config = config_from_flags(build_flags().parse(argv))
     assert config.bind == "0.0.0.0:443"
     assert config.controller == "127.0.0.1:9000"
-    assert config.mux and config.fast_open and config.verbose and config.force_tls
+    assert config.mux_protocol is MuxProtocol.SMUX
+    assert config.fast_open and config.verbose and config.force_tls
     assert config.limits.idle_timeout == 150.0
     assert (config.cert, config.key, config.server_name) == ("/c.pem", "/k.pem", "example.com")
 
@@ -144,7 +147,7 @@ def test_server_accepts_the_go_servers_flags() -> None:
 def test_server_defaults() -> None:
     config = config_from_flags(build_flags().parse([]))
     assert config.limits.idle_timeout == 60.0
-    assert not config.mux and not config.force_tls
+    assert config.mux_protocol is MuxProtocol.NONE and not config.force_tls
     assert config.bind == "127.0.0.1:8443"
     assert config.allowed_origins == ()  # any Origin (docs/security.md)
 
@@ -165,4 +168,32 @@ def test_allow_origin_repeats_and_is_kept_as_browsers_serialize_origins() -> Non
 )
 def test_server_flag_combinations_are_checked(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
+        config_from_flags(build_flags().parse(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "protocol"),
+    [
+        (["-mux-protocol", "mux.cool"], MuxProtocol.MUXCOOL),
+        (["-mux-protocol=smux"], MuxProtocol.SMUX),
+        (["-mux-protocol", "none"], MuxProtocol.NONE),
+        (["-mux", "-mux-protocol", "smux"], MuxProtocol.SMUX),
+    ],
+)
+def test_mux_protocol_flag(argv: list[str], protocol: MuxProtocol) -> None:
+    assert config_from_flags(build_flags().parse(argv)).mux_protocol is protocol
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["-mux-protocol", "yamux"],
+            "-mux-protocol must be one of none, smux, mux.cool, not 'yamux'",
+        ),
+        (["-mux", "-mux-protocol", "mux.cool"], "-mux means -mux-protocol smux, not mux.cool"),
+    ],
+)
+def test_mux_protocol_flag_refusals(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_flags(build_flags().parse(argv))

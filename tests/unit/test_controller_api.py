@@ -8,7 +8,7 @@ from mtt.address import Destination, parse_destination
 from mtt.config import Limits
 from mtt.core.commands import Command, apply_command, reply
 from mtt.core.commands import parse_command as parse_with
-from mtt.core.users import UserTable
+from mtt.core.users import MuxProtocol, UserTable
 from mtt.errors import ControlError
 
 MAX_PATH = Limits().max_user_path  # what the controller gives the parser
@@ -95,6 +95,14 @@ def test_paths_match_exactly() -> None:
         (b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "a b:80"}]}', "not a valid host"),
         (b'{"opt": 1, "args_bunch": [{"path": "/a\\u0000", "dst": "h:1"}]}', "control characters"),
         (b'{"opt": 2, "args_bunch": [{"dst": "h:1"}]}', "missing path"),
+        (
+            b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "h:1", "mux": 1}]}',
+            r"args_bunch\[0\].mux must be a string, got number",
+        ),
+        (
+            b'{"opt": 1, "args_bunch": [{"path": "/a", "dst": "h:1", "mux": "yamux"}]}',
+            r'args_bunch\[0\].mux "yamux" must be one of none, smux, mux.cool',
+        ),
     ],
 )
 def test_bad_requests_name_the_problem(body: bytes, message: str) -> None:
@@ -164,3 +172,23 @@ def test_bulk_add_of_40000_users() -> None:
 def test_destinations(text: str, dst: Destination) -> None:
     assert parse_destination(text) == dst
     assert str(parse_destination(text)) == text
+
+
+def test_a_users_mux_is_kept_null_or_absent_is_the_servers() -> None:
+    table = UserTable()
+    bunch = [
+        {"path": "/v2", "dst": "127.0.0.1:1", "mux": "mux.cool"},
+        {"path": "/s", "dst": "127.0.0.1:1", "mux": "smux"},
+        {"path": "/p", "dst": "127.0.0.1:1", "mux": "none", "rate": 5},
+        {"path": "/d", "dst": "127.0.0.1:1", "mux": None},
+        {"path": "/g", "dst": "127.0.0.1:1"},
+    ]
+    run(table, {"opt": 1, "args_bunch": bunch})
+    muxes = {path: user.mux for path, user in table.items()}
+    assert muxes == {
+        "/v2": MuxProtocol.MUXCOOL,
+        "/s": MuxProtocol.SMUX,
+        "/p": MuxProtocol.NONE,
+        "/d": None,
+        "/g": None,
+    }

@@ -2,7 +2,9 @@
 server does with it. The head is parsed by h11 as the front layer parses it;
 the verdict is sans-I/O, so no server, socket or clock is involved.
 
-The users are /user, "/a b" and "/\u4f60"; -mux is off unless a row says so.
+The users are /user, "/a b" and "/\u4f60". The sub-protocol picks the mode; a
+client that names none leaves it to the route (the user's "mux", the server's
+-mux-protocol), which mode_for() decides.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 from mtt.accept.front import request_head_of
 from mtt.config import Limits
+from mtt.core.users import MuxProtocol
 from mtt.wire.nginx_pages import TO_HTTPS_PAGE, http09_page, http_response
 from mtt.wire.origin import OriginPolicy
 from mtt.wire.request_head import (
@@ -27,9 +30,11 @@ from mtt.wire.request_head import (
     Verdict,
     canonical_upgrade,
     head_size,
+    mode_for,
     verdict,
 )
 
+NONE, SMUX, MUXCOOL = MuxProtocol.NONE, MuxProtocol.SMUX, MuxProtocol.MUXCOOL
 USERS = {"/user", "/a b", "/\u4f60"}
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455's sample: 16 bytes in base64
 
@@ -83,7 +88,6 @@ def canonical(target: str, protocols: str | None = "smux_off", host: str = "tunn
 class Context:
     """The server-side inputs of a verdict other than the head."""
 
-    default_mux: bool = False
     keep_alive_allowed: bool = True
     fallback: bool = False
     on_tls_port: bool = False
@@ -91,7 +95,6 @@ class Context:
     origins: tuple[str, ...] = ()  # -allow-origin
 
 
-MUX = Context(default_mux=True)
 FALLBACK = Context(fallback=True)
 TLS_PORT = Context(on_tls_port=True)
 LAST_REQUEST = Context(keep_alive_allowed=False)
@@ -116,7 +119,6 @@ def decide(raw: bytes, context: Context = Context()) -> Verdict:
     return verdict(
         request_head_of(event),
         route_exists=context.users.__contains__,
-        default_mux=context.default_mux,
         max_head=MAX_REQUEST_HEAD,
         max_early_data=MAX_EARLY_DATA,
         keep_alive_allowed=context.keep_alive_allowed,
@@ -152,67 +154,49 @@ _OVER_THE_CAP = request(extra=(_PADDING + "p",))
 
 TABLE: list[tuple[str, bytes, Context, Verdict]] = [
     # -- upgrades on a user's path: the sub-protocol picks the mode -----------------------
-    ("smux_off", request(), Context(), Upgrade("/user", False, "smux_off", canonical("/user"))),
-    (
-        "smux_off with -mux",
-        request(),
-        MUX,
-        Upgrade("/user", False, "smux_off", canonical("/user")),
-    ),
+    ("smux_off", request(), Context(), Upgrade("/user", NONE, "smux_off", canonical("/user"))),
     (
         "smux_on",
         request(protocols=("smux_on",)),
         Context(),
-        Upgrade("/user", True, "smux_on", canonical("/user", "smux_on")),
+        Upgrade("/user", SMUX, "smux_on", canonical("/user", "smux_on")),
     ),
     (
-        "no sub-protocol, -mux off",
+        "no sub-protocol: the route decides",
         request(protocols=()),
         Context(),
-        Upgrade("/user", False, None, canonical("/user", None)),
-    ),
-    (
-        "no sub-protocol, -mux on",
-        request(protocols=()),
-        MUX,
-        Upgrade("/user", True, None, canonical("/user", None)),
+        Upgrade("/user", None, None, canonical("/user", None)),
     ),
     (
         "both offered: smux_on wins",
         request(protocols=("smux_off, smux_on",)),
         Context(),
-        Upgrade("/user", True, "smux_on", canonical("/user", "smux_off, smux_on")),
+        Upgrade("/user", SMUX, "smux_on", canonical("/user", "smux_off, smux_on")),
     ),
     (
         "offers in two headers",
         request(protocols=("chat", "smux_on")),
         Context(),
-        Upgrade("/user", True, "smux_on", canonical("/user", "chat, smux_on")),
+        Upgrade("/user", SMUX, "smux_on", canonical("/user", "chat, smux_on")),
     ),
     (
-        "an unknown sub-protocol that is not base64 is not echoed",
+        "an unknown sub-protocol that is not base64 is not echoed and leaves it to the route",
         request(protocols=("v1.chat",)),
-        MUX,
-        Upgrade("/user", True, None, canonical("/user", "v1.chat")),
+        Context(),
+        Upgrade("/user", None, None, canonical("/user", "v1.chat")),
     ),
     (
         "a list of unknown sub-protocols is not early data",
         request(protocols=("chat, superchat",)),
         Context(),
-        Upgrade("/user", False, None, canonical("/user", "chat, superchat")),
+        Upgrade("/user", None, None, canonical("/user", "chat, superchat")),
     ),
     # -- early data in Sec-WebSocket-Protocol (docs/protocol.md §10) -----------------------
     (
         "early data: 2048 bytes, echoed, not in the head the WebSocket layer gets",
         request(protocols=(ed(EARLY),)),
         Context(),
-        Upgrade("/user", False, ed(EARLY), canonical("/user", None), EARLY),
-    ),
-    (
-        "early data with -mux: still one plain byte stream",
-        request(protocols=(ed(EARLY),)),
-        MUX,
-        Upgrade("/user", False, ed(EARLY), canonical("/user", None), EARLY),
+        Upgrade("/user", NONE, ed(EARLY), canonical("/user", None), EARLY),
     ),
     (
         "early data at the bound",
@@ -220,7 +204,7 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         Context(),
         Upgrade(
             "/user",
-            False,
+            NONE,
             ed(b"\xff" * MAX_EARLY_DATA),
             canonical("/user", None),
             b"\xff" * MAX_EARLY_DATA,
@@ -229,7 +213,7 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
     (
         "early data one byte over the bound",
         request(protocols=(ed(b"\xff" * (MAX_EARLY_DATA + 1)),)),
-        MUX,
+        Context(),
         BadRequest(f"/user: early data of {MAX_EARLY_DATA + 1} bytes over the 3072-byte bound"),
     ),
     (
@@ -242,50 +226,50 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "early data in the standard alphabet, padded: taken as Xray's server takes it",
         request(protocols=("+/8=",)),
         Context(),
-        Upgrade("/user", False, "+/8=", canonical("/user", None), b"\xfb\xff"),
+        Upgrade("/user", NONE, "+/8=", canonical("/user", None), b"\xfb\xff"),
     ),
     (
         "a sub-protocol name that decodes is early data, as at Xray's server",
         request(protocols=("chat",)),
-        MUX,
-        Upgrade("/user", False, "chat", canonical("/user", None), b"r\x16\xad"),
+        Context(),
+        Upgrade("/user", NONE, "chat", canonical("/user", None), b"r\x16\xad"),
     ),
     (
         "smux_on decodes too, but is the sub-protocol",
         request(protocols=("smux_on",)),
-        MUX,
-        Upgrade("/user", True, "smux_on", canonical("/user", "smux_on")),
+        Context(),
+        Upgrade("/user", SMUX, "smux_on", canonical("/user", "smux_on")),
     ),
     (
         "early data with the path's ?ed= left on (clients that do not know it)",
         request("/user?ed=2048", protocols=(ed(b"vless"),)),
         Context(),
-        Upgrade("/user", False, ed(b"vless"), canonical("/user?ed=2048", None), b"vless"),
+        Upgrade("/user", NONE, ed(b"vless"), canonical("/user?ed=2048", None), b"vless"),
     ),
     # -- -allow-origin: browsers from listed origins only ----------------------------------
     (
         "any origin without -allow-origin",
         request(extra=("Origin: https://elsewhere.example",)),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "a listed origin",
         request(extra=("Origin: https://panel.example.com",)),
         PANEL,
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "a listed origin, as a browser would never spell it",
         request(extra=("Origin: HTTPS://Panel.Example.COM:443",)),
         PANEL,
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "no Origin: not a browser, let in",
         request(),
         PANEL,
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "an origin not listed",
@@ -334,31 +318,31 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "query string ignored",
         request("/user?x=1&y"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user?x=1&y")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user?x=1&y")),
     ),
     (
         "percent-decoded",
         request("/a%20b"),
         Context(),
-        Upgrade("/a b", False, "smux_off", canonical("/a%20b")),
+        Upgrade("/a b", NONE, "smux_off", canonical("/a%20b")),
     ),
     (
         "percent-decoded UTF-8",
         request("/%E4%BD%A0"),
         Context(),
-        Upgrade("/\u4f60", False, "smux_off", canonical("/%E4%BD%A0")),
+        Upgrade("/\u4f60", NONE, "smux_off", canonical("/%E4%BD%A0")),
     ),
     (
         "absolute-form target",
         request("http://tunnel.test/user?x"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("http://tunnel.test/user?x")),
+        Upgrade("/user", NONE, "smux_off", canonical("http://tunnel.test/user?x")),
     ),
     (
         "absolute-form https target",
         request("https://tunnel.test/user"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("https://tunnel.test/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("https://tunnel.test/user")),
     ),
     ("trailing slash is another path", request("/user/"), Context(), unknown('"/user/"')),
     ("bad escape", request("/user%zz"), Context(), unknown('"/user%zz"')),
@@ -371,19 +355,19 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "tokens in lists, any case",
         request(upgrade="WebSocket", connection="keep-alive, Upgrade"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "HTTP/1.0 without Host: the WebSocket layer still gets one",
         request(http="HTTP/1.0", host=None),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user", host="localhost")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user", host="localhost")),
     ),
     (
         "HTTP/1.0 with the upgrade headers",
         request(http="HTTP/1.0"),
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     # -- not an upgrade on a user's path: the same 404 as an unknown path ------------------
     ("GET of a user's path", plain(), Context(), not_websocket("no Upgrade: websocket")),
@@ -488,7 +472,7 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "fallback: a valid upgrade is still a tunnel",
         request(),
         FALLBACK,
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     # -- plain HTTP sent to the TLS port: nginx's 400 whatever the path ---------------------
     ("TLS port: a valid upgrade", request(), TLS_PORT, PlainHttpOnTlsPort(head_only=False)),
@@ -499,7 +483,7 @@ TABLE: list[tuple[str, bytes, Context, Verdict]] = [
         "a head of exactly the cap",
         _AT_THE_CAP,
         Context(),
-        Upgrade("/user", False, "smux_off", canonical("/user")),
+        Upgrade("/user", NONE, "smux_off", canonical("/user")),
     ),
     (
         "one byte over: user path",
@@ -628,3 +612,23 @@ def test_nginx_plain_http_to_tls_port_answer() -> None:
 def test_nginx_http09_answers_are_pages_alone() -> None:
     assert http09_page(b"GET") == TO_HTTPS_PAGE
     assert http09_page(b"POST").startswith(b"<html>\r\n<head><title>400 Bad Request</title>")
+
+
+@pytest.mark.parametrize(
+    ("asked", "user_mux", "server_default", "mode"),
+    [
+        (SMUX, MUXCOOL, NONE, SMUX),  # smux_on: the client's word wins
+        (NONE, MUXCOOL, SMUX, NONE),  # smux_off
+        (None, MUXCOOL, NONE, MUXCOOL),  # no sub-protocol: the user's "mux" ...
+        (None, NONE, SMUX, NONE),
+        (None, None, MUXCOOL, MUXCOOL),  # ... else -mux-protocol
+        (None, None, NONE, NONE),
+    ],
+)
+def test_the_mode_of_a_tunnel(
+    asked: MuxProtocol | None,
+    user_mux: MuxProtocol | None,
+    server_default: MuxProtocol,
+    mode: MuxProtocol,
+) -> None:
+    assert mode_for(asked, user_mux, server_default) is mode

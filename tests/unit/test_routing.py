@@ -3,6 +3,7 @@
 import pytest
 
 from mtt.accept.tunnel_server import choose_subprotocol, routing_key
+from mtt.core.users import MuxProtocol
 
 
 @pytest.mark.parametrize(
@@ -26,17 +27,16 @@ def test_routing_key(target: bytes, key: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("header", "default_mux", "chosen"),
+    ("header", "chosen"),
     [
-        ("smux_on", False, (True, "smux_on")),
-        ("smux_off", True, (False, "smux_off")),
-        (None, True, (True, None)),
-        (None, False, (False, None)),
-        ("smux_off, smux_on", False, (True, "smux_on")),
-        ("chat", True, (True, None)),
+        ("smux_on", (MuxProtocol.SMUX, "smux_on")),
+        ("smux_off", (MuxProtocol.NONE, "smux_off")),
+        (None, (None, None)),
+        ("smux_off, smux_on", (MuxProtocol.SMUX, "smux_on")),
+        ("chat", (None, None)),
     ],
 )
 def test_subprotocol_choice(
-    header: str | None, default_mux: bool, chosen: tuple[bool, str | None]
+    header: str | None, chosen: tuple[MuxProtocol | None, str | None]
 ) -> None:
-    assert choose_subprotocol(header, default_mux) == chosen
+    assert choose_subprotocol(header) == chosen

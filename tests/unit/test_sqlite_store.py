@@ -16,7 +16,7 @@ from mtt.address import Destination
 from mtt.core.commands import Command, Entry, Opt
 from mtt.core.harvest import Acked, AckState, Harvest, HarvestBounds, Refused, Share, Taken
 from mtt.core.usage import Usage
-from mtt.core.users import User, UserLimits
+from mtt.core.users import MuxProtocol, User, UserLimits
 from mtt.errors import ConfigError, StoreError
 from mtt.store.sqlite import SqliteStore
 
@@ -382,3 +382,50 @@ async def test_a_file_of_an_earlier_version_gains_the_harvest_tables(db_path: st
         Harvest("h1", 1.0, (), False), repeat=False
     )
     await again.close()
+
+
+async def test_a_users_mux_survives_a_restart(db_path: str) -> None:
+    store = await opened(db_path)
+    v2 = User(Destination("127.0.0.1", 8388), mux=MuxProtocol.MUXCOOL)
+    plain = User(Destination("127.0.0.1", 8389), LIMITS, MuxProtocol.NONE)
+    entries = (Entry("/v2", v2), Entry("/plain", plain), Entry("/a", user()))
+    await store.commit(Command(Opt.ADD, entries=entries))
+    await store.close()
+    again = await opened(db_path)
+    snapshot = await again.load()
+    await again.close()
+    assert snapshot.users == {"/v2": v2, "/plain": plain, "/a": user()}
+
+
+_SCHEMA_1 = """
+CREATE TABLE users (
+    path TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,
+    rate INTEGER NOT NULL DEFAULT 0, max_tunnels INTEGER NOT NULL DEFAULT 0,
+    max_ips INTEGER NOT NULL DEFAULT 0, quota INTEGER NOT NULL DEFAULT 0,
+    expire INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0, quota_used INTEGER NOT NULL DEFAULT 0,
+    total_tunnels INTEGER NOT NULL DEFAULT 0, last_seen REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT INTO meta VALUES ('schema', 1), ('revision', 7);
+INSERT INTO users (path, host, port, rate, bytes_up, quota_used, last_seen)
+    VALUES ('/old', '127.0.0.1', 8000, 1000, 5, 9, 12.5);
+"""
+
+
+async def test_a_version_1_file_is_migrated_and_keeps_its_users(db_path: str) -> None:
+    """The file an earlier server wrote, before users had a mux."""
+    os.makedirs(os.path.dirname(db_path))
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        db.executescript(_SCHEMA_1)
+    store = await opened(db_path)
+    snapshot = await store.load()
+    counters = await store.read_usage(None, False)
+    await store.commit(add("/new"))
+    await store.close()
+    assert snapshot.revision == 7
+    assert snapshot.users == {"/old": User(Destination("127.0.0.1", 8000), UserLimits(rate=1000))}
+    assert counters["/old"] == Usage(5, 0, 9, 0, 12.5)
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (2,)
+        assert db.execute("SELECT mux FROM users ORDER BY path").fetchall() == [("",), ("",)]

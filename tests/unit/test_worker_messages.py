@@ -21,7 +21,7 @@ from mtt.config import ServerConfig
 from mtt.core.commands import Command, Entry, Opt
 from mtt.core.policy import DstPolicy, parse_rule
 from mtt.core.usage import Usage
-from mtt.core.users import User, UserLimits
+from mtt.core.users import MuxProtocol, User, UserLimits
 from mtt.errors import ProtocolError, RemoteError
 from mtt.workers import channel
 from mtt.workers.messages import (
@@ -57,6 +57,7 @@ COMMAND = Command(
     entries=(
         Entry("/plain", User(Destination("127.0.0.1", 9))),
         Entry("/sold", User(Destination("::1", 80), UserLimits(1000, 2, 3, 4, 5)), 77),
+        Entry("/v2", User(Destination("127.0.0.1", 8388), mux=MuxProtocol.MUXCOOL)),
     ),
 )
 REPORT = {"users": {"/a": [[1, 2, 3, 1, 5.5], 1, ["10.0.0.1"]]}, "stats": {}, "gauges": {}}
@@ -69,6 +70,7 @@ EXAMPLES: list[Message] = [
         None,
         Command(Opt.RESET),
     ),
+    Init(ServerConfig(mux_protocol=MuxProtocol.MUXCOOL), None, Command(Opt.RESET)),
     Change(COMMAND, kick=True),
     Change(Command(Opt.DELETE, paths=("/a", "/b")), kick=False),
     Collect(),

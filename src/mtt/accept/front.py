@@ -95,14 +95,12 @@ class FrontProtocol(asyncio.Protocol):
         limits: Limits,
         fallback: Fallback | None = None,
         *,
-        default_mux: bool,
         trusted: TrustedProxies | None = None,
         client: tuple[str, int] | None = None,
         origins: OriginPolicy | None = None,
     ) -> None:
         self._agent = agent
         self._table = agent.table
-        self._default_mux = default_mux
         self._make_ws_protocol = make_ws_protocol
         self._handshake_timeout = limits.handshake_timeout
         self._limits = limits
@@ -257,7 +255,6 @@ class FrontProtocol(asyncio.Protocol):
         verdict = request_head.verdict(
             request_head_of(request),
             route_exists=self._table.__contains__,
-            default_mux=self._default_mux,
             max_head=self._limits.max_request_head,
             max_early_data=self._limits.max_early_data,
             keep_alive_allowed=self._requests < self._limits.max_keepalive_requests,

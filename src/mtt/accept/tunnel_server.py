@@ -29,6 +29,7 @@ from mtt.accept.front import FrontProtocol
 from mtt.accept.prelude import ProxyPrelude
 from mtt.accept.tls_setup import TlsSpec
 from mtt.config import Limits
+from mtt.core.users import MuxProtocol
 from mtt.service.agent import Agent, TunnelAccount
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
@@ -36,7 +37,12 @@ from mtt.transport.tls import load_pem_into
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.nginx_pages import PAGES
 from mtt.wire.origin import OriginPolicy
-from mtt.wire.request_head import Upgrade, choose_subprotocol, routing_key  # noqa: F401 (re-exported)
+from mtt.wire.request_head import (  # noqa: F401 (choose_subprotocol, routing_key re-exported)
+    Upgrade,
+    choose_subprotocol,
+    mode_for,
+    routing_key,
+)
 
 log = logging.getLogger("mtt.server")
 
@@ -90,7 +96,7 @@ class TunnelServer:
         agent: Agent,
         limits: Limits,
         *,
-        default_mux: bool,
+        default_mux: MuxProtocol,
         ssl_context: ssl.SSLContext | None,
         fallback: Fallback | None = None,
         trusted: TrustedProxies | None = None,
@@ -149,7 +155,7 @@ class TunnelServer:
     ) -> WSUpgradeResponseWithListener:
         """The 101 with the tunnel the front layer's verdict chose, unless the
         user was deleted while being admitted."""
-        key, mux, subprotocol = upgrade.key, upgrade.mux, upgrade.subprotocol
+        key, subprotocol = upgrade.key, upgrade.subprotocol
         user = self.table.lookup(key)
         if user is None:  # deleted since the front layer looked
             log.info("%s: user %s deleted during the upgrade", peer, key)
@@ -161,33 +167,33 @@ class TunnelServer:
                 ),
                 None,
             )
+        mode = mode_for(upgrade.mode, user.mux, self.default_mux)
         account = TunnelAccount(self.agent, key, user, client_ip, admitted)
         listener: WSListener
-        if mux:
-            listener = MuxTunnel(account, peer, self.limits, self.registry)
-        else:
+        if mode is MuxProtocol.NONE:
             listener = PlainTunnel(
                 account, peer, self.limits, self.registry, early_data=upgrade.early_data
             )
+        else:
+            listener = MuxTunnel(account, peer, self.limits, self.registry, mode)
         # The chosen sub-protocol, or the early-data header as sent, as Xray's server echoes it.
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
         early = f", {len(upgrade.early_data)} bytes of early data" if upgrade.early_data else ""
-        mode = "smux" if mux else "plain"
         log.debug("%s %s: upgrade (%s%s) to %s", peer, key, mode, early, user.dst)
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(headers), listener
         )
 
     def gauges(self) -> dict[str, int]:
-        """Open tunnels by mode and smux streams, for metrics."""
-        plain = smux = streams = 0
+        """Open tunnels by mode and their streams (smux and Mux.Cool), for metrics."""
+        gauges = {"plain": 0, "smux": 0, "muxcool": 0, "stream": 0}
         for tunnel in self.registry.active:
             if isinstance(tunnel, MuxTunnel):
-                smux += 1
-                streams += len(tunnel.streams)
+                gauges[tunnel.kind] += 1
+                gauges["stream"] += len(tunnel.streams)
             else:
-                plain += 1
-        return {"plain": plain, "smux": smux, "stream": streams}
+                gauges["plain"] += 1
+        return gauges
 
     async def start(self, sock: socket.socket) -> None:
         """Serve on an already bound, listening socket."""
@@ -200,7 +206,6 @@ class TunnelServer:
                 self._protocol_factory,
                 self.limits,
                 self.fallback,
-                default_mux=self.default_mux,
                 trusted=self.trusted,
                 client=client,
                 origins=self.origins,

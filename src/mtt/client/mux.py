@@ -8,7 +8,7 @@ being dialed count against it and wait for it, so N simultaneous
 connections open ceil(N / max) WebSockets, not N.
 
 The protocol lives in mtt.smux (sans-I/O, version 1 as mos-tls-tunnel uses
-it), and the loop driving it over the WebSocket in mtt.transport.smux_link,
+it), and the loop driving it over the WebSocket in mtt.transport.mux_link,
 which owns the clock (keepalive NOP every 30 s, session dropped after 70 s
 without a byte from the server); this module relays the streams. Memory is
 bounded like Go bounds it: server bytes count against the session's receive
@@ -22,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from functools import partial
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from mtt.client import ClientConfig
 from mtt.client.dialer import SMUX_ON, Dialer, describe_error
 from mtt.client.plain import DATA_TYPES, DIAL_ERRORS, Tunnels, local_peer, resume_reading
-from mtt.errors import SmuxProtocolError
-from mtt.smux import HEADER_SIZE
+from mtt.errors import ProtocolError, SmuxProtocolError
+from mtt.smux import HEADER_SIZE, SmuxSession
 from mtt.transport.dst import DstConnection
-from mtt.transport.smux_link import SmuxLink
+from mtt.transport.mux_link import MuxLink
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.client")
@@ -190,7 +191,7 @@ class MuxLocalStream:
     def _send(self, data: bytes) -> None:
         session = self.session
         assert session is not None and self.sid is not None
-        smux = session.smux
+        smux = session.mux
         taken = smux.send_data(self.sid, data)
         if taken < len(data) and smux.is_open(self.sid):
             self._outbound = data[taken:]  # v2 window full: wait for StreamWritable
@@ -204,7 +205,7 @@ class MuxLocalStream:
         if local is not None:
             local.write(data)
         if session is not None and self.sid is not None:
-            session.smux.consumed(self.sid, len(data))
+            session.mux.consumed(self.sid, len(data))
 
     def _flush_down(self) -> None:
         pending, self._pending_down = self._pending_down, []
@@ -232,7 +233,7 @@ class MuxLocalStream:
             self._local.close()
         session = self.session
         if session is not None:
-            smux = session.smux
+            smux = session.mux
             if self.sid is not None:
                 for chunk in self._pending_down:
                     smux.consumed(self.sid, len(chunk))
@@ -245,12 +246,14 @@ class MuxLocalStream:
         self._tunnels.closed(self)
 
 
-class ClientSession(SmuxLink[MuxLocalStream], WSListener):
+class ClientSession(MuxLink[MuxLocalStream, SmuxSession], WSListener):
     """The client's side of an smux session: local connections open its streams."""
 
     def __init__(self, pool: MuxPool, number: int) -> None:
         limits = pool.limits
-        super().__init__(limits.smux, pool.idle_timeout, limits.close_linger)
+        super().__init__(
+            partial(SmuxSession, limits.smux), pool.idle_timeout, limits.close_linger, limits.smux
+        )
         self._pool = pool
         self.number = number
         self.limits = limits
@@ -273,7 +276,7 @@ class ClientSession(SmuxLink[MuxLocalStream], WSListener):
         stream.session = self
         if self.is_open:
             try:
-                sid = self.smux.open_stream()
+                sid = self.mux.open_stream()
             except SmuxProtocolError as exc:  # stream ids exhausted: cannot happen in practice
                 log.warning("%s: smux session %d: %s", stream.peer, self.number, exc)
                 stream.close("no stream id")
@@ -316,7 +319,7 @@ class ClientSession(SmuxLink[MuxLocalStream], WSListener):
 
         self.attach(transport, self.limits.write_high_water, write)
         self.restart_session()  # its keepalive clock starts with the WebSocket
-        smux = self.smux
+        smux = self.mux
         waiting, self.waiting = self.waiting, []
         for stream in waiting:
             if not stream.closed:
@@ -356,10 +359,10 @@ class ClientSession(SmuxLink[MuxLocalStream], WSListener):
         for stream in list(self.streams.values()):
             stream.unblock("ws")
 
-    # -- session events (SmuxLink hooks) ---------------------------------------------
+    # -- session events (MuxLink hooks) ---------------------------------------------
     # StreamRefused: the server tried to open a stream; the session already said FIN.
 
-    def _protocol_error(self, exc: SmuxProtocolError) -> None:
+    def _protocol_error(self, exc: ProtocolError) -> None:
         self._log_end(f"smux protocol error: {exc}")
 
     def _session_ended(self, reason: str) -> None:

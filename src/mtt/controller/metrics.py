@@ -23,7 +23,7 @@ from mtt.core.stats import LATENCY_BUCKETS
 from mtt.service.results import UserReport
 from mtt.service.user_service import UserService
 
-TUNNEL_MODES = ("plain", "smux")
+TUNNEL_MODES = ("plain", "smux", "muxcool")
 HANDSHAKE_REASONS = (
     "tls",
     "timeout",
@@ -67,10 +67,14 @@ class _Snapshot(Collector):
         yield active
         yield opened
         yield GaugeMetricFamily(
-            "mtt_streams_active", "Open smux streams", value=gauges.get("stream", 0)
+            "mtt_streams_active",
+            "Open smux streams and Mux.Cool sub-connections",
+            value=gauges.get("stream", 0),
         )
         yield CounterMetricFamily(
-            "mtt_streams_opened", "smux streams opened", value=totals.opened.get("stream", 0)
+            "mtt_streams_opened",
+            "smux streams and Mux.Cool sub-connections opened",
+            value=totals.opened.get("stream", 0),
         )
         traffic = CounterMetricFamily(
             "mtt_bytes", "Payload bytes relayed (up: client to dst)", labels=["direction"]

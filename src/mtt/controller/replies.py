@@ -101,6 +101,7 @@ def _describe(report: UserReport) -> dict[str, Any]:
     out: dict[str, Any] = {"path": report.path, "dst": str(user.dst)}
     for name in LIMIT_FIELDS:
         out[name] = getattr(user.limits, name)
+    out["mux"] = user.mux.value if user.mux is not None else None
     out.update(
         bytes_up=usage.bytes_up,
         bytes_down=usage.bytes_down,

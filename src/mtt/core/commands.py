@@ -24,7 +24,7 @@ from typing import Any
 from mtt.address import Destination, parse_destination, quote
 from mtt.core.harvest import HarvestBounds, id_problem
 from mtt.core.policy import DstPolicy
-from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits, UserTable
+from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, MuxProtocol, User, UserLimits, UserTable
 from mtt.errors import ControlError
 
 MAX_NUMBER = 2**53  # what every JSON implementation a panel may use holds exactly
@@ -100,18 +100,22 @@ class Command:
 def _entry_to_wire(entry: Entry) -> list[Any]:
     user = entry.user
     dst = user.dst
-    if user.limits is NO_LIMITS and entry.quota_used is None:
+    if user.limits is NO_LIMITS and entry.quota_used is None and user.mux is None:
         return [entry.path, dst.host, dst.port]  # most users: a third of the bytes
     limits = [getattr(user.limits, name) for name in LIMIT_FIELDS]
-    return [entry.path, dst.host, dst.port, limits, entry.quota_used]
+    out = [entry.path, dst.host, dst.port, limits, entry.quota_used]
+    if user.mux is not None:
+        out.append(user.mux.value)
+    return out
 
 
 def _entry_from_wire(item: list[Any]) -> Entry:
     if len(item) == 3:
         return Entry(item[0], User(Destination(item[1], item[2])))
-    path, host, port, limits, quota_used = item
+    path, host, port, limits, quota_used, *mux = item
     user_limits = UserLimits(*limits) if any(limits) else NO_LIMITS
-    return Entry(path, User(Destination(host, port), user_limits), quota_used)
+    user = User(Destination(host, port), user_limits, MuxProtocol(mux[0]) if mux else None)
+    return Entry(path, user, quota_used)
 
 
 def reply(res: int, current_users: int, err_string: str = "", revision: int = 0) -> dict[str, Any]:
@@ -261,7 +265,26 @@ def _parse_add(index: int, arg: Any, policy: DstPolicy, max_path: int) -> Entry:
     values = [_parse_count(index, arg, name) for name in LIMIT_FIELDS]
     limits = UserLimits(*values) if any(values) else NO_LIMITS
     quota_used = _parse_count(index, arg, "quota_used") if "quota_used" in arg else None
-    return Entry(path, User(destination, limits), quota_used)
+    return Entry(path, User(destination, limits, _parse_mux(index, arg)), quota_used)
+
+
+_MUX_NAMES = ", ".join(p.value for p in MuxProtocol)
+
+
+def _parse_mux(index: int, arg: dict[str, Any]) -> MuxProtocol | None:
+    """The user's "mux": what its tunnels carry when the client names no
+    sub-protocol; absent or null: the server's -mux-protocol."""
+    value = arg.get("mux")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ControlError(f"args_bunch[{index}].mux must be a string, got {_json_type(value)}")
+    try:
+        return MuxProtocol(value)
+    except ValueError:
+        raise ControlError(
+            f"args_bunch[{index}].mux {quote(value)} must be one of {_MUX_NAMES}"
+        ) from None
 
 
 def _parse_count(index: int, arg: dict[str, Any], name: str) -> int:

@@ -21,7 +21,9 @@ class Stats:
         self._zero()
 
     def _zero(self) -> None:
-        self.opened: Counter[str] = Counter()  # tunnels by mode, smux streams as "stream"
+        self.opened: Counter[str] = (
+            Counter()
+        )  # tunnels by mode, streams (smux, Mux.Cool) as "stream"
         self.handshake_failures: Counter[str] = Counter()
         self.dial_failures: Counter[str] = Counter()
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # the last is +Inf

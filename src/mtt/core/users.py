@@ -8,10 +8,20 @@ event loop never sees a half-applied request.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mtt.address import Destination
+
+
+class MuxProtocol(enum.StrEnum):
+    """What a WebSocket carries when its client names no sub-protocol
+    (docs/protocol.md §3): the server's -mux-protocol, or a user's "mux"."""
+
+    NONE = "none"  # one plain byte stream (§4)
+    SMUX = "smux"  # xtaci/smux (§5)
+    MUXCOOL = "mux.cool"  # v2ray's Mux.Cool (§11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +47,8 @@ LIMIT_FIELDS = ("rate", "max_tunnels", "max_ips", "quota", "expire")
 class User:
     dst: Destination
     limits: UserLimits = field(default=NO_LIMITS)
+    # For a client that names no sub-protocol; None: the server's -mux-protocol.
+    mux: MuxProtocol | None = None
 
 
 class UserTable:

@@ -26,8 +26,10 @@ from mtt.controller.http import (
     start_controller,
 )
 from mtt.core.policy import DstPolicy, parse_rule
+from mtt.core.users import MuxProtocol
 from mtt.errors import ConfigError, StoreError
 from mtt.logs import log_loop_errors, setup_logging
+from mtt.muxcool import MuxCoolConfig
 from mtt.service.agent import Agent
 from mtt.service.planes import LocalLink, LocalPlane
 from mtt.service.user_service import UserService
@@ -55,6 +57,13 @@ def build_flags() -> FlagSet:
     fs.add("bind-unix", "bool", False, "Bind on a Unix domain socket")
     fs.add("c", "string", DEFAULT_CONTROLLER, "[Host:Port] Controller address")
     fs.add("mux", "bool", False, "Enable multiplex when the client names no sub-protocol")
+    fs.add(
+        "mux-protocol",
+        "string",
+        "",
+        "What a client that names no sub-protocol speaks: smux, mux.cool (v2ray-plugin's"
+        " default mux=1) or none; default: smux with -mux, else none",
+    )
     fs.add("timeout", "duration", _DEFAULTS.limits.idle_timeout, "The idle timeout for connections")
     fs.add("cert", "string", "", "[Path] X509KeyPair cert file")
     fs.add("key", "string", "", "[Path] X509KeyPair key file")
@@ -179,11 +188,12 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         raise ConfigError("-workers must be from 1 to 256")
     if bool(values["cert"]) != bool(values["key"]):
         raise ConfigError("-cert and -key must be given together")
+    mux_protocol = mux_protocol_from(values["mux"], values["mux-protocol"])
     return ServerConfig(
         bind=values["b"],
         bind_unix=values["bind-unix"],
         controller=values["c"],
-        mux=values["mux"],
+        mux_protocol=mux_protocol,
         cert=values["cert"],
         key=values["key"],
         force_tls=values["force-tls"],
@@ -205,8 +215,26 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         trusted_proxies=tuple(values["trusted-proxy"]),
         allowed_origins=tuple(sorted(origins.allowed)),
         proxy_protocol=values["proxy-protocol"],
-        limits=Limits(idle_timeout=timeout, connect_timeout=values["dial-timeout"]),
+        limits=Limits(
+            idle_timeout=timeout,
+            connect_timeout=values["dial-timeout"],
+            muxcool=MuxCoolConfig(idle_timeout=timeout),
+        ),
     )
+
+
+def mux_protocol_from(mux: bool, name: str) -> MuxProtocol:
+    """-mux-protocol, or -mux as the Go server had it (smux or nothing)."""
+    if not name:
+        return MuxProtocol.SMUX if mux else MuxProtocol.NONE
+    try:
+        protocol = MuxProtocol(name)
+    except ValueError:
+        choices = ", ".join(p.value for p in MuxProtocol)
+        raise ConfigError(f"-mux-protocol must be one of {choices}, not {name!r}") from None
+    if mux and protocol is not MuxProtocol.SMUX:
+        raise ConfigError(f"-mux means -mux-protocol smux, not {name}: give one of them")
+    return protocol
 
 
 async def serve(config: ServerConfig, nofile: str = "") -> None:
@@ -243,7 +271,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         server = TunnelServer(
             agent,
             config.limits,
-            default_mux=config.mux,
+            default_mux=config.mux_protocol,
             ssl_context=tls_context(tls),
             fallback=Fallback.parse(config.fallback) if config.fallback else None,
             trusted=TrustedProxies(config.trusted_proxies),

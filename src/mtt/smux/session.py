@@ -117,9 +117,10 @@ class StreamEnded:
 
 @dataclass(frozen=True, slots=True)
 class StreamRefused:
-    """A peer SYN we did not accept; a FIN for it is already queued."""
+    """A peer SYN (or Mux.Cool New) we did not accept; the refusal is already queued."""
 
     stream_id: int
+    reason: str = ""  # for the log line, when "too many open" is not the whole story
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,8 +370,9 @@ class SmuxSession:
             out += chunk
         return take
 
-    def close_stream(self, stream_id: int) -> None:
-        """Queue FIN and forget the stream, like Go's Stream.Close.
+    def close_stream(self, stream_id: int, error: bool = False) -> None:
+        """Queue FIN and forget the stream, like Go's Stream.Close. smux has no
+        way to say the stream failed: ``error`` (Mux.Cool's) changes nothing.
 
         Budget is not freed here: the I/O layer may still hold the bytes and
         must call consumed() for them, even after this.

@@ -3,6 +3,7 @@
 Layout, all under PREFIX (one Redis database may hold one mtt deployment):
 
     mtt:users     hash  path -> compact JSON [host, port, rate, max_tunnels, max_ips, quota, expire]
+                        and the user's "mux" after them when it has one
     mtt:revision  int   bumped by every accepted change
     mtt:epoch     str   random; replaced whenever mtt:revision or mtt:epoch is found missing
     mtt:up, mtt:down, mtt:quota, mtt:tunnels, mtt:seen
@@ -68,7 +69,7 @@ from mtt.core.harvest import (
     Taken,
 )
 from mtt.core.usage import Usage
-from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, User, UserLimits
+from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, MuxProtocol, User, UserLimits
 from mtt.errors import ConfigError, StoreError
 from mtt.store.base import RemoteChange, Served, StoreSnapshot
 from mtt.transport.tasks import spawn
@@ -622,13 +623,23 @@ class RedisStore:
 
 
 def encode_user(user: User) -> str:
-    limits = [getattr(user.limits, name) for name in LIMIT_FIELDS]
-    return json.dumps([user.dst.host, user.dst.port, *limits], separators=(",", ":"))
+    fields: list[Any] = [user.dst.host, user.dst.port]
+    fields += [getattr(user.limits, name) for name in LIMIT_FIELDS]
+    if user.mux is not None:
+        fields.append(user.mux.value)  # absent for most users: what older nodes wrote
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def decode_user(raw: bytes) -> User:
-    host, port, *limits = json.loads(raw)
-    return User(Destination(host, port), UserLimits(*limits) if any(limits) else NO_LIMITS)
+    host, port, *rest = json.loads(raw)
+    limits = rest[: len(LIMIT_FIELDS)]
+    mux = None
+    if len(rest) > len(LIMIT_FIELDS):
+        try:
+            mux = MuxProtocol(rest[len(LIMIT_FIELDS)])
+        except ValueError:  # written by a newer node: the server's -mux-protocol here
+            log.warning("store: unknown mux %r of a user, using -mux-protocol", rest[-1])
+    return User(Destination(host, port), UserLimits(*limits) if any(limits) else NO_LIMITS, mux)
 
 
 def _new_epoch() -> str:

@@ -60,7 +60,7 @@ from mtt.core.harvest import (
     pick,
 )
 from mtt.core.usage import Usage
-from mtt.core.users import NO_LIMITS, User, UserLimits
+from mtt.core.users import NO_LIMITS, MuxProtocol, User, UserLimits
 from mtt.errors import ConfigError, StoreError
 from mtt.store.base import RemoteChange, Served, StoreSnapshot
 from mtt.transport.tasks import spawn
@@ -71,7 +71,8 @@ _LIMITS = Limits()
 LOCK_SUFFIX = ".lock"  # users.db.lock: flock-ed by the one server using users.db
 NOT_OURS = "not an mtt user database"
 
-SCHEMA_VERSION = 1
+# 2 added users.mux; a version 1 file is migrated at open (_prepare).
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE users (
     path TEXT PRIMARY KEY,
@@ -86,7 +87,8 @@ CREATE TABLE users (
     bytes_down INTEGER NOT NULL DEFAULT 0,
     quota_used INTEGER NOT NULL DEFAULT 0,
     total_tunnels INTEGER NOT NULL DEFAULT 0,
-    last_seen REAL NOT NULL DEFAULT 0
+    last_seen REAL NOT NULL DEFAULT 0,
+    mux TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -116,13 +118,20 @@ DELETE FROM harvests WHERE acked = 1 AND id NOT IN
     (SELECT id FROM harvests WHERE acked = 1 ORDER BY seq DESC LIMIT ?)
 """
 _UPSERT = """
-INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire, mux)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (path) DO UPDATE SET
     host = excluded.host, port = excluded.port, rate = excluded.rate,
     max_tunnels = excluded.max_tunnels, max_ips = excluded.max_ips,
-    quota = excluded.quota, expire = excluded.expire
+    quota = excluded.quota, expire = excluded.expire, mux = excluded.mux
 """
+_LOAD = """
+SELECT path, host, port, rate, max_tunnels, max_ips, quota, expire,
+    bytes_up, bytes_down, quota_used, total_tunnels, last_seen, mux
+FROM users
+"""
+# Version 1 to 2: users.mux, '' for "the server's -mux-protocol".
+_MIGRATE_1 = "ALTER TABLE users ADD COLUMN mux TEXT NOT NULL DEFAULT ''"
 _ADD_USAGE = """
 UPDATE users SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?,
     quota_used = quota_used + ?, total_tunnels = total_tunnels + ?,
@@ -222,13 +231,13 @@ class SqliteStore:
         users: dict[str, User] = {}
         usage: dict[str, Usage] = {}
         limits_seen: dict[tuple[int, ...], UserLimits] = {}
-        for row_ in db.execute("SELECT * FROM users"):
-            path, host, port, *limits, up, down, used, total, seen = row_
+        for row_ in db.execute(_LOAD):
+            path, host, port, *limits, up, down, used, total, seen, mux = row_
             key = tuple(limits)
             user_limits = limits_seen.get(key)
             if user_limits is None:  # panels sell a handful of plans: share them
                 user_limits = limits_seen[key] = UserLimits(*key) if any(key) else NO_LIMITS
-            users[path] = User(Destination(host, port), user_limits)
+            users[path] = User(Destination(host, port), user_limits, _mux(mux))
             usage[path] = Usage(up, down, used, total, seen)
         return (row[0] if row else 0), users, usage
 
@@ -582,7 +591,13 @@ def _prepare(db: sqlite3.Connection) -> None:
     row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     if row is None:
         raise ConfigError(f"{NOT_OURS} (no schema version)")
-    if row[0] != SCHEMA_VERSION:
+    if row[0] == 1:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(_MIGRATE_1)
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+        db.execute("COMMIT")
+        log.info("store: users table of schema version 1 migrated to %d", SCHEMA_VERSION)
+    elif row[0] != SCHEMA_VERSION:
         raise ConfigError(
             f"schema version {row[0]}, this server reads {SCHEMA_VERSION} (a newer mtt wrote it?)"
         )
@@ -720,4 +735,17 @@ def _row(path: str, user: User) -> tuple[Any, ...]:
         limits.max_ips,
         limits.quota,
         limits.expire,
+        user.mux.value if user.mux is not None else "",
     )
+
+
+def _mux(value: str) -> MuxProtocol | None:
+    """A user's mux column: '' is the server's -mux-protocol; anything we cannot
+    read (a file edited by hand) is too, with a line saying so."""
+    if not value:
+        return None
+    try:
+        return MuxProtocol(value)
+    except ValueError:
+        log.warning("store: unknown mux %r of a user, using the server's -mux-protocol", value)
+        return None

@@ -1,24 +1,32 @@
-"""One WebSocket carrying an smux session (smux_on): each stream goes to its
-own TCP connection to the user's dst.
+"""One WebSocket carrying a multiplexed session: smux (smux_on, docs/protocol.md
+§5) or v2ray's Mux.Cool (§11). Each stream (a Mux.Cool sub-connection) goes
+to its own TCP connection to the user's dst, whatever target a Mux.Cool New
+frame names: the server never dials an address a client chose.
 
-The protocol lives in mtt.smux (sans-I/O) and the loop driving it over the
-WebSocket in mtt.transport.smux_link; this module relays the streams. Memory
-is bounded by the session's receive budget: bytes
-handed out in StreamData count until they are written to a dst that is not
-pushing back; past the budget the WebSocket stops being read, which is the
-only back-pressure smux v1 has (docs/protocol.md §5). Toward the client, a
-WebSocket that cannot take more pauses reading every dst of the session.
+The protocols live in mtt.smux and mtt.muxcool (sans-I/O) and the loop
+driving them over the WebSocket in mtt.transport.mux_link; this module relays
+the streams. Memory is bounded by the session's receive budget: bytes handed
+out in StreamData count until they are written to a dst that is not pushing
+back; past the budget the WebSocket stops being read, which is the only
+back-pressure smux v1 and Mux.Cool have (Mux.Cool also stops when one
+sub-connection holds its own budget). Toward the client, a WebSocket that
+cannot take more pauses reading every dst of the session.
 
-A stream whose dst ends sends its FIN only once the client has received the
-stream's data (v2: the part beyond the peer's window too), as a plain tunnel
-does with its close frame (mtt.transport.delivery), at most
-`close_flush_max` after dst ended; client data for it is discarded meanwhile.
+A stream whose dst ends sends its FIN (End) only once the client has
+received the stream's data (smux v2: the part beyond the peer's window too),
+as a plain tunnel does with its close frame (mtt.transport.delivery), at
+most `close_flush_max` after dst ended; client data for it is discarded
+meanwhile. An smux FIN then waits `drain_quiet` more; a Mux.Cool End does
+not: v2ray's client closes a sub-connection on End after handing on what it
+holds, and keeps writing nothing for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
@@ -26,11 +34,14 @@ from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport
 from mtt.config import Limits
 from mtt.core.rate import Direction
 from mtt.core.stats import STATS
-from mtt.errors import SmuxProtocolError
+from mtt.core.users import MuxProtocol
+from mtt.errors import ProtocolError
+from mtt.muxcool import MuxCoolSession
+from mtt.smux import SmuxSession
 from mtt.transport.delivery import Delivery
 from mtt.transport.dst import DstConnection, dial
+from mtt.transport.mux_link import MuxLink, MuxSession
 from mtt.transport.plain import TunnelRegistry
-from mtt.transport.smux_link import SmuxLink
 from mtt.transport.tasks import spawn
 from mtt.transport.wsbase import CheckedListener
 
@@ -41,7 +52,7 @@ log = logging.getLogger("mtt.tunnel")
 
 
 class MuxStream:
-    """One smux stream relayed to one dst connection."""
+    """One smux stream (Mux.Cool sub-connection) relayed to one dst connection."""
 
     __slots__ = (
         "_dial_task",
@@ -89,14 +100,14 @@ class MuxStream:
         t = self._tunnel
         limits = t.limits
         try:
-            await dial(self, t.dst, limits.connect_timeout, limits.smux.stream_window)
+            await dial(self, t.dst, limits.connect_timeout, t.dst_high_water)
         except (OSError, TimeoutError) as exc:
             STATS.dial_failed(exc)
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
             log.warning(
                 "%s %s: stream %d: dial %s failed: %s", t.peer, t.path, self.sid, t.dst, reason
             )
-            self.close()
+            self.close(error=True)
 
     def dst_connected(self, conn: DstConnection) -> None:
         if self.closed:
@@ -114,17 +125,17 @@ class MuxStream:
     def peer_data(self, data: bytes) -> None:
         self.last_activity = self._tunnel.now
         if self._ending:  # nowhere to go
-            self._tunnel.smux.consumed(self.sid, len(data))
+            self._tunnel.mux.consumed(self.sid, len(data))
             return
         if self._dst is None or self._dst_paused or self._pending:
             self._pending.append(data)
             return
         self._dst.write(data)
-        self._tunnel.smux.consumed(self.sid, len(data))
+        self._tunnel.mux.consumed(self.sid, len(data))
 
     def _flush_pending(self) -> None:
         dst = self._dst
-        session = self._tunnel.smux
+        session = self._tunnel.mux
         while self._pending and dst is not None and not self._dst_paused:
             chunk = self._pending.pop(0)
             dst.write(chunk)
@@ -144,7 +155,7 @@ class MuxStream:
         self.last_activity = t.now
         if t.meter is not None:
             t.meter.count_down(len(data), self)
-        taken = t.smux.send_data(self.sid, data)
+        taken = t.mux.send_data(self.sid, data)
         if taken < len(data):
             self._outbound = data[taken:]
             if self._dst is not None:
@@ -156,7 +167,7 @@ class MuxStream:
         if not self._outbound:
             return
         t = self._tunnel
-        taken = t.smux.send_data(self.sid, self._outbound)
+        taken = t.mux.send_data(self.sid, self._outbound)
         self._outbound = self._outbound[taken:]
         if (
             not self._outbound
@@ -183,7 +194,7 @@ class MuxStream:
         if self._dst is not None:
             self._dst.close()
         t = self._tunnel
-        session = t.smux
+        session = t.mux
         for chunk in self._pending:
             session.consumed(self.sid, len(chunk))
         self._pending = []
@@ -225,8 +236,9 @@ class MuxStream:
         if not self._tunnel.writing_paused:
             self.resume_reading()
 
-    def close(self) -> None:
-        """End the stream both ways; the budget its pending data held is freed."""
+    def close(self, error: bool = False) -> None:
+        """End the stream both ways; the budget its pending data held is freed.
+        `error`: it failed (Mux.Cool says so in its End; smux cannot)."""
         if self.closed:
             return
         self.closed = True
@@ -238,23 +250,40 @@ class MuxStream:
             self._dial_task.cancel()
         if self._dst is not None:
             self._dst.close()
-        session = t.smux
+        session = t.mux
         for chunk in self._pending:
             session.consumed(self.sid, len(chunk))
         self._pending = []
         self._outbound = b""
         if not session.closed:
-            session.close_stream(self.sid)
+            session.close_stream(self.sid, error)
         t.stream_closed(self)
 
 
-class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
-    """The server's side of an smux session: each stream peer opens goes to dst."""
+class MuxTunnel(MuxLink[MuxStream, MuxSession], CheckedListener):
+    """The server's side of a session: each stream the client opens goes to dst."""
 
     def __init__(
-        self, account: Account, peer: str, limits: Limits, registry: TunnelRegistry
+        self,
+        account: Account,
+        peer: str,
+        limits: Limits,
+        registry: TunnelRegistry,
+        protocol: MuxProtocol = MuxProtocol.SMUX,
     ) -> None:
-        super().__init__(limits.smux, limits.idle_timeout, limits.idle_timeout)
+        make_session: Callable[[float], MuxSession]
+        if protocol is MuxProtocol.MUXCOOL:
+            make_session = partial(MuxCoolSession, limits.muxcool)
+            self.dst_high_water = limits.muxcool.stream_budget
+            self._fin_quiet = 0.0
+            self.kind, self._name = "muxcool", "Mux.Cool"
+        else:
+            make_session = partial(SmuxSession, limits.smux)
+            self.dst_high_water = limits.smux.stream_window
+            self._fin_quiet = limits.drain_quiet
+            self.kind, self._name = "smux", "smux"
+        super().__init__(make_session, limits.idle_timeout, limits.idle_timeout, limits.smux)
+        self.protocol = protocol
         self._account = account
         self.dst = account.user.dst
         self.peer = peer
@@ -275,7 +304,7 @@ class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
         self.delivery = delivery = Delivery(transport.underlying_transport)
         self.attach(transport, self.limits.write_high_water, delivery.write_binary)
         self._registry.opened(self)
-        STATS.opened["smux"] += 1
+        STATS.opened[self.kind] += 1
         self.meter = self._account.open(self)
         self.arm_timer()
 
@@ -326,7 +355,7 @@ class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
         log.info("%s %s: kicked", self.peer, self.path)
         self.finish(WSCloseCode.POLICY_VIOLATION)
 
-    # -- session events (SmuxLink hooks) ------------------------------------------
+    # -- session events (MuxLink hooks) ------------------------------------------
 
     def _stream_opened(self, stream_id: int) -> None:
         stream = MuxStream(self, stream_id, self.now)
@@ -334,23 +363,23 @@ class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
         STATS.opened["stream"] += 1
         stream.start()
 
-    def _stream_refused(self, stream_id: int) -> None:
+    def _stream_refused(self, stream_id: int, reason: str) -> None:
         # One line for the first; a flood of SYNs must not become a flood of lines.
         self._refused += 1
         if self._refused == 1:
             log.info(
-                "%s %s: stream %d refused: %d streams open",
+                "%s %s: stream %d refused: %s",
                 self.peer,
                 self.path,
                 stream_id,
-                self.smux.stream_count,
+                reason or f"{self.mux.stream_count} streams open",
             )
 
-    def _protocol_error(self, exc: SmuxProtocolError) -> None:
-        log.warning("%s %s: smux protocol error: %s", self.peer, self.path, exc)
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warning("%s %s: %s protocol error: %s", self.peer, self.path, self._name, exc)
 
     def _session_ended(self, reason: str) -> None:
-        log.info("%s %s: smux session ended: %s", self.peer, self.path, reason)
+        log.info("%s %s: %s session ended: %s", self.peer, self.path, self._name, reason)
 
     def _close_idle(self, stream: MuxStream, now: float) -> None:
         log.debug("%s %s: stream %d idle, closing", self.peer, self.path, stream.sid)
@@ -370,8 +399,8 @@ class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
         self.check_fins()  # arms the poll, which also keeps the deadline
 
     def check_fins(self) -> None:
-        """Send each ending stream's FIN `drain_quiet` after the client has its
-        data, or once it has waited `close_flush_max`."""
+        """Send each ending stream's FIN `drain_quiet` (Mux.Cool: no time) after
+        the client has its data, or once it has waited `close_flush_max`."""
         if self._fin_timer is not None:
             self._fin_timer.cancel()
             self._fin_timer = None
@@ -383,7 +412,7 @@ class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
             mark = stream.fin_mark
             delivered = mark is not None and (delivery is None or delivery.received(mark))
             if stream.fin_at is None and delivered:
-                stream.fin_at = now + limits.drain_quiet
+                stream.fin_at = now + self._fin_quiet
             if stream.fin_at is not None:
                 if now >= stream.fin_at:
                     stream.close()
@@ -419,4 +448,4 @@ class MuxTunnel(SmuxLink[MuxStream], CheckedListener):
         super().finish(code)
         if self._refused > 1:
             log.info("%s %s: %d streams refused in all", self.peer, self.path, self._refused)
-        log.debug("%s %s: smux session closed", self.peer, self.path)
+        log.debug("%s %s: %s session closed", self.peer, self.path, self._name)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mtt.address import quote
+from mtt.core.users import MuxProtocol
 from mtt.wire.early_data import EarlyData, TooLarge, early_data
 from mtt.wire.origin import OriginPolicy
 
@@ -47,7 +48,9 @@ class Upgrade:
     layer with `head` (the request in the one spelling its parser accepts)."""
 
     key: str
-    mux: bool
+    # What the client's sub-protocol asks for; None when it names none, and the
+    # user's "mux" or the server's -mux-protocol decide when the route is taken.
+    mode: MuxProtocol | None
     subprotocol: str | None  # to echo in the 101, None for none
     head: bytes
     early_data: bytes = b""  # to write to dst before any frame (docs/protocol.md §10)
@@ -100,7 +103,6 @@ def verdict(
     head: RequestHead,
     *,
     route_exists: Callable[[str], bool],
-    default_mux: bool,
     max_head: int,
     max_early_data: int,
     keep_alive_allowed: bool = True,
@@ -110,11 +112,10 @@ def verdict(
 ) -> Verdict:
     """The answer to one request head.
 
-    route_exists tells whether a routing key names a user; default_mux is the
-    mode of a client that names no sub-protocol; max_head caps the head's
-    size and max_early_data the bytes of early data; keep_alive_allowed is
-    False once a connection has had its share of requests; fallback when 404s
-    go to a fallback site; on_tls_port for plain HTTP that came to the TLS
+    route_exists tells whether a routing key names a user; max_head caps the
+    head's size and max_early_data the bytes of early data; keep_alive_allowed
+    is False once a connection has had its share of requests; fallback when
+    404s go to a fallback site; on_tls_port for plain HTTP that came to the TLS
     listener; origins the browser origins allowed (None: any).
     """
     if head_size(head) > max_head:
@@ -131,7 +132,7 @@ def verdict(
         reason = f"{key}: not a WebSocket upgrade ({problem})"
         failure = "not_websocket"
     else:
-        return _upgrade(head, key, default_mux, max_early_data, origins)
+        return _upgrade(head, key, max_early_data, origins)
     if fallback:
         return ToFallback(reason, failure)
     keep_alive = (
@@ -147,7 +148,6 @@ def verdict(
 def _upgrade(
     head: RequestHead,
     key: str,
-    default_mux: bool,
     max_early_data: int,
     origins: OriginPolicy | None,
 ) -> Upgrade | BadRequest | Forbidden:
@@ -158,7 +158,7 @@ def _upgrade(
             return Forbidden(f"{key}: origin {quote(refused, 200)} not allowed")
     protocols = [value for name, value in head.headers if name == b"sec-websocket-protocol"]
     offered = b", ".join(protocols).decode("latin-1") if protocols else None
-    mux, subprotocol = choose_subprotocol(offered, default_mux)
+    mode, subprotocol = choose_subprotocol(offered)
     if subprotocol is None:
         found = early_data(offered, max_early_data)
         if isinstance(found, TooLarge):
@@ -166,10 +166,11 @@ def _upgrade(
                 f"{key}: early data of {found.size} bytes over the {found.limit}-byte bound"
             )
         if isinstance(found, EarlyData):
-            # A client that sends early data carries one byte stream (§10), whatever -mux says.
+            # A client that sends early data carries one byte stream (§10), whatever the
+            # user's "mux" or -mux-protocol says.
             head_without = canonical_upgrade(head, with_protocols=False)
-            return Upgrade(key, False, found.header, head_without, found.data)
-    return Upgrade(key, mux, subprotocol, canonical_upgrade(head))
+            return Upgrade(key, MuxProtocol.NONE, found.header, head_without, found.data)
+    return Upgrade(key, mode, subprotocol, canonical_upgrade(head))
 
 
 def routing_key(target: bytes) -> str | None:
@@ -188,15 +189,26 @@ def routing_key(target: bytes) -> str | None:
         return None
 
 
-def choose_subprotocol(header: str | None, default_mux: bool) -> tuple[bool, str | None]:
-    """(mux?, sub-protocol to echo), preferring smux_on like gorilla's Upgrader."""
+def choose_subprotocol(header: str | None) -> tuple[MuxProtocol | None, str | None]:
+    """(mode, sub-protocol to echo), preferring smux_on like gorilla's Upgrader;
+    (None, None) when the client names neither."""
     if header:
         offered = {item.strip() for item in header.split(",")}
         if SMUX_ON in offered:
-            return True, SMUX_ON
+            return MuxProtocol.SMUX, SMUX_ON
         if SMUX_OFF in offered:
-            return False, SMUX_OFF
-    return default_mux, None
+            return MuxProtocol.NONE, SMUX_OFF
+    return None, None
+
+
+def mode_for(
+    asked: MuxProtocol | None, user_mux: MuxProtocol | None, server_default: MuxProtocol
+) -> MuxProtocol:
+    """What a tunnel carries: the client's sub-protocol (smux_on, smux_off), else
+    the user's "mux", else the server's -mux-protocol (docs/protocol.md §3)."""
+    if asked is not None:
+        return asked
+    return user_mux if user_mux is not None else server_default
 
 
 def upgrade_problem(head: RequestHead) -> str | None:

@@ -24,7 +24,9 @@ from mtt.core.commands import Command
 from mtt.core.harvest import HarvestBounds
 from mtt.core.rate import Direction
 from mtt.core.usage import Usage
+from mtt.core.users import MuxProtocol
 from mtt.errors import ProtocolError
+from mtt.muxcool import MuxCoolConfig
 from mtt.smux import SmuxConfig
 
 Wire = dict[str, Any]
@@ -189,6 +191,7 @@ def config_from_wire(data: Wire) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
     limits["harvest"] = HarvestBounds(**limits["harvest"])
+    limits["muxcool"] = MuxCoolConfig(**limits["muxcool"])
     trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
     origins = tuple(data.get("allowed_origins", ()))
     return ServerConfig(
@@ -197,6 +200,7 @@ def config_from_wire(data: Wire) -> ServerConfig:
             "limits": Limits(**limits),
             "trusted_proxies": trusted,
             "allowed_origins": origins,
+            "mux_protocol": MuxProtocol(data["mux_protocol"]),
         }
     )
 

@@ -128,7 +128,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     server = TunnelServer(
         agent,
         config.limits,
-        default_mux=config.mux,
+        default_mux=config.mux_protocol,
         ssl_context=tls_context(init.tls),
         fallback=Fallback.parse(config.fallback) if config.fallback else None,
         trusted=TrustedProxies(config.trusted_proxies),

@@ -1,15 +1,17 @@
-"""One smux session over one WebSocket: the I/O loop the server's tunnel
-(mtt.transport.mux) and the client's session (mtt.client.mux) share.
+"""One multiplexed session over one WebSocket: the I/O loop the server's
+tunnels (mtt.transport.mux: smux and Mux.Cool) and the client's smux session
+(mtt.client.mux) share.
 
-The protocol lives in mtt.smux (sans-I/O); this driver owns the clock and the
-WebSocket: received payloads go to the session with `now`, its events go to
-the streams (and to the role's hooks for what only one side does), what it
-queued goes out, and its receive budget pauses reading the WebSocket, the
-only back-pressure smux v1 has (docs/protocol.md §5); so does the user's
-upload rate, when a meter says so. One timer serves the keepalive and the
-sweep of idle streams. Each role says how its bytes leave (the server counts
-them for delivery, the client cuts them into messages) and what its streams
-do; the loop itself is written once.
+The protocols live in mtt.smux and mtt.muxcool (sans-I/O, both reporting in
+smux's events); this driver owns the clock and the WebSocket: received
+payloads go to the session with `now`, its events go to the streams (and to
+the role's hooks for what only one side does), what it queued goes out, and
+its receive budget pauses reading the WebSocket, the only back-pressure smux
+v1 and Mux.Cool have (docs/protocol.md §5, §11); so does the user's upload
+rate, when a meter says so. One timer serves the session's own deadline
+(keepalive, idle end) and the sweep of idle streams. Each role says how its
+bytes leave (the server counts them for delivery, the client cuts them into
+messages) and what its streams do; the loop itself is written once.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 from picows import WSCloseCode, WSFrame, WSTransport
 
 from mtt.core.rate import Direction
-from mtt.errors import SmuxProtocolError
+from mtt.errors import ProtocolError
 from mtt.smux import (
+    Event,
     SessionEnded,
     SmuxConfig,
-    SmuxSession,
     StreamData,
     StreamEnded,
     StreamOpened,
@@ -45,31 +47,70 @@ class LinkStream(Protocol):
     last_activity: float
 
     def peer_data(self, data: bytes) -> None:
-        """Bytes from the peer; they hold budget until `smux.consumed()`."""
+        """Bytes from the peer; they hold budget until `mux.consumed()`."""
 
     def peer_ended(self) -> None:
         """The peer sent FIN."""
 
     def writable(self) -> None:
-        """v2: the peer's window opened again."""
+        """smux v2: the peer's window opened again."""
+
+
+class MuxSession(Protocol):
+    """What the driver and the streams need of a session (SmuxSession and
+    MuxCoolSession both are one)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def stream_count(self) -> int: ...
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def reading_paused(self) -> bool: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> list[Event]: ...
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int: ...
+
+    def consumed(self, stream_id: int, nbytes: int) -> None: ...
+
+    def close_stream(self, stream_id: int, error: bool = False) -> None: ...
+
+    def close(self) -> None: ...
 
 
 S = TypeVar("S", bound=LinkStream)
+P = TypeVar("P", bound=MuxSession)
 
 
-class SmuxLink(Generic[S]):
-    """Drives `smux` over one WebSocket; a role subclasses it before its listener
-    class (``class Role(SmuxLink[Stream], WSListener)``).
+class MuxLink(Generic[S, P]):
+    """Drives a session `mux` over one WebSocket; a role subclasses it before its
+    listener class (``class Role(MuxLink[Stream, Session], WSListener)``).
 
     The role calls attach() once connected, on_message() for each data
     message, after_consume() whenever its streams free budget, and finish()
     to end; it overrides the hooks below for what differs.
     """
 
-    def __init__(self, config: SmuxConfig, idle_timeout: float, linger: float) -> None:
+    def __init__(
+        self,
+        make_session: Callable[[float], P],
+        idle_timeout: float,
+        linger: float,
+        sweep: SmuxConfig,
+    ) -> None:
+        # sweep: how often idle streams are looked for (SmuxConfig's settings, for
+        # Mux.Cool sessions too)
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
-        self.smux = SmuxSession(config, self.now)
+        self._make_session = make_session
+        self.mux = make_session(self.now)
         self.streams: dict[int, S] = {}
         # The user's meter, server side: what the peer sends is the user's upload.
         self.meter: Meter | None = None
@@ -80,14 +121,13 @@ class SmuxLink(Generic[S]):
         # Messages picows handed over after the rate paused reading (the rest of
         # one read, which may be megabytes): parsed as the rate allows.
         self._held: deque[bytes] = deque()
-        self._config = config
         self._idle_timeout = idle_timeout
         self._linger_after = linger
         self._linger: asyncio.TimerHandle | None = None
         self._ws: WSTransport | None = None
         self._write: Callable[[bytes], None] = _nowhere
         self._reading_paused = False
-        self._timer = SessionTimer(self.loop, idle_timeout, config, self._on_timer)
+        self._timer = SessionTimer(self.loop, idle_timeout, sweep, self._on_timer)
         super().__init__()  # the role's listener
 
     @property
@@ -106,10 +146,10 @@ class SmuxLink(Generic[S]):
     def restart_session(self) -> None:
         """A fresh session whose clocks start now (a client's, once its WebSocket is up)."""
         self.now = self.loop.time()
-        self.smux = SmuxSession(self._config, self.now)
+        self.mux = self._make_session(self.now)
 
     def arm_timer(self) -> None:
-        self._timer.rearm(self.smux.get_timer())
+        self._timer.rearm(self.mux.get_timer())
 
     # -- the loop ---------------------------------------------------------------
 
@@ -147,15 +187,15 @@ class SmuxLink(Generic[S]):
         """Feed one message from the peer; its events go to the streams."""
         self.now = now = self.loop.time()
         try:
-            events = self.smux.receive_data(data, now)
-        except SmuxProtocolError as exc:
+            events = self.mux.receive_data(data, now)
+        except ProtocolError as exc:
             self._protocol_error(exc)
             self.finish(WSCloseCode.PROTOCOL_ERROR)
             return
         for event in events:
             self._handle(event)
 
-    def _handle(self, event: object) -> None:
+    def _handle(self, event: Event) -> None:
         if isinstance(event, StreamData):
             meter = self.meter
             if meter is not None:
@@ -164,7 +204,7 @@ class SmuxLink(Generic[S]):
             if stream is not None:
                 stream.peer_data(event.data)
             else:
-                self.smux.consumed(event.stream_id, len(event.data))
+                self.mux.consumed(event.stream_id, len(event.data))
         elif isinstance(event, StreamOpened):
             self._stream_opened(event.stream_id)
         elif isinstance(event, StreamEnded):
@@ -176,14 +216,14 @@ class SmuxLink(Generic[S]):
             if stream is not None:
                 stream.writable()
         elif isinstance(event, StreamRefused):
-            self._stream_refused(event.stream_id)
+            self._stream_refused(event.stream_id, event.reason)
         elif isinstance(event, SessionEnded):
             self._session_ended(event.reason)
             self.finish(WSCloseCode.OK)
 
     def flush(self) -> None:
         """Send what the session queued."""
-        out = self.smux.data_to_send()
+        out = self.mux.data_to_send()
         if out:
             ws = self._ws
             if ws is not None and not ws.underlying_transport.is_closing():
@@ -194,7 +234,7 @@ class SmuxLink(Generic[S]):
         ws = self._ws
         if ws is None or self.closed:
             return
-        paused = self.smux.reading_paused() or self.hold_reading
+        paused = self.mux.reading_paused() or self.hold_reading
         if paused != self._reading_paused:
             self._reading_paused = paused
             transport = ws.underlying_transport
@@ -209,7 +249,7 @@ class SmuxLink(Generic[S]):
         if self.closed:
             return
         self.now = now
-        for event in self.smux.handle_timer(now):
+        for event in self.mux.handle_timer(now):
             self._handle(event)
         if sweep and not self.closed:
             timeout = self._idle_timeout
@@ -217,7 +257,7 @@ class SmuxLink(Generic[S]):
                 self._close_idle(stream, now)
         self.flush()
         if not self.closed:
-            self._timer.rearm(self.smux.get_timer())
+            self._timer.rearm(self.mux.get_timer())
 
     def finish(self, code: WSCloseCode) -> None:
         """End the streams, send what is queued, then close the WebSocket with `code`."""
@@ -227,7 +267,7 @@ class SmuxLink(Generic[S]):
         self._timer.cancel()
         self._end_streams()
         self.flush()
-        self.smux.close()
+        self.mux.close()
         ws = self._ws
         if ws is not None and not ws.underlying_transport.is_closing():
             if not ws.is_close_frame_sent:
@@ -249,14 +289,14 @@ class SmuxLink(Generic[S]):
     def _stream_opened(self, stream_id: int) -> None:
         """The peer opened a stream (a client refuses them all: never called there)."""
 
-    def _stream_refused(self, stream_id: int) -> None:
-        """A peer SYN was refused; its FIN is already queued."""
+    def _stream_refused(self, stream_id: int, reason: str) -> None:
+        """A peer SYN (or New) was refused; the refusal is already queued."""
 
-    def _protocol_error(self, exc: SmuxProtocolError) -> None:
-        """The peer's bytes broke smux; the session closes with 1002 next."""
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        """The peer's bytes broke the protocol; the session closes with 1002 next."""
 
     def _session_ended(self, reason: str) -> None:
-        """The session ended on its own (keepalive timeout); it closes with 1000 next."""
+        """The session ended on its own (keepalive timeout, idle); it closes with 1000 next."""
 
     def _close_idle(self, stream: S, now: float) -> None:
         """`stream` has been idle past the idle timeout: close it."""
