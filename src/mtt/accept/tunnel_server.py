@@ -179,7 +179,8 @@ class TunnelServer:
         # The chosen sub-protocol, or the early-data header as sent, as Xray's server echoes it.
         headers = {"Sec-WebSocket-Protocol": subprotocol} if subprotocol else None
         early = f", {len(upgrade.early_data)} bytes of early data" if upgrade.early_data else ""
-        log.debug("%s %s: upgrade (%s%s) to %s", peer, key, mode, early, user.dst)
+        shown = "plain" if mode is MuxProtocol.NONE else mode.value
+        log.debug("%s %s: upgrade (%s%s) to %s", peer, key, shown, early, user.dst)
         return WSUpgradeResponseWithListener(
             WSUpgradeResponse.create_101_response(headers), listener
         )
