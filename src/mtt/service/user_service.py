@@ -391,8 +391,12 @@ class UserService:
             return
         now = time.time()
         earlier = self.blocked.get(path)
-        since = earlier[0] if earlier is not None and earlier[0].reason == reason else None
-        self.blocked[path] = (since or Blocked(reason, now), user)
+        if earlier is not None and earlier[0].reason == reason:
+            # The same event: a tunnel admitted as the cut went out, or a second
+            # process that spent its budget before the cut reached it.
+            log.debug("user %s: %d more tunnels closed (%s)", path, closed, _WHY[reason])
+            return
+        self.blocked[path] = (Blocked(reason, now), user)
         log.info(
             "%s",
             cut_message(path, reason, user.limits, quota_used=used, tunnels=closed, now=now),
