@@ -327,8 +327,10 @@ class Agent:
         asyncio.get_running_loop().call_soon(self._cut_spent, meter)
 
     def _cut_spent(self, meter: UserMeter) -> None:
-        if self.meters.get(meter.path) is not meter or meter.left is None or meter.left > 0:
-            return  # gone, or a new budget came meanwhile
+        if self.meters.get(meter.path) is not meter:
+            return  # its tunnels are gone
+        # Cut even if a new budget came meanwhile: the tunnels that ran it out are
+        # paused, and the service does not block a user whose limit was raised.
         closed = self.kick((meter.path,), "quota used up")
         self._link.exhausted(meter.path, closed, meter.up + meter.down)
 
