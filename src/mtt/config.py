@@ -132,6 +132,9 @@ class Limits:
     worker_exit_margin: float = 15.0
     # ... and their final reports this long to arrive.
     worker_final_report_wait: float = 5.0
+    # /readyz calls a worker down when it has not answered a counter collection (every
+    # collect_interval) for this long: stuck, or dead and not restarted yet.
+    worker_answer_max_age: float = 5.0
     # Each other step of a shutdown (controller, store flush) gets at most this; one that
     # overruns is logged and cancelled, so the process still exits within systemd's stop
     # timeout (what it still held is said in the log).
@@ -176,6 +179,9 @@ class Limits:
     redis_retry_max: float = 1.0
     # redis-py pings an idle pooled connection older than this before using it.
     redis_health_check_interval: float = 15.0
+    # /readyz calls Redis unreachable when nothing it was sent (the table check every
+    # redis_check_interval included) has been answered for this long.
+    redis_ready_max_age: float = 5.0
     # smux sessions inside WebSockets.
     smux: SmuxConfig = field(default_factory=SmuxConfig)
     # Harvests (opts 7, 8, 10): id length, paths per request, users and bytes per reply,

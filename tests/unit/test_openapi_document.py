@@ -11,6 +11,8 @@ import schemathesis
 from mtt.config import Limits
 from mtt.core.commands import Opt
 
+PROBES = ("/healthz", "/readyz")
+
 
 def _document() -> dict[str, Any]:
     text = importlib.resources.files("mtt.controller").joinpath("openapi.json").read_text()
@@ -31,7 +33,14 @@ def test_the_document_is_valid_openapi() -> None:
     schema = schemathesis.openapi.from_dict(_document())
     schema.validate()  # against the OpenAPI 3.1 meta-schema
     labels = {result.ok().label for result in schema.get_all_operations()}
-    assert labels == {"POST /", "GET /", "GET /openapi.json", "GET /metrics"}
+    assert labels == {
+        "POST /",
+        "GET /",
+        "GET /openapi.json",
+        "GET /metrics",
+        "GET /healthz",
+        "GET /readyz",
+    }
 
 
 def test_every_opt_is_documented() -> None:
@@ -63,6 +72,8 @@ def test_every_reply_status_carries_the_reply_shape() -> None:
                 assert list(content) == ["application/json"], (method, path, status)
                 if path == "/openapi.json" and status == "200":
                     continue
+                if path in PROBES:  # for probes, not panels: their own small shape
+                    continue
                 schema = _resolve(doc, content["application/json"]["schema"])
                 assert schema["allOf"][0] == {"$ref": "#/components/schemas/Reply"}, (
                     method,
@@ -88,3 +99,11 @@ def test_the_documented_path_length_is_the_servers() -> None:
 
     walk(doc)
     assert lengths == {Limits().max_user_path}
+
+
+def test_the_probes_need_no_token_and_say_only_generic_reasons() -> None:
+    doc = _document()
+    for path in PROBES:
+        assert doc["paths"][path]["get"]["security"] == []
+    reasons = doc["components"]["schemas"]["Unready"]["properties"]["reasons"]["items"]
+    assert set(reasons["enum"]) == {"starting", "stopping", "listener", "store", "workers"}

@@ -28,9 +28,11 @@ from mtt.workers.messages import (
     KINDS,
     Admission,
     Admit,
+    Budgets,
     Change,
     Collect,
     Done,
+    Exhausted,
     Final,
     Grant,
     Init,
@@ -75,12 +77,15 @@ EXAMPLES: list[Message] = [
     Change(Command(Opt.DELETE, paths=("/a", "/b")), kick=False),
     Collect(),
     Kick(("/a", "/b")),
+    Kick(("/a",), "quota used up"),
+    Budgets({"/sold": 4096, "/other": 0}),
     ReloadTls({"cert": "c", "key": "k"}),
     Stop(2.5),
     Ready(),
     Admit("/sold", "2001:db8::1"),
     Tokens("/sold", 1, 65536),
     Release("/sold", "10.0.0.1", Usage(1, 2, 3, 4, 5.25)),
+    Exhausted("/sold", 2, 65536),
     Final(REPORT),
 ]
 REPLIES: list[tuple[Request[Any], Reply]] = [
@@ -90,6 +95,7 @@ REPLIES: list[tuple[Request[Any], Reply]] = [
     (ReloadTls({}), Done()),
     (Admit("/a", "::1"), Admission(None)),
     (Admit("/a", "::1"), Admission("quota used up")),
+    (Admit("/a", "::1"), Admission(None, 1 << 40)),
     (Tokens("/a", 0, 1), Grant(4096)),
 ]
 
@@ -143,6 +149,12 @@ MALFORMED: list[dict[str, Any]] = [
     {"op": "change", "command": [], "kick": False},
     {"op": "kick", "paths": "/a"},
     {"op": "kick", "paths": [1]},
+    {"op": "kick", "paths": ["/a"], "why": 5},
+    {"op": "budgets", "left": {"/a": "1"}},
+    {"op": "budgets", "left": {"/a": True}},
+    {"op": "budgets", "left": []},
+    {"op": "exhausted", "path": "/a", "closed": 1},
+    {"op": "exhausted", "path": "/a", "closed": 1, "unreported": 1.5},
     {"op": "tls", "tls": None},
     {"op": "tls", "tls": {"cert": 1}},
     {"op": "stop"},
@@ -172,8 +184,8 @@ def test_a_malformed_reply_is_a_protocol_error(
 def test_each_side_serves_what_the_other_sends() -> None:
     supervisor = set(Worker(1, None).handlers)  # type: ignore[arg-type]
     worker = set(WorkerControl(None, None).handlers)  # type: ignore[arg-type]
-    assert supervisor == {Admit, Tokens, Release, Final}
-    assert worker == {Change, Collect, Kick, ReloadTls, Stop}
+    assert supervisor == {Admit, Tokens, Release, Exhausted, Final}
+    assert worker == {Change, Collect, Kick, Budgets, ReloadTls, Stop}
     # Init and Ready are exchanged before the channel runs.
     assert supervisor | worker | {Init, Ready} == set(KINDS.values())
 

@@ -226,6 +226,10 @@ class TunnelServer:
             loop, factory, sock=sock, backlog=self.limits.listen_backlog
         )
 
+    def serving(self) -> bool:
+        """The listener accepts connections (for /readyz)."""
+        return self._server is not None and self._server.is_serving()
+
     def close(self) -> None:
         """Stop accepting and close every established tunnel now."""
         if self._server is not None:

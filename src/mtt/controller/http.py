@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mtt.address import format_hostport
 from mtt.config import Limits
+from mtt.controller.health import Readiness
 from mtt.controller.metrics import render_metrics
 from mtt.controller.replies import error_reply, result_reply
 from mtt.core.commands import CHANGES, Opt, parse_command
@@ -61,6 +62,7 @@ class ControllerSettings:
 
 
 _SETTINGS: web.AppKey[ControllerSettings] = web.AppKey("settings", ControllerSettings)
+_READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
 
 
 def is_loopback_only(address: str) -> bool:
@@ -228,6 +230,21 @@ async def _metrics(request: web.Request) -> web.Response:
     settings = request.app[_SETTINGS]
     body = await render_metrics(request.app[_SERVICE], settings.metrics_per_user)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the event loop answers. No token (mtt.controller.health)."""
+    response = _json(200, {"status": "ok"})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 when ready, else 503 with generic reasons. No token."""
+    status, body = request.app[_READINESS].answer()
+    response = _json(status, body)
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 _ErrorReply = Callable[[int, str], web.Response]
@@ -472,27 +489,35 @@ class _ControllerRunner(web.AppRunner):
         )
 
 
-def make_app(service: UserService, settings: ControllerSettings) -> web.Application:
+def make_app(
+    service: UserService, settings: ControllerSettings, readiness: Readiness | None = None
+) -> web.Application:
     """The controller application; every path answers the same command endpoint.
 
-    GET /openapi.json is the one exception; POST there is still a command, so a
-    Go panel posting to any path keeps working.
+    GET /openapi.json, /metrics, /healthz and /readyz are the exceptions; POST
+    there is still a command, so a Go panel posting to any path keeps working.
     """
     app = web.Application(client_max_size=settings.limits.max_control_body)
     app[_SERVICE] = service
     app[_SETTINGS] = settings
+    app[_READINESS] = readiness if readiness is not None else Readiness(started=True)
     app.router.add_get("/openapi.json", _openapi)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     app.router.add_route("*", "/{tail:.*}", _handle)
     return app
 
 
 async def start_controller(
-    address: str, service: UserService, settings: ControllerSettings
+    address: str,
+    service: UserService,
+    settings: ControllerSettings,
+    readiness: Readiness | None = None,
 ) -> tuple[web.AppRunner, str]:
     """Listen on host:port, or on a Unix socket when address is a path."""
     runner = _ControllerRunner(
-        make_app(service, settings),
+        make_app(service, settings, readiness),
         access_log=None,
         handle_signals=False,
         keepalive_timeout=settings.limits.controller_keepalive,

@@ -111,5 +111,7 @@ def _describe(report: UserReport) -> dict[str, Any]:
         last_seen=int(usage.last_seen),
         client_ips=list(report.client_ips),
         state=report.state,
+        blocked=report.blocked.reason if report.blocked is not None else "",
+        blocked_at=int(report.blocked.at) if report.blocked is not None else 0,
     )
     return out

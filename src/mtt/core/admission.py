@@ -8,8 +8,19 @@ store), and tells the book which tunnels opened and closed.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from mtt.core.users import UserLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The service's answer to an admission: refused (why) or admitted, and
+    then the quota the user has left (None: no quota, or not known now), the
+    first budget of the tunnel's process (mtt.core.enforcement)."""
+
+    refused: str | None = None
+    quota_left: int | None = None
 
 
 def expired(limits: UserLimits, now: float) -> bool:

@@ -16,7 +16,10 @@ from mtt.core.users import User
 class MeteredTunnel(Pausable, Protocol):
     """A tunnel, as its user's meter sees it: it can be paused and kicked."""
 
-    def kick(self) -> None: ...
+    def kick(self, why: str | None = None) -> bool:
+        """Close now: the controller's kick (why None), or a limit (why says
+        which); False if it was already closing."""
+        ...
 
 
 class Meter(Protocol):

@@ -19,6 +19,7 @@ from mtt.accept.tunnel_server import TunnelServer
 from mtt.address import format_hostport
 from mtt.cli import FlagSet, run_cli
 from mtt.config import Limits, ServerConfig
+from mtt.controller.health import Readiness
 from mtt.controller.http import (
     TOKEN_ENV,
     ControllerSettings,
@@ -249,6 +250,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         await service.start()
     except StoreError as exc:  # no table to serve: say so in one line (systemd retries)
         raise ConfigError(f"cannot load the users: {exc}") from None
+    readiness = Readiness(checks=[("store", service.store.reachable)])
     where_users = "Redis" if config.store else config.db  # a Redis URL may hold a password
     log.info("users: %d from %s, revision %d", service.count(), where_users, service.revision)
     if config.workers > 1:
@@ -260,6 +262,9 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
             raise
         service.attach(pool)
         mode += f", {config.workers} workers"
+        max_silence = config.limits.worker_answer_max_age
+        loop = asyncio.get_running_loop()
+        readiness.checks.append(("workers", lambda: not pool.unready(loop.time(), max_silence)))
     else:
         sock = (
             unix_listen_socket(config.bind)
@@ -282,6 +287,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         bound = sock.getsockname()
         where = bound if isinstance(bound, str) else format_hostport(bound[0], bound[1])
         service.attach(LocalPlane(agent))
+        readiness.checks.append(("listener", server.serving))
     try:
         runner, controller_at = await start_controller(
             config.controller,
@@ -292,6 +298,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
                 metrics_per_user=config.metrics_per_user,
                 limits=config.limits,
             ),
+            readiness,
         )
     except ConfigError:
         await (pool.stop() if config.workers > 1 else asyncio.sleep(0))
@@ -329,9 +336,11 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         log.info("%s", nofile)
     # Ready, signals included: whoever waits for this line may signal at once.
     log.info("tunnel listener on %s (%s), controller on %s", where, mode, controller_at)
+    readiness.started = True  # after the line: whoever sees a 200 can count on it
     try:
         await stop.wait()
     finally:
+        readiness.stopping = True
         log.info("shutting down: no new tunnels; open ones get %.0f s", config.grace)
         trimming.cancel()
         if watcher is not None:

@@ -9,26 +9,29 @@ requests, so both layouts run the same code.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from mtt.core.commands import Command, apply_command
+from mtt.core.admission import Verdict
+from mtt.core.commands import Command, Opt, apply_command
+from mtt.core.enforcement import budget
 from mtt.core.meter import MeteredTunnel
 from mtt.core.rate import Direction, Pausable, Throttle
 from mtt.core.stats import STATS
 from mtt.core.usage import Usage
-from mtt.core.users import User, UserTable
+from mtt.core.users import User, UserLimits, UserTable
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.agent")
 
 
 class ServiceLink(Protocol):
-    async def admit(self, path: str, ip: str) -> str | None:
-        """None to admit, or why the tunnel is refused."""
+    async def admit(self, path: str, ip: str) -> Verdict:
+        """Whether the tunnel may open, and the user's quota left if it has one."""
         ...
 
     def release(self, path: str, ip: str, delta: Usage) -> None:
@@ -36,6 +39,11 @@ class ServiceLink(Protocol):
         ...
 
     async def tokens(self, path: str, direction: Direction, want: int) -> int: ...
+
+    def exhausted(self, path: str, closed: int, unreported: int) -> None:
+        """This process spent the user's quota budget and closed `closed` of its
+        tunnels; unreported is what it counted that the service has not seen."""
+        ...
 
 
 class Gauges(Protocol):
@@ -52,6 +60,9 @@ class UserMeter:
         "down",
         "ips",
         "last_seen",
+        "left",
+        "limits",
+        "on_spent",
         "opened",
         "path",
         "rate",
@@ -60,7 +71,7 @@ class UserMeter:
         "up",
     )
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, on_spent: Callable[[UserMeter], None]) -> None:
         self.path = path
         self.up = 0  # deltas since the last report
         self.down = 0
@@ -71,10 +82,18 @@ class UserMeter:
         self.tunnels: set[MeteredTunnel] = set()
         self.throttles: tuple[Throttle | None, Throttle | None] = (None, None)
         self.rate = 0
+        # Bytes this process may still count before the user's quota is used up
+        # (mtt.core.enforcement), None without a quota or before the service said;
+        # the limits it was computed for, so a change of them drops it.
+        self.left: int | None = None
+        self.limits: UserLimits | None = None
+        self.on_spent = on_spent
 
     def count_up(self, size: int, tunnel: Pausable) -> None:
         """size bytes from the client were read for tunnel; charge the rate."""
         self.up += size
+        if self.left is not None:
+            self._spend(size, tunnel, Direction.UP)
         throttle = self.throttles[Direction.UP]
         if throttle is not None:
             throttle.charge(size, tunnel)
@@ -82,9 +101,30 @@ class UserMeter:
     def count_down(self, size: int, tunnel: Pausable) -> None:
         """size bytes from dst were read for tunnel; charge the rate."""
         self.down += size
+        if self.left is not None:
+            self._spend(size, tunnel, Direction.DOWN)
         throttle = self.throttles[Direction.DOWN]
         if throttle is not None:
             throttle.charge(size, tunnel)
+
+    def _spend(self, size: int, tunnel: Pausable, direction: Direction) -> None:
+        assert self.left is not None
+        before = self.left
+        self.left = before - size
+        if self.left <= 0:
+            # Stop reading now, as a rate limit would: the cut comes a loop turn
+            # later, and a tunnel would read up to its write buffers meanwhile.
+            tunnel.throttle_pause(direction)
+            if before > 0:  # once, when the budget runs out
+                self.on_spent(self)
+
+    def grant(self, left: int, limits: UserLimits) -> None:
+        """The quota left as the service knows it: what this process has counted
+        since its last report still comes off it."""
+        self.left = budget(left, self.up + self.down)
+        self.limits = limits
+        if self.left <= 0:
+            self.on_spent(self)
 
     def forget(self, tunnel: Pausable) -> None:
         """tunnel (an smux stream) is gone: drop it from the download rate's waiters."""
@@ -132,20 +172,37 @@ class Agent:
         self.meters: dict[str, UserMeter] = {}
         self._link = link
         self.gauges: Gauges | None = None  # set by the tunnel listener
+        # The quota left that an admission named, for the meter its tunnel creates.
+        self._granted: dict[str, tuple[int, UserLimits]] = {}
 
     # -- for the tunnel listener -------------------------------------------------
 
     def admission(self, path: str, user: User, ip: str) -> Awaitable[str | None] | None:
         """None when the tunnel may open now; else ask the service (server-wide limits)."""
         if user.limits.needs_admission():
-            return self._link.admit(path, ip)
+            return self._admit(path, ip)
         return None
+
+    async def _admit(self, path: str, ip: str) -> str | None:
+        verdict = await self._link.admit(path, ip)
+        left = verdict.quota_left
+        user = self.table.lookup(path)
+        if verdict.refused is None and left is not None and user is not None:
+            meter = self.meters.get(path)
+            if meter is None:
+                self._granted[path] = (left, user.limits)
+            elif meter.left is None:
+                meter.grant(left, user.limits)
+        return verdict.refused
 
     def opened(self, path: str, user: User, tunnel: MeteredTunnel, ip: str) -> UserMeter:
         meter = self.meters.get(path)
         if meter is None:
-            meter = self.meters[path] = UserMeter(path)
+            meter = self.meters[path] = UserMeter(path, self._spent)
             self._set_throttles(meter, user.limits.rate)
+            granted = self._granted.pop(path, None)
+            if granted is not None and granted[1] == user.limits:
+                meter.grant(*granted)
         meter.active += 1
         meter.opened += 1
         meter.ips[ip] += 1
@@ -171,6 +228,7 @@ class Agent:
 
     def abandon(self, path: str, ip: str) -> None:
         """An admitted tunnel that never opened (the client left during the upgrade)."""
+        self._granted.pop(path, None)
         self._link.release(path, ip, Usage())
 
     def _drop(self, meter: UserMeter) -> None:
@@ -212,7 +270,10 @@ class Agent:
     # -- requests from the service ---------------------------------------------------
 
     def apply(self, command: Command, kick: bool) -> None:
-        """A change to the table; with kick, tunnels of removed users close now."""
+        """A change to the table; with kick, tunnels of removed users close now.
+
+        A quota budget computed for other limits, or before the panel set
+        quota_used, is dropped: the next collection hands out a new one."""
         before = set(self.meters) if kick else set()
         apply_command(self.table, command)
         table = self.table
@@ -221,21 +282,57 @@ class Agent:
             rate = user.limits.rate if user is not None else 0
             if rate != meter.rate:
                 self._set_throttles(meter, rate)
+            if meter.left is not None and (user is None or user.limits != meter.limits):
+                meter.left = None
+        for path, (_, limits) in list(self._granted.items()):
+            user = table.lookup(path)
+            if user is None or user.limits != limits:
+                del self._granted[path]
+        if command.opt in (Opt.ADD, Opt.REPLACE) and (self.meters or self._granted):
+            for entry in command.entries:
+                if entry.quota_used is not None:
+                    self._granted.pop(entry.path, None)
+                    reset = self.meters.get(entry.path)
+                    if reset is not None:
+                        reset.left = None
         if kick:
             gone = [p for p in before if p not in table]
             if gone:
                 self.kick(gone)
 
-    def kick(self, paths: list[str] | tuple[str, ...]) -> int:
+    def kick(self, paths: list[str] | tuple[str, ...], why: str | None = None) -> int:
+        """Close the users' tunnels now; how many were still open (not already closing)."""
         kicked = 0
         for path in paths:
             meter = self.meters.get(path)
             if meter is None:
                 continue
             for tunnel in list(meter.tunnels):
-                tunnel.kick()
-                kicked += 1
+                kicked += tunnel.kick(why)
         return kicked
+
+    def grant(self, budgets: dict[str, int]) -> None:
+        """The quota each user has left, from the service after a collection."""
+        table = self.table
+        for path, left in budgets.items():
+            meter = self.meters.get(path)
+            user = table.lookup(path)
+            if meter is not None and user is not None and user.limits.quota:
+                meter.grant(left, user.limits)
+
+    def _spent(self, meter: UserMeter) -> None:
+        """A meter's quota budget ran out: close the user's tunnels here at once,
+        then tell the service (which closes them everywhere and says so). Called
+        from inside a tunnel's read: the closing waits for the next loop turn."""
+        asyncio.get_running_loop().call_soon(self._cut_spent, meter)
+
+    def _cut_spent(self, meter: UserMeter) -> None:
+        if self.meters.get(meter.path) is not meter:
+            return  # its tunnels are gone
+        # Cut even if a new budget came meanwhile: the tunnels that ran it out are
+        # paused, and the service does not block a user whose limit was raised.
+        closed = self.kick((meter.path,), "quota used up")
+        self._link.exhausted(meter.path, closed, meter.up + meter.down)
 
     def collect(self) -> dict[str, Any]:
         """Counter deltas (then zeroed) and live state of every user with any,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtt.core.admission import Verdict
 from mtt.core.commands import Command
 from mtt.core.rate import Direction
 from mtt.core.usage import Usage
@@ -21,7 +22,7 @@ class LocalLink:
     def __init__(self, service: UserService) -> None:
         self._service = service
 
-    async def admit(self, path: str, ip: str) -> str | None:
+    async def admit(self, path: str, ip: str) -> Verdict:
         return await self._service.admit(LOCAL_AGENT, path, ip)
 
     def release(self, path: str, ip: str, delta: Usage) -> None:
@@ -29,6 +30,9 @@ class LocalLink:
 
     async def tokens(self, path: str, direction: Direction, want: int) -> int:
         return await self._service.tokens(path, direction, want)
+
+    def exhausted(self, path: str, closed: int, unreported: int) -> None:
+        spawn(self._service.exhausted(path, closed, unreported), name=f"quota of {path}")
 
 
 class LocalPlane:
@@ -43,5 +47,8 @@ class LocalPlane:
     async def collect(self) -> list[dict[str, Any]]:
         return [self.agent.collect()]
 
-    async def kick(self, paths: tuple[str, ...]) -> int:
-        return self.agent.kick(paths)
+    async def kick(self, paths: tuple[str, ...], why: str | None = None) -> int:
+        return self.agent.kick(paths, why)
+
+    def grant(self, budgets: dict[str, int]) -> None:
+        self.agent.grant(budgets)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtt.core.enforcement import Blocked
 from mtt.core.harvest import Acked, Harvest, Refused
 from mtt.core.usage import Usage
 from mtt.core.users import User
@@ -25,6 +26,7 @@ class UserReport:
     active_tunnels: int
     client_ips: tuple[str, ...]  # sorted
     state: str  # "ok", "expired" or "over_quota"
+    blocked: Blocked | None = None  # its open tunnels were closed by a limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,14 @@ Changes go to the store first (durable or shared before res 1), then to every
 data plane (the in-process tunnel listener, or each worker). Admission against
 max_tunnels, max_ips, quota and expire, and rate tokens, are decided here,
 because a user's tunnels may land in any worker.
+
+Open tunnels are held to expire and quota too (mtt.core.enforcement): after
+every collection the service closes the tunnels of users past either, hands
+the planes the quota the others have left (a plane closes a user's tunnels
+itself once it has counted that much, then says so: Exhausted), and arms a
+timer for each expire due before the next collection but one. A cut is one
+log line per user and shows in the listing (`blocked`) until a change lets
+the user in again.
 """
 
 from __future__ import annotations
@@ -18,13 +26,21 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mtt.config import Limits
-from mtt.core.admission import AdmissionBook, expired, over_quota
+from mtt.core.admission import AdmissionBook, Verdict, expired, over_quota
 from mtt.core.commands import CHANGES, Command, Entry, Opt, apply_command
+from mtt.core.enforcement import (
+    Blocked,
+    Cut,
+    cut_message,
+    cut_reason,
+    expiry_delay,
+    quota_left,
+)
 from mtt.core.harvest import HarvestOutcome, Taken
 from mtt.core.rate import Direction, GrantRules, TokenSchedule
 from mtt.core.stats import StatsTotals
 from mtt.core.usage import Usage
-from mtt.core.users import User, UserTable
+from mtt.core.users import User, UserLimits, UserTable
 from mtt.errors import StoreError
 from mtt.service.results import (
     Changed,
@@ -51,7 +67,15 @@ class Plane(Protocol):
 
     async def apply(self, command: Command, kick: bool) -> None: ...
     async def collect(self) -> list[dict[str, Any]]: ...
-    async def kick(self, paths: tuple[str, ...]) -> int: ...
+    async def kick(self, paths: tuple[str, ...], why: str | None = None) -> int: ...
+
+    def grant(self, budgets: dict[str, int]) -> None:
+        """The quota left of users with open tunnels (mtt.core.enforcement)."""
+        ...
+
+
+# What a cut tunnel logs at debug level (the user's one line says the rest).
+_WHY: dict[Cut, str] = {"expired": "user expired", "quota": "quota used up"}
 
 
 @dataclass(slots=True)
@@ -85,6 +109,9 @@ class UserService:
         self.totals = StatsTotals()
         self._late: list[dict[str, Any]] = []  # reports of workers that exited
         self.gauges: dict[str, int] = {}
+        # Users whose open tunnels a limit closed, with the User they were cut as.
+        self.blocked: dict[str, tuple[Blocked, User]] = {}
+        self._expiry: dict[str, tuple[int, asyncio.TimerHandle]] = {}  # path -> (expire, timer)
 
     async def start(self, plane: Plane | None = None) -> None:
         snapshot = await self.store.load()
@@ -102,6 +129,9 @@ class UserService:
         """Count what the planes still hold, then let the store flush."""
         if self._collector is not None:
             self._collector.cancel()
+        for _, timer in self._expiry.values():
+            timer.cancel()
+        self._expiry.clear()
         with contextlib.suppress(StoreError, ConnectionError, OSError):
             await self.collect()
         await self.store.close()
@@ -173,6 +203,7 @@ class UserService:
                 await self.plane.apply(command, self.kick_on_delete)
         finally:
             self.revision = revision
+        await self._unblock()
 
     async def _reload(self, why: str) -> bool:
         """Adopt the store's whole table (under the change lock); False, the
@@ -227,6 +258,7 @@ class UserService:
             await asyncio.sleep(self._limits.collect_interval)
             try:
                 await self.collect()
+                await self.enforce()
             except (StoreError, ConnectionError, OSError) as exc:
                 log.warning("collecting counters: %s", exc)
 
@@ -283,7 +315,9 @@ class UserService:
                 continue
             counters = usage.get(path) or Usage()
             live = self.live.get(path) or Live()
-            users.append(_describe(path, user, counters, live, now))
+            blocked = self.blocked.get(path)
+            cut = blocked[0] if blocked is not None else None
+            users.append(_describe(path, user, counters, live, now, blocked=cut))
         return users
 
     async def harvest(self, harvest_id: str, paths: tuple[str, ...] | None) -> HarvestOutcome:
@@ -311,25 +345,174 @@ class UserService:
 
     # -- requests from agents ---------------------------------------------------------
 
-    async def admit(self, agent: int, path: str, ip: str) -> str | None:
-        """None to admit (and count) the tunnel, else why not."""
+    async def admit(self, agent: int, path: str, ip: str) -> Verdict:
+        """Admit (and count) the tunnel, with the quota its user has left; or why not."""
         user = self.table.lookup(path)
         if user is None:
-            return "user deleted"
+            return Verdict("user deleted")
         limits = user.limits
         now = time.time()
         used = 0
+        known = False
         if limits.quota and not expired(limits, now):
             try:
                 usage = await self.store.read_usage([path], False)
+                known = True
             except StoreError as exc:  # a shared store is away: serve, as for users without quota
                 log.warning("admitting %s without its quota check: %s", path, exc)
                 usage = {}
             used = usage[path].quota_used if path in usage else 0
         refused = self._admitted.refusal(path, limits, ip, now, used)
-        if refused is None:
-            self._admitted.admit(agent, path, ip)
-        return refused
+        blocked = self.blocked.get(path)
+        if refused is None and blocked is not None and blocked[0].reason == "quota":
+            # Cut a moment ago: the closed tunnels' last bytes may not be counted yet.
+            refused = "over quota (used up while its tunnels were open)"
+        if refused is not None:
+            return Verdict(refused)
+        self._admitted.admit(agent, path, ip)
+        if limits.expire:
+            self._arm_expiry(path, limits, now)
+        # A change during the store read: its own budgets follow with the next collection.
+        same = self.table.lookup(path) is user
+        return Verdict(None, quota_left(limits, used) if known and same else None)
+
+    async def exhausted(self, path: str, closed: int, unreported: int) -> None:
+        """A plane spent a user's quota budget and closed `closed` of its tunnels
+        (unreported: what it counted since its last report): close the rest."""
+        async with self._change_lock:
+            user = self.table.lookup(path)
+            if user is None or not user.limits.quota:
+                return
+            try:
+                usage = await self.store.read_usage([path], False)
+            except StoreError as exc:
+                log.warning("user %s: quota used up by one plane; store unread: %s", path, exc)
+                usage = {}
+            used = (usage[path].quota_used if path in usage else 0) + unreported
+            if cut_reason(user.limits, time.time(), used) is None:
+                return  # the limit was raised after that plane's budget was handed out
+            await self._cut(path, user, "quota", used, closed)
+
+    # -- limits on open tunnels ------------------------------------------------------
+
+    async def enforce(self) -> None:
+        """Close the tunnels of users past their expire or quota; hand the planes
+        what is left of each quota; arm the expiries due soon. After a collection."""
+        if self.plane is None:
+            return
+        async with self._change_lock:
+            table = self.table
+            limited: list[tuple[str, User]] = []
+            for path in self.live:
+                user = table.lookup(path)
+                if user is not None and (user.limits.quota or user.limits.expire):
+                    limited.append((path, user))
+            if not limited:
+                return
+            quota_paths = [path for path, user in limited if user.limits.quota]
+            usage: dict[str, Usage] = {}
+            if quota_paths:
+                try:
+                    usage = await self.store.read_usage(quota_paths, False)
+                except StoreError as exc:  # budgets handed out before keep counting down
+                    log.warning("quota of open tunnels not checked: %s", exc)
+            now = time.time()
+            budgets: dict[str, int] = {}
+            cuts: list[tuple[str, User, Cut, int]] = []
+            for path, user in limited:
+                counters = usage.get(path)
+                used = counters.quota_used if counters is not None else 0
+                reason = cut_reason(user.limits, now, used)
+                if reason is not None:
+                    cuts.append((path, user, reason, used))
+                    continue
+                left = quota_left(user.limits, used) if counters is not None else None
+                if left is not None:
+                    budgets[path] = left
+                if user.limits.expire:
+                    self._arm_expiry(path, user.limits, now)
+            if budgets:
+                self.plane.grant(budgets)
+            for path, user, reason, used in cuts:
+                await self._cut(path, user, reason, used)
+
+    async def _cut(self, path: str, user: User, reason: Cut, used: int, closed: int = 0) -> None:
+        """Close the user's tunnels on every plane (closed: already closed by one);
+        one log line, and the listing says so, if any tunnel was open."""
+        if self.plane is not None:
+            closed += await self.plane.kick((path,), _WHY[reason])
+        if not closed:
+            return
+        now = time.time()
+        earlier = self.blocked.get(path)
+        if earlier is not None and earlier[0].reason == reason:
+            # The same event: a tunnel admitted as the cut went out, or a second
+            # process that spent its budget before the cut reached it.
+            log.debug("user %s: %d more tunnels closed (%s)", path, closed, _WHY[reason])
+            return
+        self.blocked[path] = (Blocked(reason, now), user)
+        log.info(
+            "%s",
+            cut_message(path, reason, user.limits, quota_used=used, tunnels=closed, now=now),
+        )
+
+    async def _unblock(self) -> None:
+        """After a change: users cut by a limit that no longer holds are let in again."""
+        if not self.blocked:
+            return
+        table = self.table
+        changed: list[tuple[str, User]] = []
+        for path, (_, cut_as) in list(self.blocked.items()):
+            user = table.lookup(path)
+            if user is None:
+                del self.blocked[path]
+            elif user is not cut_as:
+                changed.append((path, user))
+        if not changed:
+            return
+        try:
+            usage = await self.store.read_usage([p for p, _ in changed], False)
+        except StoreError as exc:
+            log.warning("blocked users not rechecked after a change: %s", exc)
+            return
+        now = time.time()
+        for path, user in changed:
+            counters = usage.get(path)
+            reason = cut_reason(user.limits, now, counters.quota_used if counters else 0)
+            if reason is None:
+                del self.blocked[path]
+                log.info("user %s: let in again (its limits changed)", path)
+            else:
+                self.blocked[path] = (Blocked(reason, self.blocked[path][0].at), user)
+
+    def _arm_expiry(self, path: str, limits: UserLimits, now: float) -> None:
+        """A timer for the user's expire if it falls before the next collection but
+        one (those after are armed by a later one); the same expire is armed once."""
+        delay = expiry_delay(limits, now, 2 * _LIMITS.collect_interval)
+        if delay is None:
+            return
+        armed = self._expiry.get(path)
+        if armed is not None:
+            if armed[0] == limits.expire:
+                return
+            armed[1].cancel()
+        timer = asyncio.get_running_loop().call_later(delay, self._expiry_due, path)
+        self._expiry[path] = (limits.expire, timer)
+
+    def _expiry_due(self, path: str) -> None:
+        self._expiry.pop(path, None)
+        spawn(self._expire(path), name=f"expire {path}")
+
+    async def _expire(self, path: str) -> None:
+        async with self._change_lock:
+            user = self.table.lookup(path)
+            if user is None:
+                return
+            now = time.time()
+            if expired(user.limits, now):
+                await self._cut(path, user, "expired", 0)
+            else:  # moved since, or the clocks disagree by a hair
+                self._arm_expiry(path, user.limits, now)
 
     async def release(self, agent: int, path: str, ip: str, delta: Usage) -> None:
         self.totals.bytes_up += delta.bytes_up
@@ -360,7 +543,9 @@ def _entries(items: Iterable[tuple[str, User]]) -> tuple[Entry, ...]:
     return tuple(Entry(path, user) for path, user in items)
 
 
-def _describe(path: str, user: User, usage: Usage, live: Live, now: float) -> UserReport:
+def _describe(
+    path: str, user: User, usage: Usage, live: Live, now: float, *, blocked: Blocked | None
+) -> UserReport:
     limits = user.limits
     if expired(limits, now):
         state = "expired"
@@ -368,4 +553,4 @@ def _describe(path: str, user: User, usage: Usage, live: Live, now: float) -> Us
         state = "over_quota"
     else:
         state = "ok"
-    return UserReport(path, user, usage, live.active, tuple(sorted(live.ips)), state)
+    return UserReport(path, user, usage, live.active, tuple(sorted(live.ips)), state, blocked)

@@ -80,6 +80,10 @@ class Store(Protocol):
         """Be told of changes other nodes make (shared stores only)."""
         ...
 
+    def reachable(self) -> bool:
+        """Whether the store answers, as last seen: no round trip (for /readyz)."""
+        ...
+
     async def close(self) -> None:
         """Flush what is buffered; later calls are not expected."""
         ...

@@ -80,6 +80,9 @@ class MemoryStore:
     def watch(self, on_remote: RemoteChange, served: Served) -> None:
         pass
 
+    def reachable(self) -> bool:
+        return True
+
     async def close(self) -> None:
         pass
 

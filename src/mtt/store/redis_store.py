@@ -311,6 +311,19 @@ class RedisStore:
         self._flusher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._flush_failing = False
+        self._answered = 0.0  # loop time Redis last answered (0: never)
+
+    def reachable(self) -> bool:
+        """Redis answered within Limits.redis_ready_max_age, and the subscription
+        has not failed since; the table check every redis_check_interval keeps
+        this fresh while Redis is up."""
+        if not self._answered:
+            return False
+        age = asyncio.get_running_loop().time() - self._answered
+        return age <= _LIMITS.redis_ready_max_age
+
+    def _heard_from_redis(self) -> None:
+        self._answered = asyncio.get_running_loop().time()
 
     # -- the table ---------------------------------------------------------------------
 
@@ -323,8 +336,10 @@ class RedisStore:
                 raw_epoch, raw, raw_revision = await pipe.execute()
         except (RedisError, OSError) as exc:
             self._load_failed = True  # the next check asks again
+            self._answered = 0.0
             raise StoreError(f"Redis: {exc}") from None
         self._load_failed = False
+        self._heard_from_redis()
         users = {path.decode(): decode_user(value) for path, value in raw.items()}
         revision = int(raw_revision or 0)
         epoch = raw_epoch.decode()
@@ -355,6 +370,7 @@ class RedisStore:
             )
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis: {exc}") from None
+        self._heard_from_redis()
         revision = int(raw_revision)
         if raw_epoch.decode() == self._epoch:
             self._heard = max(self._heard, revision)
@@ -377,6 +393,7 @@ class RedisStore:
                 )
             except (RedisError, OSError) as exc:
                 raise StoreError(f"Redis: {exc}") from None
+            self._heard_from_redis()
             names, up, down, quota, tunnels, seen = result
             out: dict[str, Usage] = {}
             pending = self._pending
@@ -510,7 +527,7 @@ class RedisStore:
         while True:
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(CHANNEL)
+                await pubsub.subscribe(CHANNEL)  # sent, not yet answered: no sign of life
                 # Subscribed before checking: nothing falls in between.
                 if broken:
                     log.info("store: Redis is back; reloading the users")
@@ -538,6 +555,7 @@ class RedisStore:
                             else _LIMITS.redis_settle
                         )
             except (RedisError, OSError) as exc:
+                self._answered = 0.0  # a lost connection or a timeout: unreachable now
                 if not broken:
                     log.warning(
                         "store: lost the Redis subscription (%s); serving the last table, retrying",
@@ -564,6 +582,7 @@ class RedisStore:
             pipe.get(REVISION)
             pipe.hlen(USERS)
             raw_epoch, raw_revision, users = await pipe.execute()
+        self._heard_from_redis()
         if self._loads != loads:
             return None  # a reload happened meanwhile: compare next time
         revision = int(raw_revision or 0)

@@ -476,6 +476,10 @@ class SqliteStore:
     def watch(self, on_remote: RemoteChange, served: Served) -> None:
         pass  # one node: nobody else writes this file
 
+    def reachable(self) -> bool:
+        """The database is open (a failed write is the controller's 503, per change)."""
+        return self._db is not None
+
     async def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()

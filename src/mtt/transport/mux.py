@@ -350,10 +350,17 @@ class MuxTunnel(MuxLink[MuxStream, MuxSession], CheckedListener):
         """Close the session now (server shutdown)."""
         self.finish(WSCloseCode.GOING_AWAY)
 
-    def kick(self) -> None:
-        """Close the session now (the controller said so)."""
-        log.info("%s %s: kicked", self.peer, self.path)
+    def kick(self, why: str | None = None) -> bool:
+        """Close the session and every stream in it now: the controller said so,
+        or a limit (why), which its user's one log line reports."""
+        if self.closed:
+            return False
+        if why is None:
+            log.info("%s %s: kicked", self.peer, self.path)
+        else:
+            log.debug("%s %s: closed: %s", self.peer, self.path, why)
         self.finish(WSCloseCode.POLICY_VIOLATION)
+        return True
 
     # -- session events (MuxLink hooks) ------------------------------------------
 

@@ -203,10 +203,15 @@ class PlainTunnel(CheckedListener):
         """Close this tunnel now (server shutdown)."""
         self._finish("server shutting down", WSCloseCode.GOING_AWAY)
 
-    def kick(self) -> None:
-        """Close this tunnel now (the controller said so)."""
-        log.info("%s %s: kicked", self._peer, self._path)
-        self._finish("kicked", WSCloseCode.POLICY_VIOLATION)
+    def kick(self, why: str | None = None) -> bool:
+        """Close this tunnel now: the controller said so, or a limit (why), which
+        its user's one log line reports instead of a line per tunnel."""
+        if self._state is _State.CLOSED:
+            return False
+        if why is None:
+            log.info("%s %s: kicked", self._peer, self._path)
+        self._finish(why or "kicked", WSCloseCode.POLICY_VIOLATION)
+        return True
 
     # -- accounting and rate limits ---------------------------------------------
 

@@ -8,8 +8,9 @@ a big change (a Command with millions of entries) goes through
 Command.to_wire/from_wire as before: nothing here walks the entries again.
 
 Supervisor to worker: Init (before the channel runs), Change, Collect, Kick,
-ReloadTls (requests), Stop (notification). Worker to supervisor: Ready (before
-the channel runs), Admit, Tokens (requests), Release, Final (notifications).
+ReloadTls (requests), Budgets, Stop (notifications). Worker to supervisor:
+Ready (before the channel runs), Admit, Tokens (requests), Release, Exhausted,
+Final (notifications).
 """
 
 from __future__ import annotations
@@ -127,16 +128,24 @@ class Failed(Reply):
         return {"error": self.error}
 
 
+def _optional_int(data: Wire, key: str) -> int | None:
+    value = data.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ProtocolError(f"{key!r} is {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Admission(Reply):
     refused: str | None  # None: admitted
+    quota_left: int | None = None  # admitted with a quota: what is left of it
 
     def to_wire(self) -> Wire:
-        return {"refused": self.refused}
+        return {"refused": self.refused, "left": self.quota_left}
 
     @classmethod
     def from_wire(cls, data: Wire) -> Admission:
-        return cls(_optional_str(data, "refused"))
+        return cls(_optional_str(data, "refused"), _optional_int(data, "left"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,18 +273,21 @@ class Collect(Request[Report]):
 
 @dataclass(frozen=True, slots=True)
 class Kick(Request[Kicked]):
+    """Close these users' tunnels: the controller's kick (why None) or a limit's cut."""
+
     OP: ClassVar[str] = "kick"
     paths: tuple[str, ...]
+    why: str | None = None
 
     def to_wire(self) -> Wire:
-        return {"op": self.OP, "paths": list(self.paths)}
+        return {"op": self.OP, "paths": list(self.paths), "why": self.why}
 
     @classmethod
     def from_wire(cls, data: Wire) -> Kick:
         paths = _field(data, "paths", list)
         if not all(isinstance(p, str) for p in paths):
             raise ProtocolError("'paths' is not a list of strings")
-        return cls(tuple(paths))
+        return cls(tuple(paths), _optional_str(data, "why"))
 
     def reply_from_wire(self, data: Wire) -> Kicked:
         return Kicked.from_wire(data)
@@ -298,6 +310,26 @@ class ReloadTls(Request[Done]):
 
     def reply_from_wire(self, data: Wire) -> Done:
         return Done.from_wire(data)
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets(Notification):
+    """The quota each user with open tunnels has left, after a collection
+    (mtt.core.enforcement); the worker closes a user's tunnels once it has
+    counted that much more."""
+
+    OP: ClassVar[str] = "budgets"
+    left: dict[str, int]
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "left": self.left}
+
+    @classmethod
+    def from_wire(cls, data: Wire) -> Budgets:
+        left = _field(data, "left", dict)
+        if not all(type(v) is int for v in left.values()):
+            raise ProtocolError("'left' is not an object of integers")
+        return cls(left)
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +427,33 @@ class Release(Notification):
 
 
 @dataclass(frozen=True, slots=True)
+class Exhausted(Notification):
+    """The worker spent a user's quota budget and closed `closed` of its tunnels;
+    unreported: bytes of the user it counted since its last report."""
+
+    OP: ClassVar[str] = "exhausted"
+    path: str
+    closed: int
+    unreported: int
+
+    def to_wire(self) -> Wire:
+        return {
+            "op": self.OP,
+            "path": self.path,
+            "closed": self.closed,
+            "unreported": self.unreported,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Wire) -> Exhausted:
+        return cls(
+            _field(data, "path", str),
+            _field(data, "closed", int),
+            _field(data, "unreported", int),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Final(Notification):
     """A stopping worker's last counters."""
 
@@ -411,7 +470,21 @@ class Final(Notification):
 
 KINDS: dict[str, type[Message]] = {
     kind.OP: kind
-    for kind in (Init, Change, Collect, Kick, ReloadTls, Stop, Ready, Admit, Tokens, Release, Final)
+    for kind in (
+        Init,
+        Change,
+        Collect,
+        Kick,
+        ReloadTls,
+        Budgets,
+        Stop,
+        Ready,
+        Admit,
+        Tokens,
+        Release,
+        Exhausted,
+        Final,
+    )
 }
 
 

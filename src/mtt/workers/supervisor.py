@@ -28,8 +28,10 @@ from mtt.workers import channel
 from mtt.workers.messages import (
     Admission,
     Admit,
+    Budgets,
     Change,
     Collect,
+    Exhausted,
     Final,
     Grant,
     Init,
@@ -64,8 +66,10 @@ class Worker:
             Admit: self._admit,
             Tokens: self._tokens,
             Release: self._release,
+            Exhausted: self._exhausted,
             Final: self._final,
         }
+        self.answered = 0.0  # loop time of its last reply to a collection
 
     async def start(self, listen_sock: socket.socket, init: Init, ready_within: float) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -89,6 +93,7 @@ class Worker:
         if data is None or not isinstance(decode(data), Ready):
             raise ProtocolError(f"worker {self.index} did not start: {data}")
         self.rpc = RpcChannel(reader, writer, self.handlers, f"worker {self.index}")
+        self.answered = asyncio.get_running_loop().time()
         self.ready = True
         self.channel_task = spawn(self._run(self.rpc), name=f"worker {self.index} channel")
 
@@ -100,7 +105,8 @@ class Worker:
             self.service.agent_gone(self.index)
 
     async def _admit(self, message: Admit) -> Admission:
-        return Admission(await self.service.admit(self.index, message.path, message.ip))
+        verdict = await self.service.admit(self.index, message.path, message.ip)
+        return Admission(verdict.refused, verdict.quota_left)
 
     async def _tokens(self, message: Tokens) -> Grant:
         return Grant(await self.service.tokens(message.path, message.direction, message.want))
@@ -109,6 +115,12 @@ class Worker:
         spawn(
             self.service.release(self.index, message.path, message.ip, message.usage),
             name=f"release {message.path}",
+        )
+
+    def _exhausted(self, message: Exhausted) -> None:
+        spawn(
+            self.service.exhausted(message.path, message.closed, message.unreported),
+            name=f"quota of {message.path}",
         )
 
     def _final(self, message: Final) -> None:
@@ -257,12 +269,29 @@ class WorkerPool:
             await self._broadcast(Change(command, kick))
 
     async def collect(self) -> list[dict[str, Any]]:
-        replies = await self._ask_all(Collect())
-        return [r.report for r in replies]
+        now = asyncio.get_running_loop().time()
+        reports = []
+        for worker, reply in await self._send_all(Collect()):
+            if not isinstance(reply, BaseException):
+                worker.answered = now
+                reports.append(reply.report)
+        return reports
 
-    async def kick(self, paths: tuple[str, ...]) -> int:
-        replies = await self._ask_all(Kick(paths))
+    async def kick(self, paths: tuple[str, ...], why: str | None = None) -> int:
+        replies = await self._ask_all(Kick(paths, why))
         return sum(r.kicked for r in replies)
+
+    def grant(self, budgets: dict[str, int]) -> None:
+        """Hand every worker the quota its users have left (one message each)."""
+        message = Budgets(budgets)
+        for worker in self.workers:
+            if worker.ready and worker.rpc is not None:
+                worker.rpc.notify(message)
+
+    def unready(self, now: float, max_silence: float) -> bool:
+        """True while a worker is not running, or has not answered a collection
+        for max_silence seconds (stuck, or restarting)."""
+        return any(not w.ready or now - w.answered > max_silence for w in self.workers)
 
     async def _ask_all(self, request: Request[R]) -> list[R]:
         """A question to every running worker; a worker that fails to answer is skipped."""

@@ -15,6 +15,7 @@ import uvloop
 from mtt.accept.fallback import Fallback
 from mtt.accept.tls_setup import tls_context
 from mtt.accept.tunnel_server import TunnelServer
+from mtt.core.admission import Verdict
 from mtt.core.rate import Direction
 from mtt.core.usage import Usage
 from mtt.errors import ConfigError, ProtocolError
@@ -27,9 +28,11 @@ from mtt.workers import channel
 from mtt.workers.heap import trim_after_bursts
 from mtt.workers.messages import (
     Admit,
+    Budgets,
     Change,
     Collect,
     Done,
+    Exhausted,
     Final,
     Init,
     Kick,
@@ -54,9 +57,10 @@ class SupervisorLink:
     def __init__(self) -> None:
         self.rpc: RpcChannel | None = None
 
-    async def admit(self, path: str, ip: str) -> str | None:
+    async def admit(self, path: str, ip: str) -> Verdict:
         assert self.rpc is not None
-        return (await self.rpc.call(Admit(path, ip))).refused
+        reply = await self.rpc.call(Admit(path, ip))
+        return Verdict(reply.refused, reply.quota_left)
 
     def release(self, path: str, ip: str, delta: Usage) -> None:
         assert self.rpc is not None
@@ -65,6 +69,10 @@ class SupervisorLink:
     async def tokens(self, path: str, direction: Direction, want: int) -> int:
         assert self.rpc is not None
         return (await self.rpc.call(Tokens(path, direction, want))).grant
+
+    def exhausted(self, path: str, closed: int, unreported: int) -> None:
+        assert self.rpc is not None
+        self.rpc.notify(Exhausted(path, closed, unreported))
 
 
 class WorkerControl:
@@ -79,6 +87,7 @@ class WorkerControl:
             Change: self._change,
             Collect: self._collect,
             Kick: self._kick,
+            Budgets: self._budgets,
             ReloadTls: self._reload_tls,
             Stop: self._stop,
         }
@@ -91,7 +100,10 @@ class WorkerControl:
         return Report(self.agent.collect())
 
     def _kick(self, message: Kick) -> Kicked:
-        return Kicked(self.agent.kick(message.paths))
+        return Kicked(self.agent.kick(message.paths, message.why))
+
+    def _budgets(self, message: Budgets) -> None:
+        self.agent.grant(message.left)
 
     def _reload_tls(self, message: ReloadTls) -> Done:
         try:
