@@ -28,6 +28,7 @@ from mtt.workers.messages import (
     KINDS,
     Admission,
     Admit,
+    Challenges,
     Change,
     Collect,
     Done,
@@ -65,11 +66,19 @@ REPORT = {"users": {"/a": [[1, 2, 3, 1, 5.5], 1, ["10.0.0.1"]]}, "stats": {}, "g
 EXAMPLES: list[Message] = [
     Init(ServerConfig(bind="127.0.0.1:0", workers=2), {"cert": "c", "key": "k"}, COMMAND),
     Init(ServerConfig(trusted_proxies=("10.0.0.0/8",)), None, Command(Opt.RESET)),
+    Init(
+        ServerConfig(acme_domains=("a.example", "b.example"), acme_dir="/var/lib/x/acme"),
+        {"cert_pem": "c", "key_pem": "k", "origin": "o"},
+        Command(Opt.RESET),
+        {"a.example": {"cert_pem": "c", "key_pem": "k", "origin": "challenge"}},
+    ),
     Change(COMMAND, kick=True),
     Change(Command(Opt.DELETE, paths=("/a", "/b")), kick=False),
     Collect(),
     Kick(("/a", "/b")),
     ReloadTls({"cert": "c", "key": "k"}),
+    Challenges({"a.example": {"cert_pem": "c", "key_pem": "k", "origin": "challenge"}}),
+    Challenges({}),
     Stop(2.5),
     Ready(),
     Admit("/sold", "2001:db8::1"),
@@ -82,6 +91,7 @@ REPLIES: list[tuple[Request[Any], Reply]] = [
     (Collect(), Report(REPORT)),
     (Kick(("/a",)), Kicked(3)),
     (ReloadTls({}), Done()),
+    (Challenges({}), Done()),
     (Admit("/a", "::1"), Admission(None)),
     (Admit("/a", "::1"), Admission("quota used up")),
     (Tokens("/a", 0, 1), Grant(4096)),
@@ -139,6 +149,10 @@ MALFORMED: list[dict[str, Any]] = [
     {"op": "kick", "paths": [1]},
     {"op": "tls", "tls": None},
     {"op": "tls", "tls": {"cert": 1}},
+    {"op": "challenges", "challenges": []},
+    {"op": "challenges", "challenges": {"a.example": "pem"}},
+    {"op": "challenges", "challenges": {"a.example": {"cert_pem": 1}}},
+    {"op": "init", "config": {}, "tls": None, "users": {"opt": 3}, "challenges": 1},
     {"op": "stop"},
     {"op": "stop", "grace": "soon"},
     {"op": "init", "config": {"nope": 1}, "tls": None, "users": {"opt": 3}},
@@ -167,7 +181,7 @@ def test_each_side_serves_what_the_other_sends() -> None:
     supervisor = set(Worker(1, None).handlers)  # type: ignore[arg-type]
     worker = set(WorkerControl(None, None).handlers)  # type: ignore[arg-type]
     assert supervisor == {Admit, Tokens, Release, Final}
-    assert worker == {Change, Collect, Kick, ReloadTls, Stop}
+    assert worker == {Change, Collect, Kick, ReloadTls, Challenges, Stop}
     # Init and Ready are exchanged before the channel runs.
     assert supervisor | worker | {Init, Ready} == set(KINDS.values())
 

@@ -24,7 +24,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from mtt.accept.first_bytes import FirstBytes, feed
+from mtt.accept.first_bytes import Challenges, FirstBytes, feed
 from mtt.accept.front import FrontProtocol, format_peer, shut
 from mtt.core.stats import STATS
 from mtt.errors import ProtocolError
@@ -45,8 +45,10 @@ class ProxyPrelude(asyncio.Protocol):
         ssl_context: ssl.SSLContext | None,
         handshake_timeout: float,
         trusted: TrustedProxies | None,
+        challenges: Challenges | None = None,
     ) -> None:
         self._make_front = make_front
+        self._challenges = challenges
         self._ssl_context = ssl_context
         self._handshake_timeout = handshake_timeout
         self._trusted = trusted if trusted else None
@@ -113,7 +115,9 @@ class ProxyPrelude(asyncio.Protocol):
         if self._ssl_context is None:
             next_layer = front
         else:  # TLS or plain HTTP to the TLS port, decided as without the header
-            next_layer = FirstBytes(front, self._ssl_context, self._handshake_timeout, client)
+            next_layer = FirstBytes(
+                front, self._ssl_context, self._handshake_timeout, client, self._challenges
+            )
         transport.set_protocol(next_layer)
         next_layer.connection_made(transport)
         if rest and not transport.is_closing():

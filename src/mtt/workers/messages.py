@@ -8,7 +8,7 @@ a big change (a Command with millions of entries) goes through
 Command.to_wire/from_wire as before: nothing here walks the entries again.
 
 Supervisor to worker: Init (before the channel runs), Change, Collect, Kick,
-ReloadTls (requests), Stop (notification). Worker to supervisor: Ready (before
+ReloadTls, Challenges (requests), Stop (notification). Worker to supervisor: Ready (before
 the channel runs), Admit, Tokens (requests), Release, Final (notifications).
 """
 
@@ -96,6 +96,16 @@ def _tls(data: Wire) -> dict[str, str] | None:
         return None
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ProtocolError("'tls' is not an object of strings")
+    return value
+
+
+def _challenges(data: Wire) -> dict[str, dict[str, str]]:
+    value = data.get("challenges", {})
+    if not isinstance(value, dict) or not all(
+        isinstance(spec, dict) and all(isinstance(v, str) for v in spec.values())
+        for spec in value.values()
+    ):
+        raise ProtocolError("'challenges' is not an object of objects of strings")
     return value
 
 
@@ -187,8 +197,12 @@ def config_to_wire(config: ServerConfig) -> Wire:
 def config_from_wire(data: Wire) -> ServerConfig:
     limits = dict(data["limits"])
     limits["smux"] = SmuxConfig(**limits["smux"])
-    trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
-    return ServerConfig(**{**data, "limits": Limits(**limits), "trusted_proxies": trusted})
+    # JSON lists on the wire
+    trusted = tuple(data.get("trusted_proxies", ()))
+    domains = tuple(data.get("acme_domains", ()))
+    return ServerConfig(
+        **{**data, "limits": Limits(**limits), "trusted_proxies": trusted, "acme_domains": domains}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +213,8 @@ class Init(Notification):
     config: ServerConfig
     tls: dict[str, str] | None
     users: Command
+    # TLS-ALPN-01 challenges pending when the worker starts (domain -> PEM spec)
+    challenges: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     def to_wire(self) -> Wire:
         return {
@@ -206,12 +222,14 @@ class Init(Notification):
             "config": config_to_wire(self.config),
             "tls": self.tls,
             "users": self.users.to_wire(),
+            "challenges": self.challenges,
         }
 
     @classmethod
     def from_wire(cls, data: Wire) -> Init:
         config = config_from_wire(_field(data, "config", dict))
-        return cls(config, _tls(data), Command.from_wire(_field(data, "users", dict)))
+        users = Command.from_wire(_field(data, "users", dict))
+        return cls(config, _tls(data), users, _challenges(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +299,25 @@ class ReloadTls(Request[Done]):
         if tls is None:
             raise ProtocolError("'tls' is missing")
         return cls(tls)
+
+    def reply_from_wire(self, data: Wire) -> Done:
+        return Done.from_wire(data)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenges(Request[Done]):
+    """Serve exactly these TLS-ALPN-01 challenge certificates (domain -> PEM
+    spec, as ReloadTls's); an empty dict ends every challenge."""
+
+    OP: ClassVar[str] = "challenges"
+    challenges: dict[str, dict[str, str]]
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "challenges": self.challenges}
+
+    @classmethod
+    def from_wire(cls, data: Wire) -> Challenges:
+        return cls(_challenges(data))
 
     def reply_from_wire(self, data: Wire) -> Done:
         return Done.from_wire(data)
@@ -397,7 +434,20 @@ class Final(Notification):
 
 KINDS: dict[str, type[Message]] = {
     kind.OP: kind
-    for kind in (Init, Change, Collect, Kick, ReloadTls, Stop, Ready, Admit, Tokens, Release, Final)
+    for kind in (
+        Init,
+        Change,
+        Collect,
+        Kick,
+        ReloadTls,
+        Challenges,
+        Stop,
+        Ready,
+        Admit,
+        Tokens,
+        Release,
+        Final,
+    )
 }
 
 

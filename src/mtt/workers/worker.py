@@ -26,6 +26,7 @@ from mtt.workers import channel
 from mtt.workers.heap import trim_after_bursts
 from mtt.workers.messages import (
     Admit,
+    Challenges,
     Change,
     Collect,
     Done,
@@ -79,6 +80,7 @@ class WorkerControl:
             Collect: self._collect,
             Kick: self._kick,
             ReloadTls: self._reload_tls,
+            Challenges: self._challenges,
             Stop: self._stop,
         }
 
@@ -97,6 +99,13 @@ class WorkerControl:
             self.server.reload_tls(message.tls)
         except ConfigError as exc:
             log.error("certificate reload failed: %s", exc)
+        return Done()
+
+    def _challenges(self, message: Challenges) -> Done:
+        try:
+            self.server.set_challenges(message.challenges)
+        except ConfigError as exc:
+            log.error("TLS-ALPN-01 challenge certificates not loaded: %s", exc)
         return Done()
 
     def _stop(self, message: Stop) -> None:
@@ -132,6 +141,8 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         trusted=TrustedProxies(config.trusted_proxies),
         proxy_protocol=config.proxy_protocol,
     )
+    if init.challenges:
+        server.set_challenges(init.challenges)
     await server.start(listen_sock)
     control = WorkerControl(agent, server)
     link.rpc = rpc = RpcChannel(reader, writer, control.handlers, f"worker {index}")
