@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
@@ -38,13 +39,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import ClientConnection, connect
 
+from mtt.autocert.http01 import Http01Listener
 from mtt.autocert.manager import CertManager
 from mtt.autocert.state import AcmeState, OrderLock, ca_folder
-from mtt.config import ServerConfig
+from mtt.config import Limits, ServerConfig
 from mtt.transport.tls import self_signed_pem
+from tests.client_support import eventually
 from tests.support import ServerProcess, echo_server, pattern, running_server
 
-pytestmark = pytest.mark.skipif(
+needs_pebble = pytest.mark.skipif(
     shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None,
     reason="needs pebble (Debian package)",
 )
@@ -278,6 +281,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@needs_pebble
 @pytest.mark.slow
 async def test_tls_alpn_01_issues_serves_and_renews_under_an_open_tunnel(
     pebble: Pebble, tmp_path: Path
@@ -317,6 +321,7 @@ async def test_tls_alpn_01_issues_serves_and_renews_under_an_open_tunnel(
         assert "renewal scheduled at" in server.log_text()
 
 
+@needs_pebble
 async def test_http_01_issues_and_a_restart_serves_the_kept_certificate_at_once(
     pebble: Pebble, tmp_path: Path
 ) -> None:
@@ -359,6 +364,7 @@ async def test_http_01_issues_and_a_restart_serves_the_kept_certificate_at_once(
         assert "ordering a certificate" not in server.log_text().split("tunnel listener on")[0]
 
 
+@needs_pebble
 async def test_a_failed_validation_is_logged_with_its_reason_and_next_try(
     pebble: Pebble, tmp_path: Path
 ) -> None:
@@ -438,3 +444,62 @@ async def test_an_unreachable_ca_is_a_logged_failure_with_backoff(
         assert f"(failure {failures} in a row)" in caplog.text
         assert "cannot reach the CA" in caplog.text
         manager.next_try = time.time()  # the test does not wait out the backoff
+
+
+# -- the HTTP-01 listener's bounds (no CA) -------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def http01_listener(**bounds: float) -> AsyncIterator[tuple[Http01Listener, int]]:
+    limits = dataclasses.replace(Limits(), **{f"acme_http_{k}": v for k, v in bounds.items()})
+    listener = Http01Listener(limits)
+    sock = socket.create_server(("127.0.0.1", 0))
+    await listener.start(sock)
+    try:
+        yield listener, int(sock.getsockname()[1])
+    finally:
+        listener.close()
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_http01_listener_answers_pending_tokens_and_nothing_else() -> None:
+    async with http01_listener() as (listener, port):
+        listener.answers["tok-1"] = "tok-1.thumb"
+        reply = await exchange(port, b"GET /.well-known/acme-challenge/tok-1 HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"\r\n\r\ntok-1.thumb")
+        reply = await exchange(port, b"GET /.well-known/acme-challenge/tok-2 HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404 Not Found\r\nServer: nginx\r\n")
+        listener.answers.clear()
+        reply = await exchange(port, b"GET /.well-known/acme-challenge/tok-1 HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404 ")
+
+
+async def test_http01_listener_bounds_the_head_the_wait_and_the_connections() -> None:
+    async with http01_listener(max_head=1024, timeout=0.3, max_connections=2) as (listener, port):
+        reply = await exchange(port, b"GET /" + b"a" * 2000)
+        assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+        # silence: closed when the wait is over, with nothing sent
+        started = time.monotonic()
+        assert await exchange(port, b"GET / HTTP/1.1\r\n") == b""
+        assert 0.2 < time.monotonic() - started < 5
+        # two connections open: a third is closed at once, then one fits again
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert listener.open == 2
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        for _, w in held:
+            w.close()
+        await eventually(lambda: listener.open == 0, 5)
+        reply = await exchange(port, b"GET / HTTP/1.1\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 404 ")
