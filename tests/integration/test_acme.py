@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -319,6 +320,18 @@ async def test_tls_alpn_01_issues_serves_and_renews_under_an_open_tunnel(
                 payload = pattern(3, 64 * 1024)
                 assert await round_trip(ws, payload) == sha(payload)
         assert "renewal scheduled at" in server.log_text()
+
+
+@needs_pebble
+async def test_tls_alpn_01_with_one_process_serving(pebble: Pebble, tmp_path: Path) -> None:
+    args = pebble.args("-workers", "1", "-db", str(tmp_path / "users.db"))
+    with running_server(*args, bind=f"127.0.0.1:{pebble.tunnel_port}") as server:
+        [issued] = await wait_for_log(server, ISSUED, 1, 20)
+        cert = await served_certificate(server.port, verifying(pebble.issuing_root()))
+        assert format(cert.serial_number, "x") == issued.group(2)
+        server.proc.send_signal(signal.SIGHUP)  # the unit's ExecReload: logged, not fatal
+        await wait_for_log(server, re.compile("SIGHUP: nothing to reload"), 1, 10)
+        assert server.proc.poll() is None
 
 
 @needs_pebble

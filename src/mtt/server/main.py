@@ -362,6 +362,11 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         log.info("certificate reloaded (%s)", why)
 
     watcher = None
+    if acme is not None:  # the shipped unit's ExecReload must not end the server
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: log.info("SIGHUP: nothing to reload, -acme renews the certificate itself"),
+        )
     if config.cert and not config.disable_tls:
         loop.add_signal_handler(
             signal.SIGHUP, lambda: spawn(reload_tls("SIGHUP"), name="reload certificate")
@@ -384,11 +389,14 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         trimming.cancel()
         if watcher is not None:
             watcher.cancel()
+        step_max = config.limits.shutdown_step_max
         if ordering is not None:
-            ordering.cancel()  # an ACME request in flight is left to its thread
+            # An ACME request in flight is left to its thread; the order's challenges are
+            # withdrawn and its lock let go before the workers stop.
+            ordering.cancel()
+            await asyncio.wait({ordering}, timeout=step_max)
         if http01 is not None:
             http01.close()
-        step_max = config.limits.shutdown_step_max
         await _bounded("the controller", runner.cleanup(), step_max)
         if config.workers > 1:
             # bounded by itself: grace, then worker_exit_margin, then the workers are killed
