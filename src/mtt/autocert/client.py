@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwa import ES256, RS256, JWASignature
 from josepy.jwk import JWK, JWKEC, JWKRSA
 
+from mtt.errors import AcmeError, MttError
+
 log = logging.getLogger("mtt.acme")
 
 TLS_ALPN_01 = "tls-alpn-01"
@@ -68,10 +70,6 @@ class Pending:
     key_pem: bytes  # the new certificate's key
     challenges: list[Challenge] = field(default_factory=list)
     bodies: list[messages.ChallengeBody] = field(default_factory=list)
-
-
-class OrderFailed(Exception):
-    """An order did not give a certificate; the message says why, in one line."""
 
 
 class Account:
@@ -144,7 +142,7 @@ class Account:
             kind = next((k for k in prefer if k in offered), None)
             if kind is None:
                 names = ", ".join(sorted(k for k in offered if k)) or "none"
-                raise OrderFailed(
+                raise AcmeError(
                     f"{domain}: the CA offers no challenge this server answers"
                     f" (wanted {' or '.join(prefer)}, offered {names})"
                 )
@@ -176,7 +174,7 @@ class Account:
 
 def describe(exc: BaseException, within: float) -> str:
     """One line saying why an order failed."""
-    if isinstance(exc, OrderFailed):
+    if isinstance(exc, MttError):  # ours: AcmeError, a ConfigError of the state directory
         return str(exc)
     if isinstance(exc, errors.ValidationError):
         parts = []

@@ -37,6 +37,7 @@ from mtt.autocert.http01 import Http01Listener
 from mtt.autocert.state import AcmeState, Kept, iso
 from mtt.config import ServerConfig
 from mtt.core.renewal import Backoff, renewal_time
+from mtt.errors import ConfigError
 from mtt.transport.tls import alpn_challenge_pem
 
 log = logging.getLogger("mtt.acme")
@@ -44,14 +45,6 @@ T = TypeVar("T")
 
 Install = Callable[[TlsSpec], Awaitable[None]]
 SetChallenges = Callable[[dict[str, TlsSpec]], Awaitable[None]]
-
-
-class _Busy(Exception):
-    """Another process holds the order lock."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(pid)
-        self.pid = pid
 
 
 async def in_thread(work: Callable[[], T], within: float) -> T:
@@ -174,12 +167,13 @@ class CertManager:
         """One order (or the pick-up of another process's certificate); failures
         are logged and scheduled for a retry, never raised."""
         try:
-            kept = await self._order()
-        except asyncio.CancelledError:
-            raise
-        except _Busy as busy:
+            holder = self.state.lock.acquire()
+        except ConfigError as exc:  # the lock file cannot be opened: a failure like any
+            self._failed(exc)
+            return None
+        if holder is not None:
             self.next_try = self.clock() + self.limits.acme_retry_first
-            who = f"pid {busy.pid}" if busy.pid else "another process"
+            who = f"pid {holder}" if holder else "another process"
             log.info(
                 "ACME: another mtt-mu-server (%s) is ordering for %s; looking again at %s",
                 who,
@@ -187,45 +181,49 @@ class CertManager:
                 iso(self.next_try),
             )
             return None
-        except Exception as exc:
-            self.failures += 1
-            delay = self.backoff.delay(self.failures)
-            self.next_try = self.clock() + delay
-            log.error(
-                "ACME: ordering a certificate for %s failed: %s; next try in %.0f s, at %s"
-                " (failure %d in a row)",
-                self.names,
-                describe(exc, self.limits.acme_order_timeout),
-                delay,
-                iso(self.next_try),
-                self.failures,
-            )
+        try:
+            kept = await self._order()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever it was, the order is retried later
+            self._failed(exc)
             return None
+        finally:
+            self.state.lock.release()
         self.failures = 0
         self.next_try = 0.0
         self.not_before = self.clock() + self.limits.acme_min_interval
         return kept
 
+    def _failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        delay = self.backoff.delay(self.failures)
+        self.next_try = self.clock() + delay
+        log.error(
+            "ACME: ordering a certificate for %s failed: %s; next try in %.0f s, at %s"
+            " (failure %d in a row)",
+            self.names,
+            describe(exc, self.limits.acme_order_timeout),
+            delay,
+            iso(self.next_try),
+            self.failures,
+        )
+
     async def _order(self) -> Kept:
-        holder = self.state.lock.acquire()
-        if holder is not None:
-            raise _Busy(holder)
-        try:
-            now = self.clock()
-            kept = self.state.kept()
-            if (
-                kept is not None
-                and kept.covers(self.domains)
-                and now < self._renewal(kept)
-                and (self.current is None or kept.serial != self.current.serial)
-            ):
-                await self._serve(kept, "picked up the certificate another process renewed")
-                return kept
-            kept = await self._issue()
-            await self._serve(kept, "issued")
+        """Under the order lock: the kept certificate if another process renewed it
+        meanwhile, else a new one from the CA."""
+        kept = self.state.kept()
+        if (
+            kept is not None
+            and kept.covers(self.domains)
+            and self.clock() < self._renewal(kept)
+            and (self.current is None or kept.serial != self.current.serial)
+        ):
+            await self._serve(kept, "picked up the certificate another process renewed")
             return kept
-        finally:
-            self.state.lock.release()
+        kept = await self._issue()
+        await self._serve(kept, "issued")
+        return kept
 
     async def _issue(self) -> Kept:
         limits = self.limits

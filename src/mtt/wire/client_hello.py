@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtt.errors import ProtocolError
+
 _HANDSHAKE = 0x16
 _CLIENT_HELLO = 0x01
 _EXT_SERVER_NAME = 0
@@ -37,10 +39,6 @@ class HelloNames:
     alpn: tuple[bytes, ...]
 
 
-class _Malformed(Exception):
-    pass
-
-
 class _Reader:
     """Length-checked reads over one buffer."""
 
@@ -53,7 +51,7 @@ class _Reader:
 
     def take(self, size: int) -> memoryview:
         if size > self.left():
-            raise _Malformed
+            raise ProtocolError("malformed ClientHello")
         out = self._data[self._at : self._at + size]
         self._at += size
         return out
@@ -89,13 +87,13 @@ def hello_names(data: bytes | bytearray, limit: int = MAX_HELLO) -> HelloNames |
         return None
     try:
         return _parse(_Reader(payload))
-    except _Malformed:
+    except ProtocolError:
         return None
 
 
 def _parse(message: _Reader) -> HelloNames:
     if message.number(1) != _CLIENT_HELLO:
-        raise _Malformed
+        raise ProtocolError("malformed ClientHello")
     body = _Reader(message.take(message.number(3)))
     body.take(2 + 32)  # legacy_version, random
     body.vector(1)  # legacy_session_id
@@ -107,13 +105,13 @@ def _parse(message: _Reader) -> HelloNames:
         return HelloNames(None, ())
     extensions = body.vector(2)
     if body.left():
-        raise _Malformed
+        raise ProtocolError("malformed ClientHello")
     seen: set[int] = set()
     while extensions.left():
         kind = extensions.number(2)
         content = extensions.vector(2)
         if kind in seen:  # RFC 8446 §4.2: at most one of each; OpenSSL refuses the hello
-            raise _Malformed
+            raise ProtocolError("malformed ClientHello")
         seen.add(kind)
         if kind == _EXT_SERVER_NAME:
             server_name = _server_name(content)
@@ -125,14 +123,14 @@ def _parse(message: _Reader) -> HelloNames:
 def _server_name(content: _Reader) -> str | None:
     names = content.vector(2)
     if content.left():
-        raise _Malformed
+        raise ProtocolError("malformed ClientHello")
     host: str | None = None
     while names.left():
         kind = names.number(1)
         name = bytes(names.vector(2).take_all())
         if kind == _HOST_NAME and host is None:
             if not name or not name.isascii() or b"\x00" in name:
-                raise _Malformed
+                raise ProtocolError("malformed ClientHello")
             host = name.decode("ascii").lower().rstrip(".")
     return host
 
@@ -140,11 +138,11 @@ def _server_name(content: _Reader) -> str | None:
 def _alpn(content: _Reader) -> tuple[bytes, ...]:
     names = content.vector(2)
     if content.left():
-        raise _Malformed
+        raise ProtocolError("malformed ClientHello")
     out = []
     while names.left():
         name = bytes(names.vector(1).take_all())
         if not name:  # RFC 7301 §3.1: empty names are not allowed
-            raise _Malformed
+            raise ProtocolError("malformed ClientHello")
         out.append(name)
     return tuple(out)
