@@ -55,7 +55,7 @@ needs_pebble = pytest.mark.skipif(
 
 DOMAIN = "tunnel.test"
 LIFETIME = 30  # seconds: pebble's certificateValidityPeriod; renewal after 20 s
-ISSUED = re.compile(r"ACME: certificate for (\S+) issued, valid until \S+ \(serial ([0-9a-f]+)\)")
+ISSUED = re.compile(r"ACME: certificate for (.+?) issued, valid until \S+ \(serial ([0-9a-f]+)\)")
 
 
 def free_port() -> int:
@@ -235,10 +235,12 @@ def verifying(root_pem: str) -> ssl.SSLContext:
     return ctx
 
 
-async def served_certificate(port: int, ctx: ssl.SSLContext) -> x509.Certificate:
-    """The leaf certificate of a verified handshake with SNI tunnel.test."""
+async def served_certificate(
+    port: int, ctx: ssl.SSLContext, name: str = DOMAIN
+) -> x509.Certificate:
+    """The leaf certificate of a verified handshake with SNI `name`."""
     _, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=DOMAIN), 10
+        asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=name), 10
     )
     try:
         ssl_object = writer.get_extra_info("ssl_object")
@@ -323,12 +325,23 @@ async def test_tls_alpn_01_issues_serves_and_renews_under_an_open_tunnel(
 
 
 @needs_pebble
-async def test_tls_alpn_01_with_one_process_serving(pebble: Pebble, tmp_path: Path) -> None:
-    args = pebble.args("-workers", "1", "-db", str(tmp_path / "users.db"))
+async def test_tls_alpn_01_for_two_names_with_one_process_serving(
+    pebble: Pebble, tmp_path: Path
+) -> None:
+    args = pebble.args("-acme", "www.tunnel.test", "-workers", "1", "-db", str(tmp_path / "u.db"))
     with running_server(*args, bind=f"127.0.0.1:{pebble.tunnel_port}") as server:
         [issued] = await wait_for_log(server, ISSUED, 1, 20)
-        cert = await served_certificate(server.port, verifying(pebble.issuing_root()))
-        assert format(cert.serial_number, "x") == issued.group(2)
+        assert sorted(issued.group(1).split(", ")) == [DOMAIN, "www.tunnel.test"]
+        text = server.log_text()
+        for name in (DOMAIN, "www.tunnel.test"):
+            assert f"ACME: {name}: answering TLS-ALPN-01" in text
+            assert f"TLS-ALPN-01 validation handshake for {name}" in text
+        ctx = verifying(pebble.issuing_root())
+        for name in (DOMAIN, "www.tunnel.test"):
+            cert = await served_certificate(server.port, ctx, name)
+            assert format(cert.serial_number, "x") == issued.group(2)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sorted(san.get_values_for_type(x509.DNSName)) == [DOMAIN, "www.tunnel.test"]
         server.proc.send_signal(signal.SIGHUP)  # the unit's ExecReload: logged, not fatal
         await wait_for_log(server, re.compile("SIGHUP: nothing to reload"), 1, 10)
         assert server.proc.poll() is None

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from mtt.accept.first_bytes import challenge_domain
 from mtt.autocert.state import AcmeState, OrderLock, acme_root, ca_folder, parse_kept
 from mtt.core.renewal import Backoff, due, renewal_time
-from mtt.errors import ConfigError
+from mtt.errors import AcmeError, ConfigError
 from mtt.server.main import LETS_ENCRYPT, build_flags, config_from_flags
 from mtt.transport.tls import alpn_challenge_pem, challenge_context, self_signed_pem
 from mtt.wire.acme import (
@@ -219,6 +219,10 @@ def test_account_key_and_certificate_are_private_and_reread(tmp_path: Path) -> N
     assert mode(root / "ca.example" / "account.key") == 0o600
     assert state.kept() is None
 
+    with pytest.raises(AcmeError, match=r"not for all of a\.example, b\.example"):
+        state.save(*self_signed_pem("a.example"))  # a CA that left a name out
+    assert state.kept() is None
+    state = AcmeState(str(root), "https://ca.example/dir", ("a.example",))
     cert_pem, key_pem = self_signed_pem("a.example")
     kept = state.save(cert_pem, key_pem)
     path = root / "ca.example" / "a.example.pem"
@@ -226,6 +230,7 @@ def test_account_key_and_certificate_are_private_and_reread(tmp_path: Path) -> N
     again = state.kept()
     assert again == kept
     assert again.names == ("a.example",)
+    assert again.covers(("a.example",))
     assert not again.covers(("a.example", "b.example"))
     assert [p.name for p in (root / "ca.example").iterdir() if p.name.startswith(".")] == []
 
@@ -301,6 +306,7 @@ def test_acme_flags(tmp_path: Path) -> None:
         (["-acme", "a.example", "-bind-unix"], "-bind-unix"),
         (["-acme", "a.example", "-acme-directory", "http://ca/dir"], "https://"),
         (["-acme", "a.example", "-acme-ca-bundle", "/nonexistent.pem"], "cannot read"),
+        (["-acme", "a.example", "-acme-email", "ops.example"], "not a mail address"),
     ],
 )
 def test_acme_flag_combinations_are_checked(argv: list[str], message: str) -> None:

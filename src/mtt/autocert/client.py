@@ -192,6 +192,8 @@ def describe(exc: BaseException, within: float) -> str:
         return f"the CA refused to issue: {_problem(exc.error)}"
     if isinstance(exc, messages.Error):
         return f"the CA answered: {_problem(exc)}"
+    if isinstance(exc, TimeoutError):  # our own bound on a call (manager.in_thread)
+        return "the CA did not answer in time"
     if isinstance(exc, requests.exceptions.SSLError):
         return f"TLS to the CA failed (-acme-ca-bundle for a private CA): {_first_line(exc)}"
     if isinstance(exc, requests.exceptions.RequestException):

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mtt.accept.tls_setup import TlsSpec
-from mtt.errors import ConfigError
+from mtt.errors import AcmeError, ConfigError
 from mtt.store.factory import MEMORY, default_db_path
 from mtt.transport.tls import context_from_pem
 
@@ -192,6 +192,7 @@ class AcmeState:
 
     def __init__(self, root: str, directory_url: str, domains: tuple[str, ...]) -> None:
         self.root = root
+        self.domains = domains
         self.ca_dir = os.path.join(root, ca_folder(directory_url))
         self.account_key_path = os.path.join(self.ca_dir, "account.key")
         self.cert_path = os.path.join(self.ca_dir, f"{domains[0]}.pem")
@@ -248,9 +249,15 @@ class AcmeState:
             return None
 
     def save(self, chain_pem: bytes, key_pem: bytes) -> Kept:
-        """Check and keep a newly issued certificate with its key."""
+        """Check and keep a newly issued certificate with its key; AcmeError if it
+        does not cover every name (kept, it would be ordered again at once)."""
         data = key_pem.rstrip(b"\n") + b"\n" + chain_pem.lstrip(b"\n")
         kept = parse_kept(data, f"the certificate issued for {self.cert_path}")
+        if not kept.covers(self.domains):
+            raise AcmeError(
+                f"the CA issued a certificate for {', '.join(kept.names) or 'no name'},"
+                f" not for all of {', '.join(self.domains)}"
+            )
         try:
             write_private(self.cert_path, data)
         except OSError as exc:

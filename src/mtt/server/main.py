@@ -182,6 +182,9 @@ def acme_settings(values: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("-acme needs TLS: drop -disable-tls")
     if values["bind-unix"]:
         raise ConfigError("-acme needs a TCP tunnel port the CA can reach, not -bind-unix")
+    email = values["acme-email"]
+    if email and (email.count("@") != 1 or email.startswith("@") or email.endswith("@")):
+        raise ConfigError(f"-acme-email {email!r}: not a mail address")
     directory = values["acme-directory"]
     if not directory.startswith("https://"):
         raise ConfigError(f"-acme-directory {directory!r}: must be an https:// URL")
@@ -190,7 +193,7 @@ def acme_settings(values: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"-acme-ca-bundle {bundle}: cannot read it")
     return {
         "acme_domains": tuple(domains),
-        "acme_email": values["acme-email"],
+        "acme_email": email,
         "acme_directory": directory,
         "acme_http": values["acme-http"],
         "acme_ca_bundle": os.path.abspath(bundle) if bundle else "",
