@@ -182,6 +182,30 @@ class Limits:
     # /readyz calls Redis unreachable when nothing it was sent (the table check every
     # redis_check_interval included) has been answered for this long.
     redis_ready_max_age: float = 5.0
+    # ACME (-acme): each HTTP request to the CA ...
+    acme_request_timeout: float = 30.0
+    # ... and a whole order, from asking for it to holding the certificate, polls included.
+    acme_order_timeout: float = 180.0
+    # A failed order is retried after this, doubling each time up to acme_retry_max: a
+    # broken setup costs the CA a few orders an hour (Let's Encrypt allows 5 failed
+    # validations per name and hour).
+    acme_retry_first: float = 120.0
+    acme_retry_max: float = 3600.0
+    # Two orders that succeed are at least this far apart, whatever the certificates' dates.
+    acme_min_interval: float = 10.0
+    # A certificate is renewed when 1/acme_renew_fraction of its lifetime is left (a third, as
+    # Let's Encrypt advises), or acme_renew_ahead_max before its end if that comes first
+    # (certbot's 30 days).
+    acme_renew_fraction: int = 3
+    acme_renew_ahead_max: float = 30 * 86400.0
+    # While a renewal is far off, the clock is looked at this often (a suspended host wakes
+    # up to a renewal that is due, not to a sleep of weeks measured on a stopped clock).
+    acme_check_interval: float = 3600.0
+    # The -acme-http listener (HTTP-01): open connections at most (more are closed at once),
+    # the largest request head, and the time a connection gets to send it.
+    acme_http_max_connections: int = 256
+    acme_http_max_head: int = 8 * KiB
+    acme_http_timeout: float = 10.0
     # smux sessions inside WebSockets.
     smux: SmuxConfig = field(default_factory=SmuxConfig)
     # Harvests (opts 7, 8, 10): id length, paths per request, users and bytes per reply,
@@ -221,6 +245,16 @@ class ServerConfig:
     # -allow-origin: the browser origins let in (empty: any Origin, docs/security.md).
     allowed_origins: tuple[str, ...] = ()
     proxy_protocol: bool = False
+    # -acme: certificates ordered from an ACME CA (RFC 8555) for these DNS names, with the
+    # account's contact, the CA's directory URL, the HTTP-01 listener ("" answers
+    # TLS-ALPN-01 on the tunnel port only), a trust root for the directory's HTTPS ("" for
+    # the system's) and the directory keeping the account key and certificates.
+    acme_domains: tuple[str, ...] = ()
+    acme_email: str = ""
+    acme_directory: str = ""
+    acme_http: str = ""
+    acme_ca_bundle: str = ""
+    acme_dir: str = ""
     controller_token: str = field(default="", repr=False)
     allow_dst: DstPolicy = field(default_factory=DstPolicy)
     limits: Limits = field(default_factory=Limits)

@@ -8,6 +8,7 @@
     │   └── MuxCoolProtocolError bad Mux.Cool frame or state (ends the whole session)
     ├── ControlError         a controller request that cannot be applied (400, res 2)
     ├── StoreError           the user store cannot take a change now (503, res 2)
+    ├── AcmeError            an ACME order gave no certificate: logged, retried later
     └── RemoteError          the other process's handler failed on our request
 
 Peer bytes only ever raise ProtocolError subclasses; the I/O layer turns them
@@ -38,6 +39,10 @@ class SmuxProtocolError(ProtocolError):
 
 class MuxCoolProtocolError(ProtocolError):
     """A Mux.Cool frame or frame sequence the session cannot accept."""
+
+
+class AcmeError(MttError):
+    """An ACME order did not give a certificate; the message says why, in one line."""
 
 
 class ControlError(MttError):

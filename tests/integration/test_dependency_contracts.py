@@ -22,6 +22,7 @@ from typing import Any
 import aiofastnet
 import pytest
 import uvloop
+from cryptography import x509
 from picows import (
     WSCloseCode,
     WSFrame,
@@ -41,7 +42,12 @@ from mtt.core.commands import RES_ERR, RES_OK
 from mtt.core.users import MuxProtocol
 from mtt.service.user_service import UserService
 from mtt.store.memory import MemoryStore
-from mtt.transport.tls import context_from_pem, self_signed_pem
+from mtt.transport.tls import (
+    alpn_challenge_pem,
+    challenge_context,
+    context_from_pem,
+    self_signed_pem,
+)
 from mtt.transport.wsframe import write_binary
 from mtt.wire.request_head import Upgrade
 from tests.integration.test_controller_bounds import post, read_reply
@@ -152,6 +158,40 @@ async def test_aiofastnet_tls_layer_hands_a_tls_transport_to_the_app(
     assert int(tls.get_local_write_buffer_size()) >= 0, why
     assert tls._hello is None, why  # handshake_over ran: the waiter future completed
     tls.close()
+    writer.close()
+
+
+@pytest.mark.parametrize("alpn", [["acme-tls/1"], ["http/1.1"]])
+async def test_pythons_alpn_callback_answers_on_aiofastnet_connections(
+    server_ctx: ssl.SSLContext, tcp_pair: tuple[socket.socket, socket.socket], alpn: list[str]
+) -> None:
+    why = relied_on_by(
+        "mtt.transport.tls.challenge_context",
+        "ssl.SSLContext.set_alpn_protocols' server callback working on aiofastnet's "
+        "connections, which have no Python SSL object (it reads the context's list)",
+    )
+    loop = asyncio.get_running_loop()
+    server_sock, client_sock = tcp_pair
+    app = AppStub()
+    challenge_pem, challenge_key = alpn_challenge_pem("tunnel.test", "token.thumbprint")
+    challenges = {"tunnel.test": challenge_context(challenge_pem, challenge_key, "tunnel.test")}
+    await aiofastnet.connect_accepted_socket(
+        loop, lambda: FirstBytes(app, server_ctx, WAIT, None, challenges), own(server_sock)
+    )
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client_ctx.set_alpn_protocols(alpn)
+    _, writer = await asyncio.open_connection(
+        sock=own(client_sock), ssl=client_ctx, server_hostname="tunnel.test"
+    )
+    await asyncio.wait_for(app.made, WAIT)
+    ssl_object = writer.get_extra_info("ssl_object")
+    assert ssl_object.selected_alpn_protocol() == alpn[0], why
+    served = x509.load_der_x509_certificate(ssl_object.getpeercert(binary_form=True))
+    is_challenge = served == x509.load_pem_x509_certificate(challenge_pem)
+    assert is_challenge == (alpn == ["acme-tls/1"]), why
+    app.transport.close()
     writer.close()
 
 

@@ -59,6 +59,10 @@ WIRE_FORMAT = {
         "V1_MAX_LINE V2_FIXED _V2_LOCAL _V2_PROXY _AF_UNSPEC _AF_INET _AF_INET6 _AF_UNIX"
         " _TP_UNSPEC _TP_STREAM _TP_DGRAM"
     ),
+    # ClientHello fields (RFC 8446 §4, RFC 6066 §3 server_name, RFC 7301 ALPN's type 16).
+    "wire/client_hello.py": "_HANDSHAKE _CLIENT_HELLO _EXT_SERVER_NAME _EXT_ALPN _HOST_NAME",
+    # A DNS name's longest text form (RFC 1035 §2.3.4).
+    "wire/acme.py": "MAX_DOMAIN",
     # Bytes of an HTTP request line.
     "wire/request_line.py": "_SP _CR _LF _SLASH",
 }

@@ -22,6 +22,64 @@ def relied_on_by(module: str, what: str) -> str:
     return f"{module} relies on {what}; see docs/dependencies.md"
 
 
+# --- acme (certbot's library) ---------------------------------------------------
+
+
+def test_acme_client_network_hands_verify_ssl_to_requests_as_verify() -> None:
+    from acme import client
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from josepy.jwa import ES256
+    from josepy.jwk import JWKEC
+
+    why = relied_on_by(
+        "mtt.autocert.client.Account",
+        "ClientNetwork passing verify_ssl (a CA bundle's path for -acme-ca-bundle) to "
+        "requests as verify=",
+    )
+    net = client.ClientNetwork(
+        JWKEC(key=ec.generate_private_key(ec.SECP256R1())),
+        alg=ES256,
+        verify_ssl="/etc/ca.pem",  # type: ignore[arg-type]
+        timeout=7,
+    )
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def request(method: str, url: str, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    net.session.request = request  # type: ignore[assignment,method-assign]
+    with pytest.raises(Stop):
+        net.get("https://ca.example/dir")
+    assert seen["verify"] == "/etc/ca.pem", why
+    assert seen["timeout"] == 7, why
+
+
+def test_acme_parses_tls_alpn_01_through_the_registered_type() -> None:
+    from acme import messages
+
+    from mtt.autocert.client import TLSALPN01, TLSALPN01Response
+
+    why = relied_on_by(
+        "mtt.autocert.client",
+        "acme's Challenge/ChallengeResponse registries (TLS-ALPN-01 left the library in 4.0)",
+    )
+    body = messages.ChallengeBody.from_json(
+        {
+            "type": "tls-alpn-01",
+            "url": "https://ca.example/chall/1",
+            "status": "pending",
+            "token": "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA",
+        }
+    )
+    assert isinstance(body.chall, TLSALPN01), why
+    response = TLSALPN01Response(key_authorization="t.k")
+    assert response.to_partial_json() == {}, why  # RFC 8555 §7.5.1: an empty object
+
+
 # --- aiofastnet ---------------------------------------------------------------
 
 

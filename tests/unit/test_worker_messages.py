@@ -29,6 +29,7 @@ from mtt.workers.messages import (
     Admission,
     Admit,
     Budgets,
+    Challenges,
     Change,
     Collect,
     Done,
@@ -73,6 +74,12 @@ EXAMPLES: list[Message] = [
         Command(Opt.RESET),
     ),
     Init(ServerConfig(mux_protocol=MuxProtocol.MUXCOOL), None, Command(Opt.RESET)),
+    Init(
+        ServerConfig(acme_domains=("a.example", "b.example"), acme_dir="/var/lib/x/acme"),
+        {"cert_pem": "c", "key_pem": "k", "origin": "o"},
+        Command(Opt.RESET),
+        {"a.example": {"cert_pem": "c", "key_pem": "k", "origin": "challenge"}},
+    ),
     Change(COMMAND, kick=True),
     Change(Command(Opt.DELETE, paths=("/a", "/b")), kick=False),
     Collect(),
@@ -80,6 +87,8 @@ EXAMPLES: list[Message] = [
     Kick(("/a",), "quota used up"),
     Budgets({"/sold": 4096, "/other": 0}),
     ReloadTls({"cert": "c", "key": "k"}),
+    Challenges({"a.example": {"cert_pem": "c", "key_pem": "k", "origin": "challenge"}}),
+    Challenges({}),
     Stop(2.5),
     Ready(),
     Admit("/sold", "2001:db8::1"),
@@ -93,6 +102,7 @@ REPLIES: list[tuple[Request[Any], Reply]] = [
     (Collect(), Report(REPORT)),
     (Kick(("/a",)), Kicked(3)),
     (ReloadTls({}), Done()),
+    (Challenges({}), Done()),
     (Admit("/a", "::1"), Admission(None)),
     (Admit("/a", "::1"), Admission("quota used up")),
     (Admit("/a", "::1"), Admission(None, 1 << 40)),
@@ -157,6 +167,10 @@ MALFORMED: list[dict[str, Any]] = [
     {"op": "exhausted", "path": "/a", "closed": 1, "unreported": 1.5},
     {"op": "tls", "tls": None},
     {"op": "tls", "tls": {"cert": 1}},
+    {"op": "challenges", "challenges": []},
+    {"op": "challenges", "challenges": {"a.example": "pem"}},
+    {"op": "challenges", "challenges": {"a.example": {"cert_pem": 1}}},
+    {"op": "init", "config": {}, "tls": None, "users": {"opt": 3}, "challenges": 1},
     {"op": "stop"},
     {"op": "stop", "grace": "soon"},
     {"op": "init", "config": {"nope": 1}, "tls": None, "users": {"opt": 3}},
@@ -185,7 +199,7 @@ def test_each_side_serves_what_the_other_sends() -> None:
     supervisor = set(Worker(1, None).handlers)  # type: ignore[arg-type]
     worker = set(WorkerControl(None, None).handlers)  # type: ignore[arg-type]
     assert supervisor == {Admit, Tokens, Release, Exhausted, Final}
-    assert worker == {Change, Collect, Kick, Budgets, ReloadTls, Stop}
+    assert worker == {Change, Collect, Kick, Budgets, ReloadTls, Challenges, Stop}
     # Init and Ready are exchanged before the channel runs.
     assert supervisor | worker | {Init, Ready} == set(KINDS.values())
 

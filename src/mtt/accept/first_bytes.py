@@ -23,6 +23,14 @@ writes there (the same records: same library, same settings, same input;
 fresh randoms in a flight) is sent before the close. A failure that comes
 later, after the server's flight went out, is closed without its alert.
 
+Which context the handshake gets is decided here too, from the ClientHello
+read: while an ACME order waits for its TLS-ALPN-01 validation (RFC 8737),
+a ClientHello offering ALPN acme-tls/1 for a name with a pending challenge
+gets that name's challenge context, every other one the real certificate.
+OpenSSL runs the servername callback before it selects ALPN, so no callback
+could make this choice during the handshake; with no challenge pending the
+ClientHello is not parsed at all (wire/client_hello.py does the parsing).
+
 Connections handed here: -proxy-protocol ones after their header
 (prelude.py) and every one of a TLS listener (tunnel_server.py); a listener
 without TLS never uses this.
@@ -34,6 +42,7 @@ import asyncio
 import enum
 import logging
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 from aiofastnet.constants import SSL_BIO_SIZE_DEFAULTS, SSL_TIMEOUT_DEFAULTS
@@ -41,8 +50,13 @@ from aiofastnet.ssl_transport import SSLTransport_Transport  # type: ignore[impo
 
 from mtt.accept.front import FrontProtocol, format_peer, shut
 from mtt.config import Limits
+from mtt.wire.acme import offers_acme_alpn
+from mtt.wire.client_hello import hello_names
 
 log = logging.getLogger("mtt.server")
+
+# Pending TLS-ALPN-01 challenges: domain -> the context serving its challenge certificate.
+Challenges = Mapping[str, ssl.SSLContext]
 
 _MAX_RECORD = 16 * 1024 + 2048  # TLSCiphertext's bound; a larger length is refused
 _MIN_SSL2_RECORD = 9  # OpenSSL's MIN_SSL2_RECORD_LEN
@@ -126,6 +140,18 @@ def refusal_reply(ctx: ssl.SSLContext, received: bytes) -> tuple[bytes, str]:
     return b"", ""
 
 
+def challenge_domain(hello: bytes, challenges: Challenges, max_hello: int) -> str | None:
+    """The domain whose TLS-ALPN-01 challenge this ClientHello (of at most
+    max_hello bytes) asks for, if any: it offers ALPN acme-tls/1 and names, by
+    SNI, a domain with a pending challenge."""
+    if not challenges:
+        return None
+    names = hello_names(hello, max_hello)
+    if names is None or names.server_name is None or not offers_acme_alpn(names.alpn):
+        return None
+    return names.server_name if names.server_name in challenges else None
+
+
 class _AlertingTLS(SSLTransport_Transport):  # type: ignore[misc]
     """aiofastnet's TLS layer over a transport; on a failed handshake it first
     sends the alert OpenSSL wrote for the ClientHello (see the module's doc)."""
@@ -173,12 +199,15 @@ class FirstBytes(asyncio.Protocol):
         ssl_context: ssl.SSLContext,
         limits: Limits,
         client: tuple[str, int] | None = None,
+        challenges: Challenges | None = None,
     ) -> None:
         self._front = front
+        self._challenges = challenges
         self._client = client  # named by a PROXY header: the peer for log lines
         self._ssl_context = ssl_context
         self._handshake_timeout = limits.handshake_timeout
         self._buffer = bytearray()
+        self._max_hello = limits.max_client_hello
         self._hello = ClientHelloReader(limits.max_client_hello)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -247,11 +276,17 @@ class FirstBytes(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         hello = bytes(self._buffer)
         self._buffer = bytearray()
+        context = self._ssl_context
+        if self._challenges:
+            domain = challenge_domain(hello, self._challenges, self._max_hello)
+            if domain is not None:
+                log.info("%s: TLS-ALPN-01 validation handshake for %s", self._peer, domain)
+                context = self._challenges[domain]
         handshake = loop.create_future()
         tls = _AlertingTLS(
             loop,
             self._front,
-            self._ssl_context,
+            context,
             True,  # server side
             max(self._deadline - loop.time(), 0.001),  # what is left of the handshake timeout
             SSL_TIMEOUT_DEFAULTS["ssl_shutdown_timeout"],
@@ -262,7 +297,7 @@ class FirstBytes(asyncio.Protocol):
         tls._raw = transport
         tls._hello = hello
         tls._peer = self._peer
-        tls._ctx = self._ssl_context
+        tls._ctx = context
         handshake.add_done_callback(tls.handshake_over)
         layer = tls.get_tls_protocol()
         transport.set_protocol(layer)

@@ -24,7 +24,7 @@ import logging
 import ssl
 from collections.abc import Callable
 
-from mtt.accept.first_bytes import FirstBytes, feed
+from mtt.accept.first_bytes import Challenges, FirstBytes, feed
 from mtt.accept.front import FrontProtocol, format_peer, shut
 from mtt.config import Limits
 from mtt.core.stats import STATS
@@ -46,8 +46,10 @@ class ProxyPrelude(asyncio.Protocol):
         ssl_context: ssl.SSLContext | None,
         limits: Limits,
         trusted: TrustedProxies | None,
+        challenges: Challenges | None = None,
     ) -> None:
         self._make_front = make_front
+        self._challenges = challenges
         self._ssl_context = ssl_context
         self._limits = limits
         self._handshake_timeout = limits.handshake_timeout
@@ -115,7 +117,9 @@ class ProxyPrelude(asyncio.Protocol):
         if self._ssl_context is None:
             next_layer = front
         else:  # TLS or plain HTTP to the TLS port, decided as without the header
-            next_layer = FirstBytes(front, self._ssl_context, self._limits, client)
+            next_layer = FirstBytes(
+                front, self._ssl_context, self._limits, client, self._challenges
+            )
         transport.set_protocol(next_layer)
         next_layer.connection_made(transport)
         if rest and not transport.is_closing():

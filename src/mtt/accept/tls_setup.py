@@ -27,6 +27,12 @@ def resolve_tls(config: ServerConfig) -> tuple[TlsSpec | None, str]:
         }
         tls_context(spec)  # fail at start, with the file names, not in a worker
         return spec, f"TLS with {config.cert}"
+    if config.acme_domains:  # until the CA issues one (autocert/manager.py)
+        name = config.acme_domains[0]
+        cert, key = self_signed_pem(name)
+        origin = "self-signed, until the ACME certificate is issued"
+        spec = {"cert_pem": cert.decode(), "key_pem": key.decode(), "origin": origin}
+        return spec, f"TLS with a self-signed certificate for {name} until ACME issues one"
     if config.force_tls:
         name = config.server_name or random_host_name()
         cert, key = self_signed_pem(name)

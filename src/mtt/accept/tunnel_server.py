@@ -33,7 +33,7 @@ from mtt.core.users import MuxProtocol
 from mtt.service.agent import Agent, TunnelAccount
 from mtt.transport.mux import MuxTunnel
 from mtt.transport.plain import PlainTunnel, TunnelRegistry
-from mtt.transport.tls import load_pem_into
+from mtt.transport.tls import challenge_context, load_pem_into
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.nginx_pages import PAGES
 from mtt.wire.origin import OriginPolicy
@@ -112,6 +112,8 @@ class TunnelServer:
         self.limits = limits
         self.default_mux = default_mux
         self.ssl_context = ssl_context
+        # Pending TLS-ALPN-01 challenges, changed in place: connections read it at accept.
+        self.challenges: dict[str, ssl.SSLContext] = {}
         self.fallback = fallback
         self.registry: TunnelRegistry = TunnelRegistry()
         self._server: asyncio.Server | None = None
@@ -213,11 +215,14 @@ class TunnelServer:
             )
 
         ssl_context = self.ssl_context
+        challenges = self.challenges
         factory: Callable[[], asyncio.Protocol]
         if self.proxy_protocol:  # the PROXY header comes first, then TLS (prelude.py)
-            factory = lambda: ProxyPrelude(front, ssl_context, self.limits, self.trusted)  # noqa: E731
+            factory = lambda: ProxyPrelude(  # noqa: E731
+                front, ssl_context, self.limits, self.trusted, challenges
+            )
         elif ssl_context is not None:  # TLS or plain HTTP, told apart as nginx does
-            factory = lambda: FirstBytes(front(), ssl_context, self.limits)  # noqa: E731
+            factory = lambda: FirstBytes(front(), ssl_context, self.limits, None, challenges)  # noqa: E731
         else:
             factory = front
         # aiofastnet (by picows' author) runs TLS in C with fewer copies than
@@ -262,3 +267,16 @@ class TunnelServer:
             spec["key_pem"].encode("latin-1"),
             spec["origin"],
         )
+
+    def set_challenges(self, specs: dict[str, TlsSpec]) -> None:
+        """Serve these TLS-ALPN-01 challenge certificates (domain -> PEM), and no
+        others: an empty dict ends every challenge. All or nothing: a spec that
+        does not load leaves the pending ones as they were."""
+        contexts = {
+            domain: challenge_context(
+                spec["cert_pem"].encode("latin-1"), spec["key_pem"].encode("latin-1"), domain
+            )
+            for domain, spec in specs.items()
+        }
+        self.challenges.clear()
+        self.challenges.update(contexts)

@@ -17,6 +17,9 @@ from mtt.accept.fallback import Fallback
 from mtt.accept.tls_setup import resolve_tls, tls_context
 from mtt.accept.tunnel_server import TunnelServer
 from mtt.address import format_hostport
+from mtt.autocert.http01 import Http01Listener
+from mtt.autocert.manager import CertManager
+from mtt.autocert.state import acme_root
 from mtt.cli import FlagSet, run_cli
 from mtt.config import Limits, ServerConfig
 from mtt.controller.health import Readiness
@@ -37,6 +40,7 @@ from mtt.service.user_service import UserService
 from mtt.store.factory import default_db_path, open_store
 from mtt.transport.listen import tcp_listen_socket, unix_listen_socket
 from mtt.transport.tasks import spawn
+from mtt.wire.acme import domain_problem
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.origin import OriginPolicy
 from mtt.workers.heap import trim_after_bursts
@@ -49,6 +53,7 @@ DEFAULT_BIND = "127.0.0.1:8443"
 DEFAULT_CONTROLLER = "127.0.0.1:8080"
 # The flags' defaults for what ServerConfig and Limits also default: theirs, kept once.
 _DEFAULTS = ServerConfig()
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 def build_flags() -> FlagSet:
@@ -162,7 +167,69 @@ def build_flags() -> FlagSet:
         os.cpu_count() or 1,
         "Worker processes sharing the port (SO_REUSEPORT); 1 serves in-process",
     )
+    fs.add(
+        "acme",
+        "string",
+        [],
+        "Get and renew the certificate from an ACME CA for this DNS name (repeatable;"
+        " TLS-ALPN-01 on the tunnel port)",
+        repeatable=True,
+    )
+    fs.add("acme-email", "string", "", "Contact address of the ACME account (expiry notices)")
+    fs.add("acme-directory", "string", LETS_ENCRYPT, "ACME directory URL of the CA")
+    fs.add(
+        "acme-http",
+        "string",
+        "",
+        "[Host:Port] also answer HTTP-01 on this listener (e.g. :80), preferred over TLS-ALPN-01",
+    )
+    fs.add(
+        "acme-ca-bundle",
+        "string",
+        "",
+        "[Path] PEM roots trusted for the ACME directory's HTTPS (a private ACME CA)",
+    )
     return fs
+
+
+def acme_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The -acme flags, checked against each other and the TLS flags."""
+    domains: list[str] = []
+    for raw in values["acme"]:
+        name = raw.strip().lower().rstrip(".")
+        problem = domain_problem(name)
+        if problem is not None:
+            raise ConfigError(f"-acme {raw!r}: {problem}")
+        if name not in domains:
+            domains.append(name)
+    others = [f"-{f}" for f in ("acme-email", "acme-http", "acme-ca-bundle") if values[f]]
+    if not domains:
+        if others:
+            raise ConfigError(f"{others[0]} needs -acme")
+        return {}
+    if values["cert"]:
+        raise ConfigError("-acme gets the certificate itself: give it or -cert/-key, not both")
+    if values["disable-tls"]:
+        raise ConfigError("-acme needs TLS: drop -disable-tls")
+    if values["bind-unix"]:
+        raise ConfigError("-acme needs a TCP tunnel port the CA can reach, not -bind-unix")
+    email = values["acme-email"]
+    if email and (email.count("@") != 1 or email.startswith("@") or email.endswith("@")):
+        raise ConfigError(f"-acme-email {email!r}: not a mail address")
+    directory = values["acme-directory"]
+    if not directory.startswith("https://"):
+        raise ConfigError(f"-acme-directory {directory!r}: must be an https:// URL")
+    bundle = values["acme-ca-bundle"]
+    if bundle and not os.access(bundle, os.R_OK):
+        raise ConfigError(f"-acme-ca-bundle {bundle}: cannot read it")
+    return {
+        "acme_domains": tuple(domains),
+        "acme_email": email,
+        "acme_directory": directory,
+        "acme_http": values["acme-http"],
+        "acme_ca_bundle": os.path.abspath(bundle) if bundle else "",
+        "acme_dir": acme_root(values["db"]),
+    }
 
 
 def config_from_flags(values: dict[str, Any]) -> ServerConfig:
@@ -190,6 +257,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     if bool(values["cert"]) != bool(values["key"]):
         raise ConfigError("-cert and -key must be given together")
     mux_protocol = mux_protocol_from(values["mux"], values["mux-protocol"])
+    acme = acme_settings(values)
     return ServerConfig(
         bind=values["b"],
         bind_unix=values["bind-unix"],
@@ -221,6 +289,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
             connect_timeout=values["dial-timeout"],
             muxcool=MuxCoolConfig(idle_timeout=timeout),
         ),
+        **acme,
     )
 
 
@@ -243,6 +312,35 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
     log_loop_errors(asyncio.get_running_loop())
     trimming = spawn(trim_after_bursts(config.limits), name="heap trim")
     tls, mode = resolve_tls(config)
+
+    async def install_tls(spec: dict[str, str]) -> None:
+        """An ACME certificate for every process serving the port (pool or server,
+        both made below, before the manager runs)."""
+        if config.workers > 1:
+            await pool.reload_tls(spec)
+        else:
+            server.reload_tls(spec)
+
+    async def set_challenges(specs: dict[str, dict[str, str]]) -> None:
+        if config.workers > 1:
+            await pool.set_challenges(specs)
+        else:
+            server.set_challenges(specs)
+
+    acme: CertManager | None = None
+    http01: Http01Listener | None = None
+    if config.acme_domains:
+        if config.acme_http:
+            http01 = Http01Listener(config.limits)
+        acme = CertManager(
+            config,
+            install_tls,
+            set_challenges,
+            http01,
+        )
+        kept = acme.prepare()
+        if kept is not None:
+            tls, mode = kept, f"TLS with the ACME certificate for {', '.join(config.acme_domains)}"
     service = UserService(
         await open_store(config), kick_on_delete=config.kick_on_delete, limits=config.limits
     )
@@ -289,6 +387,8 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         service.attach(LocalPlane(agent))
         readiness.checks.append(("listener", server.serving))
     try:
+        if http01 is not None:  # before the controller: a port in use stops the start
+            await http01.start(tcp_listen_socket(config.acme_http))
         runner, controller_at = await start_controller(
             config.controller,
             service,
@@ -301,6 +401,8 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
             readiness,
         )
     except ConfigError:
+        if http01 is not None:
+            http01.close()
         await (pool.stop() if config.workers > 1 else asyncio.sleep(0))
         raise
 
@@ -324,6 +426,11 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         log.info("certificate reloaded (%s)", why)
 
     watcher = None
+    if acme is not None:  # the shipped unit's ExecReload must not end the server
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: log.info("SIGHUP: nothing to reload, -acme renews the certificate itself"),
+        )
     if config.cert and not config.disable_tls:
         loop.add_signal_handler(
             signal.SIGHUP, lambda: spawn(reload_tls("SIGHUP"), name="reload certificate")
@@ -334,6 +441,9 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         )
     if nofile:  # said once the start can no longer fail: a failed start is one line
         log.info("%s", nofile)
+    ordering = spawn(acme.run(), name="acme") if acme is not None else None
+    if http01 is not None:
+        mode += f", HTTP-01 on {config.acme_http}"
     # Ready, signals included: whoever waits for this line may signal at once.
     log.info("tunnel listener on %s (%s), controller on %s", where, mode, controller_at)
     readiness.started = True  # after the line: whoever sees a 200 can count on it
@@ -346,6 +456,13 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         if watcher is not None:
             watcher.cancel()
         step_max = config.limits.shutdown_step_max
+        if ordering is not None:
+            # An ACME request in flight is left to its thread; the order's challenges are
+            # withdrawn and its lock let go before the workers stop.
+            ordering.cancel()
+            await asyncio.wait({ordering}, timeout=step_max)
+        if http01 is not None:
+            http01.close()
         await _bounded("the controller", runner.cleanup(), step_max)
         if config.workers > 1:
             # bounded by itself: grace, then worker_exit_margin, then the workers are killed

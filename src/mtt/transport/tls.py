@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 from mtt.config import Limits
 from mtt.errors import ConfigError
 from mtt.transport import libssl
+from mtt.wire.acme import ACME_IDENTIFIER_OID, ACME_TLS_ALPN, acme_identifier_value
 
 log = logging.getLogger("mtt.server")
 _LIMITS = Limits()
@@ -93,6 +94,48 @@ def self_signed_pem(server_name: str) -> tuple[bytes, bytes]:
         serialization.NoEncryption(),
     )
     return cert_pem, key_pem
+
+
+def alpn_challenge_pem(domain: str, key_authorization: str) -> tuple[bytes, bytes]:
+    """The TLS-ALPN-01 certificate for domain (RFC 8737 §3): self-signed, the
+    domain as its only name, the critical acmeIdentifier extension."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
+    now = datetime.datetime.now(datetime.UTC)
+    identifier = x509.UnrecognizedExtension(
+        x509.ObjectIdentifier(ACME_IDENTIFIER_OID), acme_identifier_value(key_authorization)
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+        .add_extension(identifier, critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def challenge_context(cert_pem: bytes, key_pem: bytes, domain: str) -> ssl.SSLContext:
+    """The context a TLS-ALPN-01 validation handshake gets: the challenge
+    certificate and ALPN acme-tls/1 only (RFC 8737 §3 wants TLS 1.2 or later).
+    Python's own ALPN callback is enough here: it reads the protocols from
+    the context, not from a Python SSL object (see libssl.py for the ones that
+    do not work on aiofastnet's connections)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols([ACME_TLS_ALPN.decode()])
+    load_pem_into(ctx, cert_pem, key_pem, f"the TLS-ALPN-01 certificate for {domain}")
+    return ctx
 
 
 def _base_server_context() -> ssl.SSLContext:

@@ -8,9 +8,9 @@ a big change (a Command with millions of entries) goes through
 Command.to_wire/from_wire as before: nothing here walks the entries again.
 
 Supervisor to worker: Init (before the channel runs), Change, Collect, Kick,
-ReloadTls (requests), Budgets, Stop (notifications). Worker to supervisor:
-Ready (before the channel runs), Admit, Tokens (requests), Release, Exhausted,
-Final (notifications).
+ReloadTls, Challenges (requests), Budgets, Stop (notifications). Worker to
+supervisor: Ready (before the channel runs), Admit, Tokens (requests), Release,
+Exhausted, Final (notifications).
 """
 
 from __future__ import annotations
@@ -100,6 +100,16 @@ def _tls(data: Wire) -> dict[str, str] | None:
         return None
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ProtocolError("'tls' is not an object of strings")
+    return value
+
+
+def _challenges(data: Wire) -> dict[str, dict[str, str]]:
+    value = data.get("challenges", {})
+    if not isinstance(value, dict) or not all(
+        isinstance(spec, dict) and all(isinstance(v, str) for v in spec.values())
+        for spec in value.values()
+    ):
+        raise ProtocolError("'challenges' is not an object of objects of strings")
     return value
 
 
@@ -201,8 +211,10 @@ def config_from_wire(data: Wire) -> ServerConfig:
     limits["smux"] = SmuxConfig(**limits["smux"])
     limits["harvest"] = HarvestBounds(**limits["harvest"])
     limits["muxcool"] = MuxCoolConfig(**limits["muxcool"])
-    trusted = tuple(data.get("trusted_proxies", ()))  # a JSON list on the wire
+    # JSON lists on the wire
+    trusted = tuple(data.get("trusted_proxies", ()))
     origins = tuple(data.get("allowed_origins", ()))
+    domains = tuple(data.get("acme_domains", ()))
     return ServerConfig(
         **{
             **data,
@@ -210,6 +222,7 @@ def config_from_wire(data: Wire) -> ServerConfig:
             "trusted_proxies": trusted,
             "allowed_origins": origins,
             "mux_protocol": MuxProtocol(data["mux_protocol"]),
+            "acme_domains": domains,
         }
     )
 
@@ -222,6 +235,8 @@ class Init(Notification):
     config: ServerConfig
     tls: dict[str, str] | None
     users: Command
+    # TLS-ALPN-01 challenges pending when the worker starts (domain -> PEM spec)
+    challenges: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     def to_wire(self) -> Wire:
         return {
@@ -229,12 +244,14 @@ class Init(Notification):
             "config": config_to_wire(self.config),
             "tls": self.tls,
             "users": self.users.to_wire(),
+            "challenges": self.challenges,
         }
 
     @classmethod
     def from_wire(cls, data: Wire) -> Init:
         config = config_from_wire(_field(data, "config", dict))
-        return cls(config, _tls(data), Command.from_wire(_field(data, "users", dict)))
+        users = Command.from_wire(_field(data, "users", dict))
+        return cls(config, _tls(data), users, _challenges(data))
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +347,25 @@ class Budgets(Notification):
         if not all(type(v) is int for v in left.values()):
             raise ProtocolError("'left' is not an object of integers")
         return cls(left)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenges(Request[Done]):
+    """Serve exactly these TLS-ALPN-01 challenge certificates (domain -> PEM
+    spec, as ReloadTls's); an empty dict ends every challenge."""
+
+    OP: ClassVar[str] = "challenges"
+    challenges: dict[str, dict[str, str]]
+
+    def to_wire(self) -> Wire:
+        return {"op": self.OP, "challenges": self.challenges}
+
+    @classmethod
+    def from_wire(cls, data: Wire) -> Challenges:
+        return cls(_challenges(data))
+
+    def reply_from_wire(self, data: Wire) -> Done:
+        return Done.from_wire(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +513,7 @@ KINDS: dict[str, type[Message]] = {
         Kick,
         ReloadTls,
         Budgets,
+        Challenges,
         Stop,
         Ready,
         Admit,

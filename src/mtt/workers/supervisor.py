@@ -29,6 +29,7 @@ from mtt.workers.messages import (
     Admission,
     Admit,
     Budgets,
+    Challenges,
     Change,
     Collect,
     Exhausted,
@@ -155,6 +156,7 @@ class WorkerPool:
     ) -> None:
         self.config = config
         self.tls = tls
+        self.challenges: dict[str, dict[str, str]] = {}
         self.service = service
         self.workers = [Worker(i + 1, service) for i in range(count)]
         self._placeholder: socket.socket | None = None
@@ -202,7 +204,7 @@ class WorkerPool:
         return self.bound_address()
 
     def _init_message(self) -> Init:
-        return Init(self.config, self.tls, self.service.snapshot())
+        return Init(self.config, self.tls, self.service.snapshot(), self.challenges)
 
     async def _start_worker(self, worker: Worker) -> None:
         # Under the apply lock: no change can slip between the snapshot and "ready".
@@ -316,6 +318,13 @@ class WorkerPool:
         async with self._apply_lock:
             self.tls = tls
             await self._broadcast(ReloadTls(tls))
+
+    async def set_challenges(self, challenges: dict[str, dict[str, str]]) -> None:
+        """Every worker (and any restarted later) serves these TLS-ALPN-01 challenges;
+        returns once all running ones do, so the CA may be told to validate."""
+        async with self._apply_lock:
+            self.challenges = challenges
+            await self._broadcast(Challenges(challenges))
 
     async def _broadcast(self, request: Request[Any]) -> None:
         """Send to every running worker and wait for each to acknowledge."""

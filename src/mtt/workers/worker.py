@@ -29,6 +29,7 @@ from mtt.workers.heap import trim_after_bursts
 from mtt.workers.messages import (
     Admit,
     Budgets,
+    Challenges,
     Change,
     Collect,
     Done,
@@ -89,6 +90,7 @@ class WorkerControl:
             Kick: self._kick,
             Budgets: self._budgets,
             ReloadTls: self._reload_tls,
+            Challenges: self._challenges,
             Stop: self._stop,
         }
 
@@ -110,6 +112,13 @@ class WorkerControl:
             self.server.reload_tls(message.tls)
         except ConfigError as exc:
             log.error("certificate reload failed: %s", exc)
+        return Done()
+
+    def _challenges(self, message: Challenges) -> Done:
+        try:
+            self.server.set_challenges(message.challenges)
+        except ConfigError as exc:
+            log.error("TLS-ALPN-01 challenge certificates not loaded: %s", exc)
         return Done()
 
     def _stop(self, message: Stop) -> None:
@@ -147,6 +156,8 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         proxy_protocol=config.proxy_protocol,
         origins=OriginPolicy(config.allowed_origins),
     )
+    if init.challenges:
+        server.set_challenges(init.challenges)
     await server.start(listen_sock)
     control = WorkerControl(agent, server)
     link.rpc = rpc = RpcChannel(reader, writer, control.handlers, f"worker {index}")
