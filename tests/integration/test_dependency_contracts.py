@@ -176,7 +176,9 @@ async def test_pythons_alpn_callback_answers_on_aiofastnet_connections(
     challenge_pem, challenge_key = alpn_challenge_pem("tunnel.test", "token.thumbprint")
     challenges = {"tunnel.test": challenge_context(challenge_pem, challenge_key, "tunnel.test")}
     await aiofastnet.connect_accepted_socket(
-        loop, lambda: FirstBytes(app, server_ctx, WAIT, None, challenges), own(server_sock)
+        loop,
+        lambda: FirstBytes(app, server_ctx, Limits(handshake_timeout=WAIT), None, challenges),
+        own(server_sock),
     )
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_ctx.check_hostname = False
