@@ -41,6 +41,7 @@ class SharedAdmission:
         self.ledger = LeaseLedger(secrets.token_hex(6))
         self._outage = Outage(limits.redis_limits_retry)
         self._releases: dict[str, list[str]] = {}  # path -> entries to let go of
+        self._down_since = 0.0  # loop time the outage began
         self._wake = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
 
@@ -54,7 +55,8 @@ class SharedAdmission:
         name = self.ledger.take(agent, path, ip)
         loop = asyncio.get_running_loop()
         why = "Redis did not answer a moment ago"
-        if self._outage.due(loop.time()):
+        asked = self._outage.due(loop.time())
+        if asked:
             try:
                 refusal = await self._count.admit(path, name, ip, limits, self._lease)
             except StoreError as exc:
@@ -62,7 +64,7 @@ class SharedAdmission:
                 self._failed(why)
             except asyncio.CancelledError:
                 self._outage.abandoned()
-                self.ledger.drop(agent, path, ip, name)
+                self._unsure(agent, path, ip, name)
                 raise
             else:
                 self._answered()
@@ -72,10 +74,19 @@ class SharedAdmission:
                 self.ledger.drop(agent, path, ip, name)
                 return refusal.reason(limits)
         if self._when_down is WhenDown.CLOSED:
-            self.ledger.drop(agent, path, ip, name)
+            if asked:  # Redis may still run the call that timed out: let go of it later
+                self._unsure(agent, path, ip, name)
+            else:
+                self.ledger.drop(agent, path, ip, name)
             return unchecked_reason(why)
         self.ledger.admitted(name)  # WhenDown.OPEN: Redis gets it with the next renewal
         return None
+
+    def _unsure(self, agent: int, path: str, ip: str, name: str) -> None:
+        """A refused admission whose call got no answer: the entry it may have
+        added is let go of with the next renewal (not now: Redis is silent)."""
+        self.ledger.drop(agent, path, ip, name)
+        self._releases.setdefault(path, []).append(name)
 
     def release(self, agent: int, path: str, ip: str) -> None:
         """An admitted tunnel closed: its lease goes (soon, in a batch)."""
@@ -115,31 +126,39 @@ class SharedAdmission:
 
     async def _keep(self) -> None:
         """Let go of released leases as they come, renew the held ones every
-        redis_lease_renew; one call at a time."""
+        redis_lease_renew; one call at a time, so a release made during a
+        renewal follows it (a renewal adds back what it carries)."""
         loop = asyncio.get_running_loop()
         renew_at = loop.time() + self._renew_every
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, renew_at - loop.time()))
             self._wake.clear()
+            renewing = loop.time() >= renew_at
+            if self._outage.down and not renewing:
+                continue  # Redis is silent: what to let go of waits for the next renewal
             releases, self._releases = self._releases, {}
             held: dict[str, list[str]] = {}
-            if loop.time() >= renew_at:
+            if renewing:
                 renew_at = loop.time() + self._renew_every
                 held = self.ledger.held()
             if not releases and not held:
                 continue
             try:
-                # Released while Redis is away: dropped, their leases end by themselves.
                 await self._count.release(releases)
                 await self._count.renew(held, self._lease)
             except StoreError as exc:
                 self._failed(str(exc))
+                # Tried again with the next renewal, while they may still hold a slot.
+                if loop.time() - self._down_since < self._lease:
+                    merge(self._releases, releases.items())
             else:
                 self._answered()
 
     def _failed(self, why: str) -> None:
-        if self._outage.failed(asyncio.get_running_loop().time()):
+        now = asyncio.get_running_loop().time()
+        if self._outage.failed(now):
+            self._down_since = now
             if self._when_down is WhenDown.OPEN:
                 then = "admitting on this node's own count"
             else:
