@@ -388,7 +388,11 @@ class UserService:
         # Counted here before any wait, so admissions meanwhile see this one.
         self._admitted.admit(agent, path, ip)
         if self.shared is not None and shared_limited(limits):
-            refused = await self.shared.admit(agent, path, ip, limits)
+            try:
+                refused = await self.shared.admit(agent, path, ip, limits)
+            except asyncio.CancelledError:
+                self._admitted.release(agent, path, ip)
+                raise
             if refused is not None:
                 self._admitted.release(agent, path, ip)
                 return Verdict(refused)
