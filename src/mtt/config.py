@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mtt.core.harvest import HarvestBounds
+from mtt.core.leases import WhenDown
 from mtt.core.policy import DstPolicy
 from mtt.core.users import MuxProtocol
 from mtt.muxcool.session import MuxCoolConfig
@@ -182,6 +183,18 @@ class Limits:
     # /readyz calls Redis unreachable when nothing it was sent (the table check every
     # redis_check_interval included) has been answered for this long.
     redis_ready_max_age: float = 5.0
+    # max_tunnels and max_ips across nodes (docs/redis.md, "Limits across nodes"): each
+    # tunnel admitted against them is leased in Redis for this long ...
+    redis_lease: float = 15.0
+    # ... and every node renews its leases this often, so a node that dies frees its
+    # slots between redis_lease - redis_lease_renew and redis_lease after its end.
+    redis_lease_renew: float = 5.0
+    # While Redis does not answer, one admission in this interval asks it again; the
+    # others follow -redis-limits-when-down at once.
+    redis_limits_retry: float = 1.0
+    # Leases renewed or released per script call (one pipeline): a script runs to its end
+    # before Redis serves anyone else.
+    redis_lease_chunk: int = 1000
     # ACME (-acme): each HTTP request to the CA ...
     acme_request_timeout: float = 30.0
     # ... and a whole order, from asking for it to holding the certificate, polls included.
@@ -237,6 +250,9 @@ class ServerConfig:
     db: str = "memory"  # SQLite file for users and counters, or "memory"
     store: str = ""  # redis://... : a user table shared by several nodes (instead of db)
     flush_interval: float = 10.0  # counters reach the store at least this often
+    # -redis-limits-when-down: admission of a user with max_tunnels or max_ips while
+    # Redis does not answer (docs/redis.md, "Limits across nodes").
+    limits_when_down: WhenDown = WhenDown.OPEN
     grace: float = 10.0
     fallback: str = ""
     log_json: bool = False

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from mtt.cli import FlagSet, format_duration, parse_duration, run_cli
+from mtt.core.leases import WhenDown
 from mtt.core.users import MuxProtocol
 from mtt.errors import ConfigError
 from mtt.server.main import build_flags, config_from_flags
@@ -150,6 +151,12 @@ def test_server_defaults() -> None:
     assert config.mux_protocol is MuxProtocol.NONE and not config.force_tls
     assert config.bind == "127.0.0.1:8443"
     assert config.allowed_origins == ()  # any Origin (docs/security.md)
+    assert config.limits_when_down is WhenDown.OPEN  # docs/redis.md, "Limits across nodes"
+
+
+def test_redis_limits_when_down_closed() -> None:
+    argv = ["-store", "redis://127.0.0.1:6379/0", "-redis-limits-when-down=closed"]
+    assert config_from_flags(build_flags().parse(argv)).limits_when_down is WhenDown.CLOSED
 
 
 def test_allow_origin_repeats_and_is_kept_as_browsers_serialize_origins() -> None:
@@ -164,6 +171,10 @@ def test_allow_origin_repeats_and_is_kept_as_browsers_serialize_origins() -> Non
         (["-cert", "/c.pem"], "-cert and -key must be given together"),
         (["-timeout", "0s"], "-timeout must be positive"),
         (["-allow-origin", "panel.example.com"], "-allow-origin 'panel.example.com' is not an"),
+        (
+            ["-redis-limits-when-down", "half"],
+            "-redis-limits-when-down must be open or closed, not 'half'",
+        ),
     ],
 )
 def test_server_flag_combinations_are_checked(argv: list[str], message: str) -> None:

@@ -29,6 +29,7 @@ from mtt.controller.http import (
     check_exposure,
     start_controller,
 )
+from mtt.core.leases import WhenDown
 from mtt.core.policy import DstPolicy, parse_rule
 from mtt.core.users import MuxProtocol
 from mtt.errors import ConfigError, StoreError
@@ -138,6 +139,13 @@ def build_flags() -> FlagSet:
         "duration",
         _DEFAULTS.flush_interval,
         "How often traffic counters are written to the store (and on shutdown)",
+    )
+    fs.add(
+        "redis-limits-when-down",
+        "string",
+        _DEFAULTS.limits_when_down.value,
+        "With -store: admission of users with max_tunnels or max_ips while Redis does not"
+        " answer: open (this node's own count) or closed (refused)",
     )
     fs.add(
         "trusted-proxy",
@@ -257,6 +265,9 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
     if bool(values["cert"]) != bool(values["key"]):
         raise ConfigError("-cert and -key must be given together")
     mux_protocol = mux_protocol_from(values["mux"], values["mux-protocol"])
+    when_down = values["redis-limits-when-down"]
+    if when_down not in tuple(WhenDown):
+        raise ConfigError(f"-redis-limits-when-down must be open or closed, not {when_down!r}")
     acme = acme_settings(values)
     return ServerConfig(
         bind=values["b"],
@@ -276,6 +287,7 @@ def config_from_flags(values: dict[str, Any]) -> ServerConfig:
         db=values["db"],
         store=values["store"],
         flush_interval=values["flush-interval"],
+        limits_when_down=WhenDown(when_down),
         grace=values["grace"],
         log_json=values["log-format"] == "json",
         fallback=values["fallback"],
@@ -342,7 +354,10 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         if kept is not None:
             tls, mode = kept, f"TLS with the ACME certificate for {', '.join(config.acme_domains)}"
     service = UserService(
-        await open_store(config), kick_on_delete=config.kick_on_delete, limits=config.limits
+        await open_store(config),
+        kick_on_delete=config.kick_on_delete,
+        limits=config.limits,
+        when_down=config.limits_when_down,
     )
     try:
         await service.start()

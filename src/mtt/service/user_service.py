@@ -4,7 +4,9 @@ their server-wide limits, behind the controller.
 Changes go to the store first (durable or shared before res 1), then to every
 data plane (the in-process tunnel listener, or each worker). Admission against
 max_tunnels, max_ips, quota and expire, and rate tokens, are decided here,
-because a user's tunnels may land in any worker.
+because a user's tunnels may land in any worker. With a store several nodes
+share, max_tunnels and max_ips are counted across the nodes too
+(mtt.service.shared_limits); rate stays per node.
 
 Open tunnels are held to expire and quota too (mtt.core.enforcement): after
 every collection the service closes the tunnels of users past either, hands
@@ -37,6 +39,7 @@ from mtt.core.enforcement import (
     quota_left,
 )
 from mtt.core.harvest import HarvestOutcome, Taken
+from mtt.core.leases import WhenDown, shared_limited
 from mtt.core.rate import Direction, GrantRules, TokenSchedule
 from mtt.core.stats import StatsTotals
 from mtt.core.usage import Usage
@@ -54,6 +57,7 @@ from mtt.service.results import (
     Result,
     UserReport,
 )
+from mtt.service.shared_limits import SharedAdmission
 from mtt.store.base import Store
 from mtt.transport.tasks import spawn
 
@@ -88,10 +92,18 @@ class Live:
 
 class UserService:
     def __init__(
-        self, store: Store, *, kick_on_delete: bool = False, limits: Limits = _LIMITS
+        self,
+        store: Store,
+        *,
+        kick_on_delete: bool = False,
+        limits: Limits = _LIMITS,
+        when_down: WhenDown = WhenDown.OPEN,
     ) -> None:
         self.store = store
         self._limits = limits
+        count = store.shared_count()
+        # max_tunnels and max_ips over every node sharing the store, beside this node's count
+        self.shared = SharedAdmission(count, when_down, limits) if count is not None else None
         self._grants = GrantRules(
             limits.rate_burst, limits.rate_grants_per_second, limits.rate_min_grant
         )
@@ -118,6 +130,8 @@ class UserService:
         self.table.replace(snapshot.users.items())
         self.revision = snapshot.revision
         self.store.watch(self._remote_change, self._served)
+        if self.shared is not None:
+            self.shared.start()
         if plane is not None:
             self.attach(plane)
 
@@ -134,6 +148,8 @@ class UserService:
         self._expiry.clear()
         with contextlib.suppress(StoreError, ConnectionError, OSError):
             await self.collect()
+        if self.shared is not None:
+            await self.shared.close()
         await self.store.close()
 
     def absorb(self, report: dict[str, Any]) -> None:
@@ -369,7 +385,17 @@ class UserService:
             refused = "over quota (used up while its tunnels were open)"
         if refused is not None:
             return Verdict(refused)
+        # Counted here before any wait, so admissions meanwhile see this one.
         self._admitted.admit(agent, path, ip)
+        if self.shared is not None and shared_limited(limits):
+            try:
+                refused = await self.shared.admit(agent, path, ip, limits)
+            except asyncio.CancelledError:
+                self._admitted.release(agent, path, ip)
+                raise
+            if refused is not None:
+                self._admitted.release(agent, path, ip)
+                return Verdict(refused)
         if limits.expire:
             self._arm_expiry(path, limits, now)
         # A change during the store read: its own budgets follow with the next collection.
@@ -520,10 +546,14 @@ class UserService:
         async with self._usage_lock:
             await self.store.add_usage({path: delta})
         self._admitted.release(agent, path, ip)
+        if self.shared is not None:
+            self.shared.release(agent, path, ip)
 
     def agent_gone(self, agent: int) -> None:
         """A worker died: its tunnels died with it."""
         self._admitted.agent_gone(agent)
+        if self.shared is not None:
+            self.shared.agent_gone(agent)
 
     async def tokens(self, path: str, direction: Direction, want: int) -> int:
         user = self.table.lookup(path)

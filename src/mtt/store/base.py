@@ -7,14 +7,15 @@ per-user counters, so billing survives restarts and adds up across nodes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from mtt.core.commands import Command
 from mtt.core.harvest import Acked, Harvest, HarvestBounds, HarvestOutcome
+from mtt.core.leases import SharedRefusal
 from mtt.core.usage import Usage
-from mtt.core.users import User
+from mtt.core.users import User, UserLimits
 
 
 @dataclass(slots=True)
@@ -29,6 +30,30 @@ RemoteChange = Callable[[int, Command | None], None]
 # What the service serves now: (revision, number of users), for a shared store
 # to compare with its own and ask for a reload when they disagree.
 Served = Callable[[], tuple[int, int]]
+
+
+class SharedCount(Protocol):
+    """The tunnels of users with max_tunnels or max_ips, counted over every node
+    (docs/redis.md, "Limits across nodes"): leases named by mtt.core.leases.
+    Each call raises StoreError, within the store's socket timeout, if the
+    store does not answer."""
+
+    async def admit(
+        self, path: str, name: str, ip: str, limits: UserLimits, lease: float
+    ) -> SharedRefusal | None:
+        """In one atomic step: drop the user's lapsed entries, count its tunnels
+        and client addresses on every node, and add this one (lasting `lease`
+        seconds) if it fits; else what it did not fit."""
+        ...
+
+    async def renew(self, held: Mapping[str, Sequence[str]], lease: float) -> None:
+        """This node's entries (path -> names) last `lease` seconds more; those
+        the store lapsed or never had are added back."""
+        ...
+
+    async def release(self, names: Mapping[str, Sequence[str]]) -> None:
+        """Entries whose tunnels closed (path -> names) free their slots."""
+        ...
 
 
 class Store(Protocol):
@@ -78,6 +103,11 @@ class Store(Protocol):
 
     def watch(self, on_remote: RemoteChange, served: Served) -> None:
         """Be told of changes other nodes make (shared stores only)."""
+        ...
+
+    def shared_count(self) -> SharedCount | None:
+        """The count of limited users' tunnels over every node, for a store that
+        several nodes share; None: this node's own count is the whole count."""
         ...
 
     def reachable(self) -> bool:

@@ -16,7 +16,7 @@ from mtt.core.harvest import (
     pick,
 )
 from mtt.core.usage import Usage
-from mtt.store.base import RemoteChange, Served, StoreSnapshot
+from mtt.store.base import RemoteChange, Served, SharedCount, StoreSnapshot
 
 
 class MemoryStore:
@@ -79,6 +79,9 @@ class MemoryStore:
 
     def watch(self, on_remote: RemoteChange, served: Served) -> None:
         pass
+
+    def shared_count(self) -> SharedCount | None:
+        return None  # one node: its own count is the whole count
 
     def reachable(self) -> bool:
         return True

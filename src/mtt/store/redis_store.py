@@ -13,6 +13,8 @@ Layout, all under PREFIX (one Redis database may hold one mtt deployment):
     mtt:harvest   hash  id, taken_at, more: the pending harvest, absent when none
     mtt:harvest:users   hash  path -> "<bytes_up> <bytes_down> <total_tunnels>" of it
     mtt:harvest:acked   sorted set  ids of the last acknowledged harvests (score: ack time)
+    mtt:adm:<path>, mtt:admip:<path>   the leases of tunnels admitted against
+                  max_tunnels and max_ips on every node (mtt.store.redis_limits)
 
 Every change is one Lua script (apply, INCR, PUBLISH), so no node ever sees a
 half-applied change and revisions have no holes. Each node keeps serving the
@@ -26,9 +28,10 @@ pub/sub, every Limits.redis_check_interval each node compares Redis's epoch, rev
 number of users with its own and reloads on any difference, so a lost
 message, a flush or an eviction is repaired within redis_check_interval + redis_settle.
 
-What is shared: the table, and the counters (bytes, tunnels, quota_used, last
-seen) summed over every node. What is not: max_tunnels, max_ips and rate are
-enforced by each node for its own tunnels, so N nodes allow up to N times them.
+What is shared: the table, the counters (bytes, tunnels, quota_used, last
+seen) summed over every node, and the open tunnels of users with max_tunnels
+or max_ips (mtt.store.redis_limits). What is not: rate is enforced by each
+node for its own tunnels, so N nodes allow up to N times it.
 Quota is checked against the shared quota_used, which lags by up to the flush
 interval (plus the 1 s counter collection) on each node.
 
@@ -71,7 +74,8 @@ from mtt.core.harvest import (
 from mtt.core.usage import Usage
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, MuxProtocol, User, UserLimits
 from mtt.errors import ConfigError, StoreError
-from mtt.store.base import RemoteChange, Served, StoreSnapshot
+from mtt.store.base import RemoteChange, Served, SharedCount, StoreSnapshot
+from mtt.store.redis_limits import RedisCount
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")
@@ -302,6 +306,9 @@ class RedisStore:
         self._harvest = self._redis.register_script(_HARVEST)
         self._ack = self._redis.register_script(_ACK)
         self._pending_harvest = self._redis.register_script(_PENDING)
+        self._count = RedisCount(
+            self._redis, _LIMITS.redis_socket_timeout, _LIMITS.redis_lease_chunk
+        )
         self._pending: dict[str, Usage] = {}  # this node's deltas not yet in Redis
         self._usage_lock = asyncio.Lock()  # a flush and a read never interleave
         self._epoch = ""  # of the table last loaded, the one the service serves
@@ -312,6 +319,9 @@ class RedisStore:
         self._watcher: asyncio.Task[None] | None = None
         self._flush_failing = False
         self._answered = 0.0  # loop time Redis last answered (0: never)
+
+    def shared_count(self) -> SharedCount:
+        return self._count
 
     def reachable(self) -> bool:
         """Redis answered within Limits.redis_ready_max_age, and the subscription

@@ -62,7 +62,7 @@ from mtt.core.harvest import (
 from mtt.core.usage import Usage
 from mtt.core.users import NO_LIMITS, MuxProtocol, User, UserLimits
 from mtt.errors import ConfigError, StoreError
-from mtt.store.base import RemoteChange, Served, StoreSnapshot
+from mtt.store.base import RemoteChange, Served, SharedCount, StoreSnapshot
 from mtt.transport.tasks import spawn
 
 log = logging.getLogger("mtt.store")
@@ -475,6 +475,9 @@ class SqliteStore:
 
     def watch(self, on_remote: RemoteChange, served: Served) -> None:
         pass  # one node: nobody else writes this file
+
+    def shared_count(self) -> SharedCount | None:
+        return None  # one server per file: its own count is the whole count
 
     def reachable(self) -> bool:
         """The database is open (a failed write is the controller's 503, per change)."""
