@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 
@@ -106,17 +105,16 @@ def test_body_of_exactly_the_limit_is_read(server: ServerProcess) -> None:
     assert server.control(None, raw=raw)[0] == 200
 
 
-def test_bulk_add_40000_is_applied_atomically_and_fast(server: ServerProcess) -> None:
+def test_bulk_add_40000_is_applied_atomically(server: ServerProcess) -> None:
+    """One change of 40,000 users, all or nothing (its time is the benchmark's:
+    control plane, bulk add)."""
     revision = server.control({"opt": 3})[1]["revision"]
     bunch = [{"path": f"/bulk/{i}", "dst": f"127.0.0.1:{1 + i % 60000}"} for i in range(40_000)]
-    started = time.monotonic()
     status, reply = server.control({"opt": 1, "args_bunch": bunch})
-    elapsed = time.monotonic() - started
     assert (status, reply) == (
         200,
         {"res": 1, "err_string": "", "current_users": 40_000, "revision": revision + 1},
     )
-    assert elapsed < 5  # generous bound for a shared CI box; the benchmark measures it
     bunch.append({"path": "/bulk/bad", "dst": "127.0.0.1:99999"})
     status, reply = server.control({"opt": 1, "args_bunch": [{"path": "/x", "dst": "h:1"}, *bunch]})
     assert status == 400 and reply["current_users"] == 40_000
