@@ -137,7 +137,9 @@ def start_server(
     """
     # Each test server keeps its own users unless a test names a store itself.
     store = () if {"-db", "-store"} & set(args) else ("-db", "memory")
-    argv = [*prefix, *server_command(), "-b", bind, "-c", controller, *store, *args]
+    # Tunnels a test leaves open get 2 s at its stop, not the default 10 s; a test
+    # that is about the grace period gives its own -grace (the last one counts).
+    argv = [*prefix, *server_command(), "-b", bind, "-c", controller, *store, "-grace", "2s", *args]
     proc = subprocess.Popen(
         argv,
         stderr=subprocess.PIPE,
