@@ -40,7 +40,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -291,8 +291,7 @@ class SqliteStore:
 
     def _commit_sync(self, command: Command, drop: list[str], revision: int) -> None:
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             if command.opt is Opt.RESET:
                 db.execute("DELETE FROM users")
             elif drop:
@@ -304,11 +303,6 @@ class SqliteStore:
                     ((e.quota_used, e.path) for e in command.entries if e.quota_used is not None),
                 )
             db.execute(_SET_REVISION, (revision,))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
 
     async def add_usage(self, deltas: dict[str, Usage]) -> None:
         stored, pending = self._stored, self._pending
@@ -358,14 +352,8 @@ class SqliteStore:
 
     def _reset_sync(self, paths: list[str], taken: dict[str, Usage]) -> None:
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             _reset_rows(db, paths, taken)
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
 
     # -- harvests (docs/protocol.md §6, harvests) --------------------------------------------
 
@@ -402,8 +390,7 @@ class SqliteStore:
 
     def _harvest_sync(self, harvest: Harvest, taken: dict[str, Usage]) -> None:
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             (seq,) = db.execute(_NEXT_SEQ).fetchone()
             db.execute(
                 "INSERT INTO harvests (id, seq, acked, taken_at, more) VALUES (?, ?, 0, ?, ?)",
@@ -418,11 +405,6 @@ class SqliteStore:
                 ),
             )
             _reset_rows(db, [path for path, _ in harvest.users], taken)
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
 
     async def ack_harvest(self, harvest_id: str, bounds: HarvestBounds) -> Acked:
         return await self._to_the_end(self._ack(harvest_id, bounds))
@@ -442,17 +424,11 @@ class SqliteStore:
 
     def _ack_sync(self, harvest_id: str, kept: int) -> None:
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             (seq,) = db.execute(_NEXT_SEQ).fetchone()
             db.execute("UPDATE harvests SET acked = 1, seq = ? WHERE id = ?", (seq, harvest_id))
             db.execute("DELETE FROM harvest_users WHERE id = ?", (harvest_id,))
             db.execute(_FORGET_ACKED, (kept,))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
 
     async def pending_harvest(self) -> Harvest | None:
         return self._harvests.pending
@@ -539,8 +515,7 @@ class SqliteStore:
 
     def _flush_sync(self, batch: dict[str, Usage]) -> None:
         db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(db):
             db.executemany(
                 _ADD_USAGE,
                 (
@@ -548,11 +523,6 @@ class SqliteStore:
                     for p, d in batch.items()
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
 
     async def _to_the_end(self, operation: Coroutine[Any, Any, T]) -> T:
         """Run a write to its end even if our caller is cancelled (a controller
@@ -609,6 +579,20 @@ def _prepare(db: sqlite3.Connection) -> None:
             f"schema version {row[0]}, this server reads {SCHEMA_VERSION} (a newer mtt wrote it?)"
         )
     _add_harvest_tables(db)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at once (BEGIN IMMEDIATE); rolled back if
+    anything raises, the error then going on to the caller."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
 def _add_harvest_tables(db: sqlite3.Connection) -> None:
