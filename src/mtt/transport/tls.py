@@ -65,58 +65,55 @@ def random_host_name() -> str:
 
 def self_signed_pem(server_name: str) -> tuple[bytes, bytes]:
     """An ECDSA P-256 certificate and key (PEM) valid for server_name."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)])
     try:
         alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(server_name))
     except ValueError:
         alt = x509.DNSName(server_name)
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(key, hashes.SHA256())
+    return _self_signed(
+        server_name,
+        alt,
+        365,
+        [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
     )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert_pem, key_pem
 
 
 def alpn_challenge_pem(domain: str, key_authorization: str) -> tuple[bytes, bytes]:
     """The TLS-ALPN-01 certificate for domain (RFC 8737 §3): self-signed, the
     domain as its only name, the critical acmeIdentifier extension."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
-    now = datetime.datetime.now(datetime.UTC)
     identifier = x509.UnrecognizedExtension(
         x509.ObjectIdentifier(ACME_IDENTIFIER_OID), acme_identifier_value(key_authorization)
     )
-    cert = (
+    return _self_signed(domain, x509.DNSName(domain), 7, [(identifier, True)])
+
+
+def _self_signed(
+    name: str,
+    alt: x509.GeneralName,
+    days: int,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> tuple[bytes, bytes]:
+    """A new ECDSA P-256 key and a certificate it signs for itself: `name` as
+    subject, `alt` its one subject alternative name, valid from a day ago for
+    `days`, with these (extension, critical) after the name."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-        .add_extension(identifier, critical=True)
-        .sign(key, hashes.SHA256())
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
     )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    cert = builder.sign(key, hashes.SHA256())
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
