@@ -73,11 +73,16 @@ class Command:
     reset: bool = False  # list: read-and-reset the counters
     harvest_id: str = ""  # harvest and ack: the panel's id of the harvest
 
-    def to_wire(self) -> dict[str, Any]:
-        """As JSON for a worker, a store or another node (trusted: already validated)."""
+    def to_wire(self, *, runs: bool = False) -> dict[str, Any]:
+        """As JSON for a worker, a store or another node (trusted: already validated).
+
+        runs: entries in a row that share one User (as parse_command makes
+        them) become one item listing their paths: a third of the bytes and
+        one User to build on the other side instead of 40,000. Only from_wire
+        of this version reads them: for the workers, never for other nodes."""
         out: dict[str, Any] = {"opt": int(self.opt)}
         if self.entries:
-            out["entries"] = [_entry_to_wire(e) for e in self.entries]
+            out["entries"] = _runs_to_wire(self.entries) if runs else _entries_to_wire(self.entries)
         if self.paths:
             out["paths"] = list(self.paths)
         if self.reset:
@@ -90,32 +95,68 @@ class Command:
     def from_wire(cls, data: dict[str, Any]) -> Command:
         return cls(
             Opt(data["opt"]),
-            entries=tuple(_entry_from_wire(e) for e in data.get("entries", ())),
+            entries=_entries_from_wire(data.get("entries", ())),
             paths=tuple(data.get("paths", ())),
             reset=bool(data.get("reset", False)),
             harvest_id=str(data.get("harvest_id", "")),
         )
 
 
-def _entry_to_wire(entry: Entry) -> list[Any]:
-    user = entry.user
+def _entries_to_wire(entries: tuple[Entry, ...]) -> list[list[Any]]:
+    return [_entry_to_wire(e.path, e.user, e.quota_used) for e in entries]
+
+
+def _runs_to_wire(entries: tuple[Entry, ...]) -> list[list[Any]]:
+    """Entries in a row with one User object and no quota_used as one item,
+    its first element the list of their paths; other entries as they are."""
+    out: list[list[Any]] = []
+    count = len(entries)
+    start = 0
+    while start < count:
+        first = entries[start]
+        end = start + 1
+        if first.quota_used is None:
+            while end < count and entries[end].user is first.user:
+                if entries[end].quota_used is not None:
+                    break
+                end += 1
+        if end - start == 1:
+            out.append(_entry_to_wire(first.path, first.user, first.quota_used))
+        else:
+            out.append(_entry_to_wire([e.path for e in entries[start:end]], first.user, None))
+        start = end
+    return out
+
+
+def _entry_to_wire(path: str | list[str], user: User, quota_used: int | None) -> list[Any]:
     dst = user.dst
-    if user.limits is NO_LIMITS and entry.quota_used is None and user.mux is None:
-        return [entry.path, dst.host, dst.port]  # most users: a third of the bytes
+    if user.limits is NO_LIMITS and quota_used is None and user.mux is None:
+        return [path, dst.host, dst.port]  # most users: a third of the bytes
     limits = [getattr(user.limits, name) for name in LIMIT_FIELDS]
-    out = [entry.path, dst.host, dst.port, limits, entry.quota_used]
+    out = [path, dst.host, dst.port, limits, quota_used]
     if user.mux is not None:
         out.append(user.mux.value)
     return out
 
 
-def _entry_from_wire(item: list[Any]) -> Entry:
+def _entries_from_wire(items: list[list[Any]]) -> tuple[Entry, ...]:
+    entries: list[Entry] = []
+    for item in items:
+        paths = item[0]
+        if type(paths) is list:  # a run: its entries share one User (_runs_to_wire)
+            user = _user_from_wire(item)
+            entries.extend([Entry(path, user) for path in paths])
+        else:
+            entries.append(Entry(paths, _user_from_wire(item), item[4] if len(item) > 3 else None))
+    return tuple(entries)
+
+
+def _user_from_wire(item: list[Any]) -> User:
     if len(item) == 3:
-        return Entry(item[0], User(Destination(item[1], item[2])))
-    path, host, port, limits, quota_used, *mux = item
+        return User(Destination(item[1], item[2]))
+    _, host, port, limits, _, *mux = item
     user_limits = UserLimits(*limits) if any(limits) else NO_LIMITS
-    user = User(Destination(host, port), user_limits, MuxProtocol(mux[0]) if mux else None)
-    return Entry(path, user, quota_used)
+    return User(Destination(host, port), user_limits, MuxProtocol(mux[0]) if mux else None)
 
 
 def reply(res: int, current_users: int, err_string: str = "", revision: int = 0) -> dict[str, Any]:
