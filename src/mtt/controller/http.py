@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mtt.address import format_hostport
 from mtt.config import Limits
+from mtt.controller.gc_pause import PAUSE
 from mtt.controller.health import Readiness
 from mtt.controller.metrics import render_metrics
 from mtt.controller.replies import error_reply, result_reply
@@ -164,25 +165,26 @@ async def _handle(request: web.Request) -> web.Response:
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
         return _json(413, error_reply(service, f"body larger than {cap} bytes"))
-    try:
-        command = parse_command(
-            body,
-            settings.policy,
-            max_path=settings.limits.max_user_path,
-            harvest=settings.limits.harvest,
-        )
-    except ControlError as exc:
-        log.warning("controller: %s: rejected: %s", peer, exc)
-        return _json(400, error_reply(service, str(exc)))
-    try:
-        result = await service.execute(command)
-        # 409: a harvest under another id is pending, or this id was acknowledged.
-        status = 409 if isinstance(result, HarvestRefused) else 200
-        answer = result_reply(result)
-    except StoreError as exc:
-        if command.opt in _LOGGED:
-            log.error("controller: %s: opt %d not applied: %s", peer, command.opt, exc)
-        status, answer = 503, error_reply(service, f"user store unavailable: {exc}")
+    with PAUSE.paused():  # a bulk add makes 200,000 objects, none of them cyclic garbage
+        try:
+            command = parse_command(
+                body,
+                settings.policy,
+                max_path=settings.limits.max_user_path,
+                harvest=settings.limits.harvest,
+            )
+        except ControlError as exc:
+            log.warning("controller: %s: rejected: %s", peer, exc)
+            return _json(400, error_reply(service, str(exc)))
+        try:
+            result = await service.execute(command)
+            # 409: a harvest under another id is pending, or this id was acknowledged.
+            status = 409 if isinstance(result, HarvestRefused) else 200
+            answer = result_reply(result)
+        except StoreError as exc:
+            if command.opt in _LOGGED:
+                log.error("controller: %s: opt %d not applied: %s", peer, command.opt, exc)
+            status, answer = 503, error_reply(service, f"user store unavailable: {exc}")
     if status == 409:
         log.warning("controller: %s: opt %d refused: %s", peer, command.opt, answer["err_string"])
     log.log(
