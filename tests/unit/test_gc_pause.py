@@ -8,7 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from mtt.controller.gc_pause import CollectionPause
+from mtt.controller import http
+from mtt.service import gc_pause
+from mtt.service.gc_pause import CollectionPause
+from mtt.workers import rpc
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +52,9 @@ def test_collection_disabled_before_stays_disabled() -> None:
     with pause.paused():
         assert not gc.isenabled()
     assert not gc.isenabled()
+
+
+def test_the_controller_and_the_worker_channel_share_one_pause() -> None:
+    """Separate pauses would end each other's: a worker's reply handled during
+    a controller request would enable collection in the middle of it."""
+    assert http.PAUSE is rpc.PAUSE is gc_pause.PAUSE

@@ -31,13 +31,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mtt.address import format_hostport
 from mtt.config import Limits
-from mtt.controller.gc_pause import PAUSE
 from mtt.controller.health import Readiness
 from mtt.controller.metrics import render_metrics
 from mtt.controller.replies import error_reply, result_reply
 from mtt.core.commands import CHANGES, Opt, parse_command
 from mtt.core.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError, StoreError
+from mtt.service.gc_pause import PAUSE
 from mtt.service.results import HarvestRefused
 from mtt.service.user_service import UserService
 from mtt.transport.listen import split_host_port

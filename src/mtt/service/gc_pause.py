@@ -1,4 +1,4 @@
-"""No cyclic garbage collection while the controller parses and applies a request.
+"""No cyclic garbage collection while a change is parsed and applied.
 
 A bulk add of 40,000 users allocates some 200,000 objects that the collector
 tracks (the JSON objects and their key pairs, the entries, the counters a
@@ -8,9 +8,12 @@ request. None of those objects is garbage in a cycle, and reference counting
 frees garbage as before; what the pause puts off runs at the next
 allocation after it, once.
 
-Requests overlap on the event loop (one awaits the store while the next is
-parsed), hence the count: the last one out enables collection again, and only
-if it was enabled when the first one came in.
+The controller pauses for each request it parses and carries out, a worker
+for each message from the supervisor it decodes and handles (a change: 40,000
+entries again). Requests overlap on the event loop (one awaits the store
+while the next is parsed, a worker's message arrives meanwhile), hence one
+pause per process, PAUSE, and a count: the last one out enables collection
+again, and only if it was enabled when the first one came in.
 """
 
 from __future__ import annotations
