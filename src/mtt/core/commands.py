@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -106,25 +107,31 @@ def _entries_to_wire(entries: tuple[Entry, ...]) -> list[list[Any]]:
     return [_entry_to_wire(e.path, e.user, e.quota_used) for e in entries]
 
 
-def _runs_to_wire(entries: tuple[Entry, ...]) -> list[list[Any]]:
-    """Entries in a row with one User object and no quota_used as one item,
-    its first element the list of their paths; other entries as they are."""
-    out: list[list[Any]] = []
-    count = len(entries)
+def runs(entries: Sequence[Entry]) -> Iterator[tuple[int, int]]:
+    """(start, end) of each stretch of entries in a row that share one User
+    object (as parse_command gives the entries of one dst), in order; an entry
+    with a quota_used of its own stands alone."""
     start = 0
-    while start < count:
+    user: User | None = None
+    for index, entry in enumerate(entries):
+        if entry.user is not user or entry.quota_used is not None:
+            if index:
+                yield start, index
+            start, user = index, entry.user
+    if entries:
+        yield start, len(entries)
+
+
+def _runs_to_wire(entries: tuple[Entry, ...]) -> list[list[Any]]:
+    """Each run of two or more entries as one item, its first element the list
+    of their paths; other entries as they are."""
+    out: list[list[Any]] = []
+    for start, end in runs(entries):
         first = entries[start]
-        end = start + 1
-        if first.quota_used is None:
-            while end < count and entries[end].user is first.user:
-                if entries[end].quota_used is not None:
-                    break
-                end += 1
         if end - start == 1:
             out.append(_entry_to_wire(first.path, first.user, first.quota_used))
         else:
             out.append(_entry_to_wire([e.path for e in entries[start:end]], first.user, None))
-        start = end
     return out
 
 

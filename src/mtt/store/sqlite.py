@@ -48,7 +48,7 @@ from typing import Any, TypeVar, cast
 
 from mtt.address import Destination
 from mtt.config import Limits
-from mtt.core.commands import Command, Entry, Opt
+from mtt.core.commands import Command, Entry, Opt, runs
 from mtt.core.harvest import (
     Acked,
     AckState,
@@ -621,25 +621,19 @@ def _has_json_each(db: sqlite3.Connection) -> bool:
 def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -> None:
     """Write the users of these entries, in their order (a path given twice
     ends as its last entry says): each run of two or more entries sharing one
-    User as one statement with the paths as a JSON array, the rest row by row."""
+    User (mtt.core.commands.runs) as one statement with the paths as a JSON
+    array, the rest row by row."""
     rows: list[tuple[Any, ...]] = []
-    count = len(entries)
-    start = 0
-    while start < count:
+    for start, end in runs(entries) if json_each else ((i, i + 1) for i in range(len(entries))):
         user = entries[start].user
-        end = start + 1
-        if json_each:
-            while end < count and entries[end].user is user:
-                end += 1
         if end - start == 1:
             rows.append(_row(entries[start].path, user))
-        else:
-            if rows:
-                db.executemany(_UPSERT, rows)
-                rows = []
-            paths = json.dumps([e.path for e in entries[start:end]], ensure_ascii=False)
-            db.execute(_UPSERT_RUN, (*_row("", user)[1:], paths))
-        start = end
+            continue
+        if rows:
+            db.executemany(_UPSERT, rows)
+            rows = []
+        paths = json.dumps([e.path for e in entries[start:end]], ensure_ascii=False)
+        db.execute(_UPSERT_RUN, (*_row("", user)[1:], paths))
     if rows:
         db.executemany(_UPSERT, rows)
 
