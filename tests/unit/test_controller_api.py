@@ -140,6 +140,60 @@ def test_one_bad_entry_rejects_the_whole_request() -> None:
     assert len(table) == 1 and table.lookup("/u0") is None
 
 
+SAME_DST = "127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("a", "must start with /"),
+        (5, "path must be a string"),
+        (None, "path must be a string"),
+        ("/a\u0001", "control characters"),
+        ("/a\x7f", "control characters"),
+        ("/a\ud800", "not valid Unicode"),
+        ("/" + "a" * MAX_PATH, "longer than"),
+    ],
+)
+def test_entries_sharing_a_dst_are_each_checked_as_the_first(path: object, message: str) -> None:
+    """Entries after the first of a dst take a shorter way (mtt.core.commands._parse_adds)."""
+    bunch: list[object] = [{"path": f"/u{i}", "dst": SAME_DST} for i in range(10)]
+    bunch[6] = {"path": path, "dst": SAME_DST}
+    body = json.dumps({"opt": 1, "args_bunch": bunch}).encode()
+    with pytest.raises(ControlError, match=message) as err:
+        parse_command(body)
+    assert str(err.value).startswith("args_bunch[6]"), err.value
+
+
+def test_the_first_bad_entry_is_named_whatever_is_wrong_with_a_later_one() -> None:
+    bunch: list[object] = [{"path": f"/u{i}", "dst": SAME_DST} for i in range(10)]
+    bunch[3] = {"path": "/u3\u0000", "dst": SAME_DST}  # found only by the check of all paths
+    bunch[7] = {"path": "/u7", "dst": "nope"}
+    with pytest.raises(ControlError, match=r"^args_bunch\[3\]\.path contains control"):
+        parse_command(json.dumps({"opt": 1, "args_bunch": bunch}).encode())
+    bunch[7] = {"path": "/u7", "dst": SAME_DST, "rate": -1}
+    with pytest.raises(ControlError, match=r"^args_bunch\[3\]\.path contains control"):
+        parse_command(json.dumps({"opt": 4, "args_bunch": bunch}).encode())
+
+
+def test_a_duplicate_key_in_any_entry_is_an_error() -> None:
+    entries = [b'{"path":"/u%d","dst":"h:1"}' % i for i in range(100)]
+    entries[60] = b'{"path":"/u60","dst":"h:1","path":"/other"}'
+    with pytest.raises(ControlError, match='duplicate key "path"'):
+        parse_command(b'{"opt":1,"args_bunch":[' + b",".join(entries) + b"]}")
+
+
+def test_entries_of_one_dst_share_one_user_and_others_keep_theirs() -> None:
+    bunch = [{"path": f"/u{i}", "dst": f"127.0.0.1:{1 + i % 2}"} for i in range(6)]
+    bunch.append({"path": "/limited", "dst": "127.0.0.1:1", "rate": 5})
+    entries = parse_command(json.dumps({"opt": 1, "args_bunch": bunch}).encode()).entries
+    assert [e.path for e in entries] == [*(f"/u{i}" for i in range(6)), "/limited"]
+    assert [e.user.dst.port for e in entries] == [1, 2, 1, 2, 1, 2, 1]
+    assert entries[0].user is entries[2].user is entries[4].user
+    assert entries[1].user is entries[3].user is not entries[0].user
+    assert entries[6].user.limits.rate == 5 and entries[0].user.limits.rate == 0
+
+
 def test_unknown_fields_are_ignored_like_the_original() -> None:
     table = UserTable()
     reply = run(

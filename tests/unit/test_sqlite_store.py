@@ -397,6 +397,45 @@ async def test_a_users_mux_survives_a_restart(db_path: str) -> None:
     assert snapshot.users == {"/v2": v2, "/plain": plain, "/a": user()}
 
 
+def _rows(path: str) -> list[tuple[object, ...]]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT * FROM users ORDER BY path").fetchall()
+
+
+@pytest.mark.parametrize("json_each", [True, False])
+async def test_runs_of_one_user_are_written_as_entry_by_entry(
+    tmp_path: Path, json_each: bool
+) -> None:
+    """Entries sharing a User go in one statement (mtt.store.sqlite._upsert):
+    the file must end as if each entry were written in turn, with or without
+    json_each, a path given twice as its last entry says."""
+    store = await opened(str(tmp_path / "users.db"))
+    store._json_each = json_each
+    shared = User(Destination("10.0.0.1", 1))
+    limited = User(Destination("h.example", 2), LIMITS, MuxProtocol.SMUX)
+    odd = ['/q"uote', "/back\\slash", "/é/😀", "/x"]
+    entries = [
+        Entry("/dup", limited),
+        *(Entry(f"/s{i}", shared) for i in range(5)),
+        Entry("/single", User(Destination("10.0.0.2", 3))),
+        *(Entry(p, limited, quota_used=7 if p == "/x" else None) for p in odd),
+        Entry("/dup", shared),
+        Entry("/s0", shared),
+    ]
+    await store.commit(Command(Opt.ADD, entries=tuple(entries)))
+    await store.commit(Command(Opt.ADD, entries=(Entry("/s1", limited), Entry("/s2", limited))))
+    await store.close()
+    rows = {row[0]: row for row in _rows(str(tmp_path / "users.db"))}
+    assert len(rows) == 11
+    plain = ("10.0.0.1", 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, "")
+    sold = ("h.example", 2, 1000, 2, 3, 10**9, 2_000_000_000, 0, 0, 0, 0, 0.0, "smux")
+    assert rows["/dup"][1:] == rows["/s0"][1:] == rows["/s3"][1:] == plain
+    assert rows["/s1"][1:] == rows["/s2"][1:] == rows['/q"uote'][1:] == sold
+    assert rows["/back\\slash"][1:] == rows["/é/😀"][1:] == sold
+    assert rows["/x"][1:] == (*sold[:9], 7, *sold[10:])
+    assert rows["/single"][1:3] == ("10.0.0.2", 3)
+
+
 _SCHEMA_1 = """
 CREATE TABLE users (
     path TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,

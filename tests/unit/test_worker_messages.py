@@ -55,12 +55,19 @@ from mtt.workers.rpc import Handlers, RpcChannel
 from mtt.workers.supervisor import Worker
 from mtt.workers.worker import WorkerControl
 
+SHARED = User(Destination("127.0.0.1", 10))  # as parse_command gives entries of one dst
+SOLD = User(Destination("::1", 80), UserLimits(1000, 2, 3, 4, 5))
 COMMAND = Command(
     Opt.ADD,
     entries=(
         Entry("/plain", User(Destination("127.0.0.1", 9))),
-        Entry("/sold", User(Destination("::1", 80), UserLimits(1000, 2, 3, 4, 5)), 77),
+        Entry("/sold", SOLD, 77),
         Entry("/v2", User(Destination("127.0.0.1", 8388), mux=MuxProtocol.MUXCOOL)),
+        *(Entry(f"/s{i}", SHARED) for i in range(3)),
+        Entry("/sold2", SOLD),
+        Entry("/sold3", SOLD),
+        Entry("/sold4", SOLD, 5),  # its own quota_used: not in the run before it
+        Entry("/s0", SHARED),
     ),
 )
 REPORT = {"users": {"/a": [[1, 2, 3, 1, 5.5], 1, ["10.0.0.1"]]}, "stats": {}, "gauges": {}}
@@ -128,6 +135,29 @@ def test_a_message_round_trips_through_its_wire_form(message: Message) -> None:
 @pytest.mark.parametrize(("request_", "reply"), REPLIES, ids=lambda r: type(r).__name__)
 def test_a_reply_round_trips_through_its_wire_form(request_: Request[Any], reply: Reply) -> None:
     assert request_.reply_from_wire(through_json(reply.to_wire())) == reply
+
+
+def test_entries_sharing_a_user_cross_as_one_item_and_share_it_again() -> None:
+    wire = Change(COMMAND, kick=False).to_wire()["command"]["entries"]
+    assert wire[3:6] == [
+        [["/s0", "/s1", "/s2"], "127.0.0.1", 10],
+        [["/sold2", "/sold3"], "::1", 80, [1000, 2, 3, 4, 5], None],
+        ["/sold4", "::1", 80, [1000, 2, 3, 4, 5], 5],
+    ]
+    decoded = decode(through_json(Change(COMMAND, kick=False).to_wire()))
+    assert isinstance(decoded, Change) and decoded.command == COMMAND
+    entries = decoded.command.entries
+    assert entries[3].user is entries[4].user is entries[5].user == entries[9].user
+    assert entries[6].user is entries[7].user is not entries[8].user
+
+
+def test_other_nodes_get_entry_by_entry() -> None:
+    """Redis publishes Command.to_wire() to nodes that may run an earlier
+    version: their from_wire reads one entry per item."""
+    wire = COMMAND.to_wire()["entries"]
+    assert [item[0] for item in wire] == [e.path for e in COMMAND.entries]
+    assert wire[3] == ["/s0", "127.0.0.1", 10]
+    assert Command.from_wire(through_json(COMMAND.to_wire())) == COMMAND
 
 
 def test_the_controller_token_and_policy_stay_with_the_supervisor() -> None:

@@ -37,6 +37,7 @@ from mtt.controller.replies import error_reply, result_reply
 from mtt.core.commands import CHANGES, Opt, parse_command
 from mtt.core.policy import DstPolicy
 from mtt.errors import ConfigError, ControlError, StoreError
+from mtt.service.gc_pause import PAUSE
 from mtt.service.results import HarvestRefused
 from mtt.service.user_service import UserService
 from mtt.transport.listen import split_host_port
@@ -164,25 +165,26 @@ async def _handle(request: web.Request) -> web.Response:
     if body is None:
         log.warning("controller: %s: body larger than %d bytes", peer, cap)
         return _json(413, error_reply(service, f"body larger than {cap} bytes"))
-    try:
-        command = parse_command(
-            body,
-            settings.policy,
-            max_path=settings.limits.max_user_path,
-            harvest=settings.limits.harvest,
-        )
-    except ControlError as exc:
-        log.warning("controller: %s: rejected: %s", peer, exc)
-        return _json(400, error_reply(service, str(exc)))
-    try:
-        result = await service.execute(command)
-        # 409: a harvest under another id is pending, or this id was acknowledged.
-        status = 409 if isinstance(result, HarvestRefused) else 200
-        answer = result_reply(result)
-    except StoreError as exc:
-        if command.opt in _LOGGED:
-            log.error("controller: %s: opt %d not applied: %s", peer, command.opt, exc)
-        status, answer = 503, error_reply(service, f"user store unavailable: {exc}")
+    with PAUSE.paused():  # a bulk add makes 200,000 objects, none of them cyclic garbage
+        try:
+            command = parse_command(
+                body,
+                settings.policy,
+                max_path=settings.limits.max_user_path,
+                harvest=settings.limits.harvest,
+            )
+        except ControlError as exc:
+            log.warning("controller: %s: rejected: %s", peer, exc)
+            return _json(400, error_reply(service, str(exc)))
+        try:
+            result = await service.execute(command)
+            # 409: a harvest under another id is pending, or this id was acknowledged.
+            status = 409 if isinstance(result, HarvestRefused) else 200
+            answer = result_reply(result)
+        except StoreError as exc:
+            if command.opt in _LOGGED:
+                log.error("controller: %s: opt %d not applied: %s", peer, command.opt, exc)
+            status, answer = 503, error_reply(service, f"user store unavailable: {exc}")
     if status == 409:
         log.warning("controller: %s: opt %d refused: %s", peer, command.opt, answer["err_string"])
     log.log(

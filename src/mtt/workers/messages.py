@@ -243,7 +243,7 @@ class Init(Notification):
             "op": self.OP,
             "config": config_to_wire(self.config),
             "tls": self.tls,
-            "users": self.users.to_wire(),
+            "users": self.users.to_wire(runs=True),
             "challenges": self.challenges,
         }
 
@@ -263,7 +263,7 @@ class Change(Request[Done]):
     kick: bool
 
     def to_wire(self) -> Wire:
-        return {"op": self.OP, "command": self.command.to_wire(), "kick": self.kick}
+        return {"op": self.OP, "command": self.command.to_wire(runs=True), "kick": self.kick}
 
     @classmethod
     def from_wire(cls, data: Wire) -> Change:

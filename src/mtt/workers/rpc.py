@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from mtt.errors import ProtocolError, RemoteError
+from mtt.service.gc_pause import PAUSE
 from mtt.transport.tasks import spawn
 from mtt.workers import channel
 from mtt.workers.messages import (
@@ -122,6 +123,10 @@ class RpcChannel:
             future.set_result(checked(request.reply_from_wire, data, f"{request.OP} reply"))
 
     def _dispatch(self, data: Wire) -> None:
+        with PAUSE.paused():  # a change's 40,000 entries are no cyclic garbage
+            self._dispatch_paused(data)
+
+    def _dispatch_paused(self, data: Wire) -> None:
         request_id = data.get("id")
         if request_id is not None and not isinstance(request_id, int):
             raise ProtocolError(f"request id {request_id!r}")
