@@ -56,8 +56,11 @@ def http_response(
 
 
 def request_head_of(request: h11.Request) -> RequestHead:
-    """h11's parse of a request head, as the sans-I/O verdict takes it."""
-    return RequestHead(request.method, request.target, request.http_version, request.headers)
+    """h11's parse of a request head, as the sans-I/O verdict takes it: the
+    headers copied once into a list, which the verdict walks several times
+    (h11's Headers iterates through Sequence.__getitem__, item by item)."""
+    headers = list(request.headers)
+    return RequestHead(request.method, request.target, request.http_version, headers)
 
 
 def shut(transport: asyncio.BaseTransport | None, abort: bool = False) -> None:
