@@ -87,3 +87,10 @@ def own_seconds() -> float:
     """CPU seconds of this process and every child it has reaped (servers, clients, tools)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(idle, total) CPU time of the whole machine so far, from /proc/stat, in ticks."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user..steal

@@ -21,6 +21,7 @@ from bench.peers import (
     start_gorelay,
     start_ours,
 )
+from bench.procstat import cpu_seconds
 from bench.settings import Settings
 
 SECTION = "Connection setup (bench/go/mttbench rate)"
@@ -28,6 +29,7 @@ MODES = {
     "plain": "new tunnels/s (TLS + upgrade + dial + echo)",
     "mux": "new smux streams/s on a warm session",
 }
+CPU_UNITS = {"plain": "new tunnel", "mux": "new smux stream"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class RateSample:
     p50_ms: float
     errors: int
     first_error: str
+    cpu_us: float = 0.0  # the relay's CPU (all its processes) per operation
 
 
 def steps(s: Settings) -> int:
@@ -60,6 +63,7 @@ def measure(relay: Relay, mode: str, seconds: float, max_ops: int, concurrency: 
         "-c",
         str(concurrency),
     ]
+    before = cpu_seconds(relay.pid)
     try:
         proc = subprocess.run(
             argv,
@@ -76,8 +80,10 @@ def measure(relay: Relay, mode: str, seconds: float, max_ops: int, concurrency: 
         raise BenchError(f"mttbench rate: no result (rc {proc.returncode}): {proc.stderr}") from exc
     if not doc["ops"]:
         raise BenchError(f"no tunnel completed: {doc['first_errors'][:3]}")
+    used = cpu_seconds(relay.pid) - before
     first = (doc.get("first_errors") or [""])[0]
-    return RateSample(float(doc["rate"]), float(doc["p50_ms"]), int(doc["errors"]), first)
+    cpu_us = used / (int(doc["ops"]) + int(doc["errors"])) * 1e6
+    return RateSample(float(doc["rate"]), float(doc["p50_ms"]), int(doc["errors"]), first, cpu_us)
 
 
 def run(ctx: Context) -> None:
@@ -132,6 +138,17 @@ def _run_mode(ctx: Context, ours: Relay, go: Relay, mode: str, name: str) -> Non
             target=0.8,
             gate=True,
             note="; ".join(notes),
+        )
+    )
+    ctx.results.metrics.append(
+        Metric(
+            section=SECTION,
+            name=f"server CPU per {CPU_UNITS[mode]}",
+            unit="CPU us",
+            better="lower",
+            ours=[x.cpu_us for x in mine],
+            ref=[x.cpu_us for x in theirs],
+            note="all of the relay's processes, from /proc, over the whole measurement",
         )
     )
 

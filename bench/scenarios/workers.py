@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 from functools import partial
 
 from bench.context import Context, interleave
@@ -15,9 +16,12 @@ from bench.peers import (
     BenchError,
     EchoDst,
     IperfServer,
+    OurRelay,
     server_help,
     start_ours,
 )
+from bench.procstat import machine_jiffies
+from bench.scenarios.setup_rate import RateSample
 from bench.scenarios.setup_rate import measure as measure_rate
 from bench.settings import Settings
 
@@ -49,13 +53,20 @@ def run(ctx: Context) -> None:
         many = start_ours(ctx.certs, iperf.addr, "-workers", str(ALL), label=many_label)
         stack.callback(many.stop)
         flow = FLOWS[FLOW]
-        rate = partial(
-            measure_rate,
-            mode="plain",
-            seconds=s.rate_seconds,
-            max_ops=s.rate_max_ops,
-            concurrency=s.rate_concurrency,
-        )
+        idle: dict[str, list[float]] = {many_label: [], one_label: []}
+        cores: dict[str, list[float]] = {many_label: [], one_label: []}
+
+        def rate(relay: OurRelay) -> RateSample:
+            """One setup-rate run, noting how busy the server and the machine were."""
+            idle0, total0 = machine_jiffies()
+            sample = measure_rate(
+                relay, "plain", s.rate_seconds, s.rate_max_ops, s.rate_concurrency
+            )
+            idle1, total1 = machine_jiffies()
+            idle[relay.label].append((idle1 - idle0) / max(total1 - total0, 1))
+            cores[relay.label].append(sample.cpu_us * sample.rate / 1e6)
+            return sample
+
         try:
             speeds = interleave(
                 ctx,
@@ -76,10 +87,27 @@ def run(ctx: Context) -> None:
             ctx.results.failures.append(Failure(SECTION, "workers", str(exc)))
             ctx.progress.note(f"workers: FAILED: {exc}")
             return
-    for name, unit, samples in (
-        (f"throughput, {FLOW}", "Gbit/s", {k: [x.gbps for x in v] for k, v in speeds.items()}),
-        ("new tunnels/s (plain)", "per s", {k: [x.rate for x in v] for k, v in rates.items()}),
+    busy = "; ".join(
+        f"{label}: the server used {statistics.median(cores[label]):.2f} cores, the machine"
+        f" was {statistics.median(idle[label]):.0%} idle"
+        for label in (many_label, one_label)
+    )
+    setup_note = f"{busy} (docs/scaling.md: what more cores give)"
+    for name, unit, samples, note in (
+        (
+            f"throughput, {FLOW}",
+            "Gbit/s",
+            {k: [x.gbps for x in v] for k, v in speeds.items()},
+            "",
+        ),
+        (
+            "new tunnels/s (plain)",
+            "per s",
+            {k: [x.rate for x in v] for k, v in rates.items()},
+            setup_note,
+        ),
     ):
+        shared = "client, server and dst share the same 2 cores" if ALL <= 2 else ""
         ctx.results.metrics.append(
             Metric(
                 section=SECTION,
@@ -90,8 +118,6 @@ def run(ctx: Context) -> None:
                 ref=samples[one_label],
                 ours_label=many_label,
                 ref_label=one_label,
-                note="informational: client, server and dst share the same 2 cores"
-                if ALL <= 2
-                else "",
+                note="; ".join(x for x in ("informational", shared, note) if x),
             )
         )

@@ -34,6 +34,7 @@ from picows import (
 
 from mtt.accept.first_bytes import FirstBytes
 from mtt.accept.tunnel_server import TunnelServer, _UnixWSProtocol
+from mtt.address import Destination
 from mtt.client.dialer import ResumingContext
 from mtt.config import Limits
 from mtt.controller import http as controller_http
@@ -42,6 +43,7 @@ from mtt.core.commands import RES_ERR, RES_OK
 from mtt.core.users import MuxProtocol
 from mtt.service.user_service import UserService
 from mtt.store.memory import MemoryStore
+from mtt.transport.dst import dial as dial_dst
 from mtt.transport.tls import (
     alpn_challenge_pem,
     challenge_context,
@@ -369,6 +371,32 @@ def test_uvloop_tls_builds_its_ssl_object_through_wrap_bio(server_ctx: ssl.SSLCo
         reused = runner.run(connect_twice())
     assert Counting.calls == 2, why
     assert reused == [False, True], why
+
+
+# --- uvloop: TCP_NODELAY on the connections it dials (transport/dst.py) --------------
+
+
+def test_uvloop_dials_with_tcp_nodelay() -> None:
+    why = relied_on_by(
+        "mtt.transport.dst.DstConnection",
+        "uvloop setting TCP_NODELAY on create_connection's TCP transports (dst writes of "
+        "small frames must not wait for an ACK)",
+    )
+
+    async def dial() -> int:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            owner = SimpleNamespace(dst_connected=lambda conn: None, dst_lost=lambda exc: None)
+            conn = await dial_dst(owner, Destination("127.0.0.1", port), WAIT, 65536)  # type: ignore[arg-type]
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            value = int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            conn.abort()
+            return value
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(dial()) != 0, why
 
 
 # --- aiohttp: the controller's RequestHandler and Server subclasses ---------------

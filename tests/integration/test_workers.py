@@ -6,9 +6,12 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.integration.test_tunnel import echo_roundtrip, opener
 from tests.support import echo_server, pattern, running_server, tagged_server
@@ -77,3 +80,47 @@ async def test_a_dead_worker_is_replaced_with_the_full_table(cert_files: tuple[P
                         assert await echo_roundtrip(other, payload) == payload
             assert survivor in server.children()
         assert "exited with -9; restarting" in server.log_text()
+
+
+def _resumptions(addr: str, count: int, version: ssl.TLSVersion) -> int:
+    """Open `count` TLS connections one after another, each offering the session
+    the one before got (a 404 each); how many resumed."""
+    host, port = addr.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = version
+    session, resumed = None, 0
+    for _ in range(count):
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="tunnel.test", session=session) as conn:
+            conn.sendall(b"GET /nobody HTTP/1.1\r\nHost: tunnel.test\r\n\r\n")
+            assert conn.recv(12) == b"HTTP/1.1 404"
+            resumed += conn.session_reused
+            session = conn.session
+    return resumed
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_sessions_resume_on_every_worker_a_restarted_one_too(
+    cert_files: tuple[Path, Path], version: ssl.TLSVersion
+) -> None:
+    # nginx's workers share one ticket key; with a key per worker a client that
+    # lands on another worker pays a full handshake (about half of them).
+    args = ("-cert", str(cert_files[0]), "-key", str(cert_files[1]), "-workers", "2")
+    with running_server(*args) as server:
+        assert _resumptions(server.tunnel, 40, version) == 39
+        served_by = set(
+            re.findall(r" (w[12]) mtt\.server: \S+: no user for path", server.log_text())
+        )
+        assert served_by == {"w1", "w2"}, "the kernel spreads connections over both workers"
+        victim = server.children()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            kids = server.children()
+            if len(kids) == 2 and victim not in kids:
+                break
+            time.sleep(0.1)
+        assert len(server.children()) == 2
+        assert _resumptions(server.tunnel, 40, version) == 39

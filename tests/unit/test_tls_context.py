@@ -117,3 +117,51 @@ def test_without_libssl_python_defaults_remain(
     assert client.selected_alpn_protocol() == "http/1.1"
     assert 0 not in server_hello_extensions(seen[0])  # Python's: no SNI callback
     tls._warn_once.cache_clear()
+
+
+def _resumes(issuer: ssl.SSLContext, other: ssl.SSLContext, version: ssl.TLSVersion) -> bool:
+    """Whether a session `issuer` gave a client resumes on `other` (in memory)."""
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    client_ctx.maximum_version = version
+    session = None
+    for server_ctx in (issuer, other):
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        client = client_ctx.wrap_bio(c_in, c_out, server_hostname="tunnel.test", session=session)
+        server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+        for _ in range(10):
+            for side in (client, server):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    side.do_handshake()
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+            if client.version() and server.version():
+                break
+        server.write(b"x")  # TLS 1.3 tickets come after the handshake, with data
+        c_in.write(s_out.read())
+        assert client.read(1) == b"x"
+        session = client.session
+    return bool(client.session_reused)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_contexts_of_one_spec_resume_each_others_sessions(version: ssl.TLSVersion) -> None:
+    from mtt.accept.tls_setup import new_ticket_keys, tls_context, with_ticket_keys
+
+    spec = {"cert_pem": CERT.decode(), "key_pem": KEY.decode(), "origin": "test"}
+    keys = new_ticket_keys()
+    worker1, worker2 = (tls_context(with_ticket_keys(spec, keys)) for _ in range(2))
+    assert worker1 is not None and worker2 is not None
+    assert libssl.ticket_keys(worker1) == bytes.fromhex(keys) == libssl.ticket_keys(worker2)
+    assert _resumes(worker1, worker2, version)
+    # Without shared keys (each context its own, as OpenSSL makes them) nothing resumes.
+    alone1, alone2 = (tls_context(spec) for _ in range(2))
+    assert alone1 is not None and alone2 is not None
+    assert _resumes(alone1, alone1, version)
+    assert not _resumes(alone1, alone2, version)
+
+
+def test_ticket_keys_of_the_wrong_size_are_refused(server_ctx: ssl.SSLContext) -> None:
+    with pytest.raises(ValueError, match="80 bytes"):
+        libssl.set_ticket_keys(server_ctx, b"short")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from email.utils import formatdate
 from typing import Any
 
@@ -34,6 +34,7 @@ from mtt.wire.client_address import TrustedProxies
 from mtt.wire.nginx_pages import TO_HTTPS_PAGE, http09_page
 from mtt.wire.nginx_pages import http_response as nginx_response
 from mtt.wire.origin import OriginPolicy
+from mtt.wire.quick_head import quick_head
 from mtt.wire.request_head import (
     BadRequest,
     Forbidden,
@@ -56,8 +57,11 @@ def http_response(
 
 
 def request_head_of(request: h11.Request) -> RequestHead:
-    """h11's parse of a request head, as the sans-I/O verdict takes it."""
-    return RequestHead(request.method, request.target, request.http_version, request.headers)
+    """h11's parse of a request head, as the sans-I/O verdict takes it: the
+    headers copied once into a list, which the verdict walks several times
+    (h11's Headers iterates through Sequence.__getitem__, item by item)."""
+    headers = list(request.headers)
+    return RequestHead(request.method, request.target, request.http_version, headers)
 
 
 def shut(transport: asyncio.BaseTransport | None, abort: bool = False) -> None:
@@ -125,6 +129,8 @@ class FrontProtocol(asyncio.Protocol):
         self._line: bytearray | None = None  # its request line, until nginx would accept it
         self._line_reader: RequestLineReader | None = None
         self._discarding = False  # answered; reading the rest of the request's body
+        self._h11_fed = False  # h11 has seen bytes: no quick parse any more
+        self._trailing: bytes | None = None  # after a quickly parsed head (h11 keeps its own)
 
     def plain_http_on_tls_port(self) -> None:
         """This connection sent plain HTTP to the TLS listener (first_bytes.py):
@@ -170,6 +176,9 @@ class FrontProtocol(asyncio.Protocol):
             data = checked
         if self._fallback is not None and self._requests == 0:
             self._raw += data
+        if not self._h11_fed and self._quick(data):
+            return
+        self._h11_fed = True
         try:
             self._http.receive_data(data)
             self._process()
@@ -241,27 +250,56 @@ class FrontProtocol(asyncio.Protocol):
             STATS.handshake_failed("timeout")
             self._close(abort=True)
 
-    def _on_request(self, request: h11.Request) -> None:
-        self._requests += 1
-        if self._trusted is not None and self._client is not None:
-            conn_ip = self._client[0]
-            self.client_ip = self._trusted.real_client(
-                conn_ip, request.headers, max_hops=self._limits.max_forwarded_hops
-            )
-            if self.client_ip == conn_ip:
-                self.peer = format_peer(*self._client)
-            else:  # X-Forwarded-For names no port
-                self.peer = format_peer(self.client_ip, None)
-        verdict = request_head.verdict(
-            request_head_of(request),
+    def _quick(self, data: bytes) -> bool:
+        """A tunnel's upgrade, its head parsed without h11 (wire/quick_head.py);
+        False leaves these bytes to h11, nothing changed."""
+        if self._on_tls_port:
+            return False
+        parsed = quick_head(data, self._limits.max_request_head)
+        if parsed is None:
+            return False
+        head, end = parsed
+        client_ip, peer = self._client_of(head.headers)
+        verdict = self._verdict(head, requests=1)
+        if not isinstance(verdict, Upgrade):
+            return False  # h11 parses it again, for the keep-alive bookkeeping of a 404
+        self._requests = 1
+        self.client_ip, self.peer = client_ip, peer
+        self._trailing = data[end:]
+        self._upgrade(verdict)
+        return True
+
+    def _client_of(self, headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, str]:
+        """(client_ip, peer) for a request with these headers: from a trusted
+        proxy, the client its headers name."""
+        if self._trusted is None or self._client is None:
+            return self.client_ip, self.peer
+        conn_ip = self._client[0]
+        client_ip = self._trusted.real_client(
+            conn_ip, headers, max_hops=self._limits.max_forwarded_hops
+        )
+        if client_ip == conn_ip:
+            return client_ip, format_peer(*self._client)
+        return client_ip, format_peer(client_ip, None)  # X-Forwarded-For names no port
+
+    def _verdict(self, head: RequestHead, requests: int) -> request_head.Verdict:
+        """The sans-I/O verdict on the connection's `requests`-th request head."""
+        return request_head.verdict(
+            head,
             route_exists=self._table.__contains__,
             max_head=self._limits.max_request_head,
             max_early_data=self._limits.max_early_data,
-            keep_alive_allowed=self._requests < self._limits.max_keepalive_requests,
+            keep_alive_allowed=requests < self._limits.max_keepalive_requests,
             fallback=self._fallback is not None,
             on_tls_port=self._on_tls_port,
             origins=self._origins,
         )
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._requests += 1
+        head = request_head_of(request)
+        self.client_ip, self.peer = self._client_of(head.headers)
+        verdict = self._verdict(head, self._requests)
         if isinstance(verdict, Upgrade):
             self._upgrade(verdict)
         elif isinstance(verdict, NotFound):
@@ -370,8 +408,11 @@ class FrontProtocol(asyncio.Protocol):
         self._cancel_timer()
         transport = self._transport
         assert transport is not None
-        trailing, _ = self._http.trailing_data
-        data = upgrade.head + bytes(trailing) + (self._early or b"")
+        if self._trailing is not None:
+            trailing = self._trailing
+        else:
+            trailing = bytes(self._http.trailing_data[0])
+        data = upgrade.head + trailing + (self._early or b"")
         self._early = None
         STATS.handshake_done(asyncio.get_running_loop().time() - self._accepted)
         ws_protocol = self._make_ws_protocol(self, upgrade, admitted)

@@ -118,7 +118,9 @@ class TunnelServer:
         self.registry: TunnelRegistry = TunnelRegistry()
         self._server: asyncio.Server | None = None
         self.unix = False
-        self._ws_logger = logging.getLogger("mtt.ws")
+        # An adapter, not the Logger itself: handed a Logger, picows makes a child
+        # Logger for every connection (about 10 us each); its lines lose only the fd.
+        self._ws_logger = logging.LoggerAdapter(logging.getLogger("mtt.ws"))
 
     def _protocol_factory(
         self, front: FrontProtocol, upgrade: Upgrade, admitted: bool

@@ -120,7 +120,8 @@ class Dialer:
         self.context = client_context(config.insecure)
         self.handshakes = 0
         self.resumed = 0
-        self._logger = logging.getLogger("mtt.ws")
+        # An adapter: handed a Logger, picows makes a child Logger per connection.
+        self._logger = logging.LoggerAdapter(logging.getLogger("mtt.ws"))
 
     @property
     def target(self) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import uvloop
 
 from mtt.accept.fallback import Fallback
-from mtt.accept.tls_setup import resolve_tls, tls_context
+from mtt.accept.tls_setup import new_ticket_keys, resolve_tls, tls_context, with_ticket_keys
 from mtt.accept.tunnel_server import TunnelServer
 from mtt.address import format_hostport
 from mtt.autocert.http01 import Http01Listener
@@ -324,12 +324,14 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
     log_loop_errors(asyncio.get_running_loop())
     trimming = spawn(trim_after_bursts(config.limits), name="heap trim")
     tls, mode = resolve_tls(config)
+    tickets = new_ticket_keys()  # every worker's, and kept across certificate reloads
+    tls = with_ticket_keys(tls, tickets) if tls is not None else None
 
     async def install_tls(spec: dict[str, str]) -> None:
         """An ACME certificate for every process serving the port (pool or server,
         both made below, before the manager runs)."""
         if config.workers > 1:
-            await pool.reload_tls(spec)
+            await pool.reload_tls(with_ticket_keys(spec, tickets))
         else:
             server.reload_tls(spec)
 
@@ -435,7 +437,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
         if spec is None:
             return
         if config.workers > 1:
-            await pool.reload_tls(spec)
+            await pool.reload_tls(with_ticket_keys(spec, tickets))
         else:
             server.reload_tls(spec)
         log.info("certificate reloaded (%s)", why)

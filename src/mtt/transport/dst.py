@@ -4,7 +4,6 @@ the local application), driven by callbacks into the tunnel that owns it."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Protocol, cast
 
 from mtt.address import Destination
@@ -34,10 +33,8 @@ class DstConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; cast, don't check.
+        # TCP_NODELAY is uvloop's (and asyncio's) default on TCP transports already.
         self.transport = t = cast(asyncio.Transport, transport)
-        sock = t.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._high_water is not None:
             t.set_write_buffer_limits(high=self._high_water)
         # Data can arrive in this same loop iteration: the owner must know us first.

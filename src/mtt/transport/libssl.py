@@ -16,7 +16,10 @@ from Python's defaults in ways a client can see:
   tickets; OpenSSL's default is 7200 s;
 - the session cache mode of `ssl_session_cache none` (sessions announced,
   none stored) and SSL_MODE_NO_AUTO_CHAIN;
-- OpenSSL's default security level (Python's cipher string pins level 2).
+- OpenSSL's default security level (Python's cipher string pins level 2);
+- one session ticket key for every process serving the port: nginx makes
+  its SSL_CTX in the master, before the workers fork, so a ticket one
+  worker issued resumes on any other (set_ticket_keys()).
 
 The SSL_CTX pointer is read from the SSLContext object the way aiofastnet
 itself does (it drives every connection through it), and checked against the
@@ -44,6 +47,9 @@ _SSL_CTRL_SET_SESS_CACHE_SIZE = 42
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_CTRL_GET_SESS_CACHE_MODE = 45
 _SSL_CTRL_SET_TLSEXT_SERVERNAME_CB = 53
+_SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+TICKET_KEYS_SIZE = 80  # key name 16, HMAC secret 32, AES key 32 (OpenSSL >= 1.1.0)
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
 _SSL_SESS_CACHE_SERVER = 0x2
 _SSL_SESS_CACHE_NO_AUTO_CLEAR = 0x80
@@ -190,3 +196,30 @@ def session_timeout(ctx: ssl.SSLContext) -> int:
 
 def session_cache_mode(ctx: ssl.SSLContext) -> int:
     return int(_libssl().SSL_CTX_ctrl(ssl_ctx_pointer(ctx), _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None))
+
+
+def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> None:
+    """Encrypt and check session tickets with `keys` (TICKET_KEYS_SIZE bytes)
+    instead of the random ones OpenSSL gave this context; OSError if libssl
+    cannot be reached or refuses them."""
+    if len(keys) != TICKET_KEYS_SIZE:
+        raise ValueError(f"session ticket keys are {TICKET_KEYS_SIZE} bytes, not {len(keys)}")
+    buffer = ctypes.create_string_buffer(keys, len(keys))
+    try:
+        lib, pointer = _libssl(), ssl_ctx_pointer(ctx)
+    except (AttributeError, ImportError) as exc:
+        raise OSError(f"libssl not reachable: {exc}") from None
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer) != 1:
+        raise OSError("SSL_CTX_set_tlsext_ticket_keys failed")
+
+
+def ticket_keys(ctx: ssl.SSLContext) -> bytes:
+    """The context's session ticket keys (for tests and checks)."""
+    buffer = ctypes.create_string_buffer(TICKET_KEYS_SIZE)
+    pointer = ssl_ctx_pointer(ctx)
+    if (
+        _libssl().SSL_CTX_ctrl(pointer, _SSL_CTRL_GET_TLSEXT_TICKET_KEYS, TICKET_KEYS_SIZE, buffer)
+        != 1
+    ):
+        raise OSError("SSL_CTX_get_tlsext_ticket_keys failed")
+    return buffer.raw
