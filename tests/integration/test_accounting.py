@@ -361,6 +361,7 @@ def _desired(round_: int, dst: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it counts the replaces done in 4 s: a rate
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_replace_under_load_keeps_users_tunnels_and_counters(
     layout: tuple[str, ...],
