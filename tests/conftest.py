@@ -30,3 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+    if not want_serial:
+        # The slow tests go first, so that none of them starts last on one worker
+        # while the others have nothing left to run (the sort keeps each order).
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
