@@ -18,7 +18,7 @@ import pytest
 
 from tests.support import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # it compares speeds: nothing else may run
 GATED = "throughput,scale,stalled,control"
 
 

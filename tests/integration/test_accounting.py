@@ -202,6 +202,7 @@ def _in_window(samples: list[tuple[float, int]], start: float) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it measures a rate to 10 %
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_rate_holds_up_down_and_across_tunnels(layout: tuple[str, ...]) -> None:
     """Three users with the same rate at once: one uploads, one downloads, one
@@ -284,6 +285,7 @@ async def test_user_without_rate_is_not_slowed(layout: tuple[str, ...]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it measures a rate to 10 %
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_rate_holds_for_smux_streams(layout: tuple[str, ...]) -> None:
     """Two streams of one smux session upload as fast as the session lets them;
@@ -361,6 +363,7 @@ def _desired(round_: int, dst: str) -> list[dict[str, object]]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it counts the replaces done in 4 s: a rate
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_replace_under_load_keeps_users_tunnels_and_counters(
     layout: tuple[str, ...],
@@ -498,6 +501,7 @@ async def test_read_and_reset_under_traffic_loses_and_doubles_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # it measures a rate to 10 %
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_rate_change_applies_to_open_tunnels(layout: tuple[str, ...]) -> None:
     """opt 1 with a new rate takes effect on a tunnel already throttled; rate 0 lifts it."""

@@ -37,6 +37,7 @@ def ok(server: ServerProcess, doc: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+@pytest.mark.slow
 async def test_a_restart_keeps_users_settings_and_counters(tmp_path: Path) -> None:
     db = str(tmp_path / "state" / "users.db")
     # An hour between flushes: the counters can only reach the file at shutdown.

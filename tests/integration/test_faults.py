@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ssl
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 
 from tests.integration.test_tunnel import echo_roundtrip, opener
@@ -19,6 +20,7 @@ def insecure() -> ssl.SSLContext:
     return ctx
 
 
+@pytest.mark.slow
 async def test_fd_limit_reached_then_recovers() -> None:
     """With 96 descriptors, 80 tunnels (160 fds) cannot all open; the server
     keeps running, and once they close it accepts again."""

@@ -155,6 +155,7 @@ def test_probes_while_running_need_no_token_and_posts_stay_commands(workers: str
         conn.close()
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_unready_until_it_is_back() -> None:
     with running_server("-workers", "2") as server:
         assert probe(server.controller, "/readyz") == OK

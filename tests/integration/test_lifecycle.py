@@ -84,6 +84,7 @@ async def test_grace_expiry_closes_with_going_away() -> None:
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trigger", ["SIGHUP", "file change"])
 async def test_certificate_reload_keeps_established_tunnels(tmp_path: Path, trigger: str) -> None:
     cert, key = write_cert(tmp_path, "old.test")

@@ -200,6 +200,7 @@ async def test_mux_flag_selects_smux_without_subprotocol(cert_files: tuple[Path,
                 await client.close()
 
 
+@pytest.mark.slow
 async def test_slow_dst_stops_reading_the_websocket(
     tls_server: ServerProcess, client_tls: ssl.SSLContext
 ) -> None:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
@@ -144,6 +145,7 @@ async def test_max_ips_holds_across_two_nodes(redis: RedisServer) -> None:
                 assert leases(redis, "/mi") == (1, {"127.0.0.2": 1})
 
 
+@pytest.mark.slow
 async def test_a_killed_nodes_slots_free_when_its_leases_end(redis: RedisServer) -> None:
     async with echo_server() as echo:
         with pair(redis) as (a, b):
@@ -170,6 +172,7 @@ async def test_a_killed_nodes_slots_free_when_its_leases_end(redis: RedisServer)
                 await asyncio.wait_for(dead.wait_closed(), 5)
 
 
+@pytest.mark.slow
 async def test_redis_stopped_open_admits_closed_refuses_unlimited_pass(
     redis: RedisServer,
 ) -> None:

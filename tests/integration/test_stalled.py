@@ -141,6 +141,7 @@ def test_soft_nofile_limit_is_raised_to_the_hard_one(hard: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # its burst must be accepted within the handshake bound
 async def test_new_tunnels_open_past_a_soft_limit_of_1024() -> None:
     """1,500 stalled connections on a server started with soft limit 1024: every
     new TLS tunnel still opens at once and echoes (on main, with the limit kept,
@@ -162,6 +163,7 @@ async def test_new_tunnels_open_past_a_soft_limit_of_1024() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # its burst must be accepted within the handshake bound
 def test_silent_connections_cost_no_tls_engine() -> None:
     """1,000 connections that send nothing: a few KiB each (a TLS layer made at
     accept cost 53 KiB each); closed, each gets one log line naming its peer."""
@@ -184,6 +186,7 @@ def test_silent_connections_cost_no_tls_engine() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # its burst must be accepted within the handshake bound
 def test_rss_comes_back_after_a_burst_of_stalled_handshakes() -> None:
     """1,000 silent connections and 1,000 that stall after their ClientHello, then
     all close: RSS returns close to its level before (it tripled and stayed)."""

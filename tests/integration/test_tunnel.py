@@ -255,6 +255,7 @@ async def test_subprotocol_is_echoed(
                 assert await echo_roundtrip(ws, b"ping") == b"ping"
 
 
+@pytest.mark.slow
 async def test_handshake_is_bounded(tls_server: ServerProcess) -> None:
     """A TCP connection that never finishes TLS is dropped (10 s bound)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", tls_server.port)

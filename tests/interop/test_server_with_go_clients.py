@@ -265,6 +265,7 @@ async def test_go_mtt_client_end_to_end(
     assert "panic" not in client.stderr_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["-mux", "-mux-max-stream", "4"]], ids=["plain", "mux"])
 async def test_go_client_survives_hundreds_of_uploads_whose_dst_closes_first(
     go_bins: dict[str, Path],

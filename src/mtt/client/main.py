@@ -213,12 +213,14 @@ async def serve(config: ClientConfig, ready: Callable[[str], None] | None = None
     host, port = sock.getsockname()[:2]
     where = format_hostport(host, port)
     mode = f"smux, up to {config.mux_max_stream} streams a session" if config.mux else "plain"
-    log.info(
-        "listening on %s (to %s as %s, %s)", where, client.dialer.target, config.server_name, mode
-    )
+    # The handlers come before the "listening on" line: whoever waits for that line
+    # (a plugin host, a supervisor, the tests) may signal the moment it appears.
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    log.info(
+        "listening on %s (to %s as %s, %s)", where, client.dialer.target, config.server_name, mode
+    )
     if ready is not None:
         ready(where)
     try:
