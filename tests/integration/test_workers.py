@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness.server import ServerProcess
 
 from tests.integration.test_tunnel import echo_roundtrip, opener
 from tests.support import echo_server, pattern, running_server, tagged_server
@@ -55,6 +56,19 @@ async def test_ping_counts_users_once_and_changes_nothing(cert_files: tuple[Path
                     assert await asyncio.wait_for(ws.recv(), 10) == b"T"
 
 
+async def kill_a_worker_and_wait_for_its_successor(server: ServerProcess) -> None:
+    """SIGKILL the first worker; return once the supervisor has two again."""
+    victim = server.children()[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        kids = server.children()
+        if len(kids) == 2 and victim not in kids:
+            break
+        await asyncio.sleep(0.1)
+    assert len(server.children()) == 2
+
+
 async def test_a_dead_worker_is_replaced_with_the_full_table(cert_files: tuple[Path, Path]) -> None:
     ctx = ssl.create_default_context(cafile=str(cert_files[0]))
     args = ("-cert", str(cert_files[0]), "-key", str(cert_files[1]), "-workers", "2")
@@ -63,15 +77,8 @@ async def test_a_dead_worker_is_replaced_with_the_full_table(cert_files: tuple[P
             server.add("/live", echo.addr)
             async with opener(server, ctx, "/live") as ws:
                 assert await echo_roundtrip(ws, b"x") == b"x"
-                victim, survivor = server.children()
-                os.kill(victim, signal.SIGKILL)
-                deadline = time.monotonic() + 20
-                while time.monotonic() < deadline:
-                    kids = server.children()
-                    if len(kids) == 2 and victim not in kids:
-                        break
-                    await asyncio.sleep(0.1)
-                assert len(server.children()) == 2
+                survivor = server.children()[1]
+                await kill_a_worker_and_wait_for_its_successor(server)
                 # Every new tunnel works, whichever worker takes it; the killed one
                 # came back with /live in its table.
                 for i in range(20):
@@ -102,7 +109,7 @@ def _resumptions(addr: str, count: int, version: ssl.TLSVersion) -> int:
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_sessions_resume_on_every_worker_a_restarted_one_too(
+async def test_sessions_resume_on_every_worker_a_restarted_one_too(
     cert_files: tuple[Path, Path], version: ssl.TLSVersion
 ) -> None:
     # nginx's workers share one ticket key; with a key per worker a client that
@@ -114,13 +121,5 @@ def test_sessions_resume_on_every_worker_a_restarted_one_too(
             re.findall(r" (w[12]) mtt\.server: \S+: no user for path", server.log_text())
         )
         assert served_by == {"w1", "w2"}, "the kernel spreads connections over both workers"
-        victim = server.children()[0]
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            kids = server.children()
-            if len(kids) == 2 and victim not in kids:
-                break
-            time.sleep(0.1)
-        assert len(server.children()) == 2
+        await kill_a_worker_and_wait_for_its_successor(server)
         assert _resumptions(server.tunnel, 40, version) == 39
