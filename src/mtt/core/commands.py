@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from mtt.address import Destination, parse_destination, quote
+from mtt.address import Destination, DestinationParser, parse_destination, quote
 from mtt.core.harvest import HarvestBounds, id_problem
 from mtt.core.policy import DstPolicy
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, MuxProtocol, User, UserLimits, UserTable
@@ -301,13 +301,16 @@ def apply_command(table: UserTable, command: Command) -> None:
 def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...]:
     """The entries of an add or replace, checked as _parse_add checks each one.
 
-    Go-era panels send 40,000 `{"path", "dst"}` objects at a time, nearly all
-    with one dst: such entries share the User of their dst text, parsed and
-    checked against the policy once (a User is never changed in place, so
-    sharing one is safe), and their paths are searched for control characters
-    and lone surrogates all at once. An error still names the first bad entry.
+    Go-era panels send 40,000 `{"path", "dst"}` objects at a time, with one dst
+    for all or one each: such entries share the User of their dst text, parsed
+    (by a DestinationParser: few hosts among the dsts) and checked against the
+    policy once (a User is never changed in place, so sharing one is safe), and
+    their paths are searched for control characters and lone surrogates all at
+    once. Anything else, or a dst that fails, goes through _parse_add: an error
+    still names the first bad entry, with the same words.
     """
     plain: dict[str, User] = {}  # dst text -> the User of entries with only path and dst
+    parse = DestinationParser().parse
     entries: list[Entry] = []
     append = entries.append
     try:
@@ -317,15 +320,31 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
                 dst = arg.get("dst")
                 if type(path) is str and type(dst) is str:
                     user = plain.get(dst)
+                    if user is None:
+                        user = _plain_user(dst, policy, parse)
+                        if user is not None:
+                            plain[dst] = user
                     if user is not None and path.startswith("/") and len(path) <= max_path:
                         append(Entry(path, user))  # its text is checked below, with the others
                         continue
-            append(_parse_add(index, arg, policy, max_path, plain))
+            append(_parse_add(index, arg, policy, max_path, plain=plain, parse=parse))
     except ControlError:
         _check_texts(entries)  # an earlier entry's path is the first problem
         raise
     _check_texts(entries)
     return tuple(entries)
+
+
+def _plain_user(dst: str, policy: DstPolicy, parse: Callable[[str], Destination]) -> User | None:
+    """The User of an entry with only path and dst, or None if dst is not
+    allowed (_parse_add then says why, after checking the path first)."""
+    try:
+        destination = parse(dst)
+    except ValueError:
+        return None
+    if policy.problem(destination) is not None:
+        return None
+    return User(destination)
 
 
 def _check_texts(entries: list[Entry]) -> None:
@@ -347,7 +366,13 @@ def _encodes(text: str) -> bool:
 
 
 def _parse_add(
-    index: int, arg: Any, policy: DstPolicy, max_path: int, plain: dict[str, User] | None = None
+    index: int,
+    arg: Any,
+    policy: DstPolicy,
+    max_path: int,
+    *,
+    plain: dict[str, User] | None = None,
+    parse: Callable[[str], Destination] = parse_destination,
 ) -> Entry:
     """One entry, checked in full; plain: Users to share among entries with only
     path and dst, by dst text (this one's is added)."""
@@ -360,7 +385,7 @@ def _parse_add(
     if not isinstance(dst, str):
         raise ControlError(f"args_bunch[{index}].dst must be a string, got {_json_type(dst)}")
     try:
-        destination = parse_destination(dst)
+        destination = parse(dst)
     except ValueError as exc:
         raise ControlError(f"args_bunch[{index}].dst {quote(dst)}: {exc}") from None
     problem = policy.problem(destination)
