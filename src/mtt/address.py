@@ -65,3 +65,37 @@ def quote(text: str, limit: int = 64) -> str:
     """Quote a value for an error message, cut so a reply or log line stays small."""
     shown = text if len(text) <= limit else text[:limit] + "..."
     return json.dumps(shown)
+
+
+class DestinationParser:
+    """parse_destination for many texts naming few hosts (a bulk add's 40,000
+    `127.0.0.1:port`), with the same result or error for each text.
+
+    A host parse_destination has accepted without brackets is remembered: a
+    text of that host, a colon and a port then needs only the port checked, and
+    its Destination shares the one host string. Anything else goes to
+    parse_destination itself. Memory grows with the distinct hosts seen, so
+    one parser lives as long as one request."""
+
+    __slots__ = ("_hosts",)
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, str] = {}  # host text -> the same text, kept once
+
+    def parse(self, text: str) -> Destination:
+        # A remembered host matched _HOSTNAME: no brackets, no colon in it, not
+        # empty; so rpartition splits text exactly as parse_destination does.
+        host, _, port_text = text.rpartition(":")
+        known = self._hosts.get(host)
+        if (
+            known is not None
+            and len(port_text) <= 5
+            and port_text.isascii()
+            and port_text.isdigit()
+            and 1 <= (port := int(port_text)) <= 65535
+        ):
+            return Destination(known, port)
+        destination = parse_destination(text)
+        if not text.startswith("["):
+            self._hosts.setdefault(destination.host, destination.host)
+        return destination

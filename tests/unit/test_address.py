@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
 
-from mtt.address import Destination, format_hostport, parse_destination
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtt.address import Destination, DestinationParser, format_hostport, parse_destination
 
 
 @pytest.mark.parametrize(
@@ -35,3 +39,74 @@ def test_empty_host_and_string_port() -> None:
     assert format_hostport("", 8443) == ":8443"
     assert parse_destination(":8443", allow_empty_host=True) == Destination("", 8443)
     assert format_hostport("::", "1080") == "[::]:1080"
+
+
+_TEXTS = [
+    "127.0.0.1:443",
+    "127.0.0.1:0",
+    "127.0.0.1:65535",
+    "127.0.0.1:65536",
+    "127.0.0.1:00443",
+    "127.0.0.1:004430",
+    "127.0.0.1:",
+    "127.0.0.1:+1",
+    "127.0.0.1:-1",
+    "127.0.0.1: 1",
+    "127.0.0.1:1 ",
+    "127.0.0.1:\u0661",  # an Arabic-Indic digit: isdigit, not ASCII
+    "127.0.0.1:\u00b2",  # a superscript two: isdigit, not a decimal
+    "127.0.0.1::1",
+    "127.0.0.1",
+    ":443",
+    "[::1]:443",
+    "[::1]:99999",
+    "[::1]",
+    "[127.0.0.1]:443",
+    "[fe80::1%eth0]:22",
+    "::1:443",
+    "example.com:80",
+    "example.com.:80",
+    "-example.com:80",
+    "exa mple.com:80",
+    "example.com\n:80",
+    "a" * 253 + ":80",
+    "a" * 254 + ":80",
+    "_srv:1",
+    "127.0.0.1:443:443",
+]
+
+
+def _outcome(parse: Callable[[str], Destination], text: str) -> Destination | str:
+    try:
+        return parse(text)
+    except ValueError as exc:
+        return f"ValueError: {exc}"
+
+
+@pytest.mark.parametrize("order", ["as listed", "reversed"])
+def test_the_parser_of_many_texts_answers_as_parse_destination(order: str) -> None:
+    """Each text (and each with every host seen before it) parses, or fails
+    with the same message, as parse_destination says: whatever came first."""
+    hosts = ["127.0.0.1", "example.com", "[::1]", "example.com\n", "_srv", "a" * 253, ""]
+    ports = ["1", "80", "65535", "0", "65536", "", "08", "1x", "\u0661", "123456", " 8"]
+    texts = _TEXTS + [f"{h}:{p}" for h in hosts for p in ports]
+    if order == "reversed":
+        texts.reverse()
+    parser = DestinationParser()
+    for text in texts * 2:  # the second time round, every valid host is known
+        assert _outcome(parser.parse, text) == _outcome(parse_destination, text), text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.from_regex(r"\A[\[\]0-9a-z.:%_\- \n]{0,12}:[0-9\u0661+ -]{0,7}\Z"), max_size=20))
+def test_the_parser_agrees_on_any_texts(texts: list[str]) -> None:
+    parser = DestinationParser()
+    for text in texts + texts:
+        assert _outcome(parser.parse, text) == _outcome(parse_destination, text), text
+
+
+def test_destinations_of_one_host_share_its_text() -> None:
+    parser = DestinationParser()
+    first, second = parser.parse("10.0.0.1:1"), parser.parse("10.0.0.1:2")
+    assert (first, second) == (Destination("10.0.0.1", 1), Destination("10.0.0.1", 2))
+    assert first.host is second.host

@@ -165,6 +165,47 @@ def test_entries_sharing_a_dst_are_each_checked_as_the_first(path: object, messa
     assert str(err.value).startswith("args_bunch[6]"), err.value
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"path": "/u6", "dst": "127.0.0.1:0"},
+        {"path": "/u6", "dst": "127.0.0.1:65536"},
+        {"path": "/u6", "dst": "127.0.0.1:"},
+        {"path": "/u6", "dst": "127.0.0.1:\u0661"},
+        {"path": "/u6", "dst": "127.0.0.1"},
+        {"path": "/u6", "dst": "::1:80"},
+        {"path": "/u6", "dst": "[::1]:0"},
+        {"path": "/u6", "dst": "bad host:80"},
+        {"path": "/u6", "dst": 80},
+        {"path": "u6", "dst": "127.0.0.1:0"},
+        {"path": "/u6\u0001", "dst": "127.0.0.1:0"},
+        {"path": "/u6\u0001", "dst": "127.0.0.1:6"},
+        {"path": "/u6", "dst": "127.0.0.1:6", "rate": -1},
+    ],
+)
+def test_entries_each_of_its_own_dst_are_each_checked_as_the_first(entry: object) -> None:
+    """A dst of a host seen before takes a shorter way (mtt.address.DestinationParser);
+    the error is the one the entry would get alone."""
+    with pytest.raises(ControlError) as alone:
+        parse_command(json.dumps({"opt": 1, "args_bunch": [entry]}).encode())
+    bunch: list[object] = [{"path": f"/u{i}", "dst": f"127.0.0.1:{i + 1}"} for i in range(10)]
+    bunch[6] = entry
+    with pytest.raises(ControlError) as err:
+        parse_command(json.dumps({"opt": 1, "args_bunch": bunch}).encode())
+    assert str(err.value) == str(alone.value).replace("args_bunch[0]", "args_bunch[6]", 1)
+
+
+def test_entries_each_of_its_own_dst_parse_as_each_alone() -> None:
+    bunch = [
+        {"path": f"/u{i}", "dst": f"{('10.0.0.1', 'h.example')[i % 2]}:{i + 1}"} for i in range(50)
+    ]
+    entries = parse_command(json.dumps({"opt": 1, "args_bunch": bunch}).encode()).entries
+    alone = [
+        parse_command(json.dumps({"opt": 1, "args_bunch": [b]}).encode()).entries[0] for b in bunch
+    ]
+    assert entries == tuple(alone)
+
+
 def test_the_first_bad_entry_is_named_whatever_is_wrong_with_a_later_one() -> None:
     bunch: list[object] = [{"path": f"/u{i}", "dst": SAME_DST} for i in range(10)]
     bunch[3] = {"path": "/u3\u0000", "dst": SAME_DST}  # found only by the check of all paths

@@ -421,12 +421,17 @@ async def test_runs_of_one_user_are_written_as_entry_by_entry(
         *(Entry(p, limited, quota_used=7 if p == "/x" else None) for p in odd),
         Entry("/dup", shared),
         Entry("/s0", shared),
+        # Singles of no limits take three values a row, the others nine: in order still.
+        Entry("/mix", User(Destination("10.0.0.3", 4))),
+        Entry("/mix", User(Destination("h.example", 2), LIMITS, MuxProtocol.SMUX)),
+        Entry("/mix2", User(Destination("h.example", 2), LIMITS, MuxProtocol.SMUX)),
+        Entry("/mix2", User(Destination("10.0.0.3", 4))),
     ]
     await store.commit(Command(Opt.ADD, entries=tuple(entries)))
     await store.commit(Command(Opt.ADD, entries=(Entry("/s1", limited), Entry("/s2", limited))))
     await store.close()
     rows = {row[0]: row for row in _rows(str(tmp_path / "users.db"))}
-    assert len(rows) == 11
+    assert len(rows) == 13
     plain = ("10.0.0.1", 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, "")
     sold = ("h.example", 2, 1000, 2, 3, 10**9, 2_000_000_000, 0, 0, 0, 0, 0.0, "smux")
     assert rows["/dup"][1:] == rows["/s0"][1:] == rows["/s3"][1:] == plain
@@ -434,6 +439,8 @@ async def test_runs_of_one_user_are_written_as_entry_by_entry(
     assert rows["/back\\slash"][1:] == rows["/é/😀"][1:] == sold
     assert rows["/x"][1:] == (*sold[:9], 7, *sold[10:])
     assert rows["/single"][1:3] == ("10.0.0.2", 3)
+    assert rows["/mix"][1:] == sold
+    assert rows["/mix2"][1:] == ("10.0.0.3", 4, *plain[2:])
 
 
 _SCHEMA_1 = """

@@ -151,6 +151,31 @@ def test_entries_sharing_a_user_cross_as_one_item_and_share_it_again() -> None:
     assert entries[6].user is entries[7].user is not entries[8].user
 
 
+def test_entries_each_of_its_own_user_cross_as_columns() -> None:
+    """A port per user: no runs, but a stretch of plain Users crosses as lists
+    of paths, host indexes and ports (mtt.core.commands._Columns)."""
+    own = tuple(
+        Entry(f"/p{i}", User(Destination(("10.0.0.1", "h.example")[i % 2], 1000 + i)))
+        for i in range(6)
+    )
+    last = Entry("/last", User(Destination("10.0.0.1", 1)))
+    command = Command(Opt.ADD, entries=(*own, Entry("/sold", SOLD, 5), last))
+    wire = Change(command, kick=False).to_wire()["command"]["entries"]
+    assert wire[0] == {
+        "paths": [f"/p{i}" for i in range(6)],
+        "hosts": ["10.0.0.1", "h.example"],
+        "host": [0, 1, 0, 1, 0, 1],
+        "ports": [1000, 1001, 1002, 1003, 1004, 1005],
+    }
+    assert wire[1] == ["/sold", "::1", 80, [1000, 2, 3, 4, 5], 5]
+    assert wire[2] == {"paths": ["/last"], "hosts": ["10.0.0.1"], "host": [0], "ports": [1]}
+    decoded = decode(through_json(Change(command, kick=False).to_wire()))
+    assert isinstance(decoded, Change) and decoded.command == command
+    entries = decoded.command.entries
+    assert entries[0].user.dst.host is entries[2].user.dst.host
+    assert all(type(item) is list for item in command.to_wire()["entries"])  # for other nodes
+
+
 def test_other_nodes_get_entry_by_entry() -> None:
     """Redis publishes Command.to_wire() to nodes that may run an earlier
     version: their from_wire reads one entry per item."""
@@ -185,6 +210,22 @@ MALFORMED: list[dict[str, Any]] = [
     {"op": "final", "report": []},
     {"op": "change", "command": {"opt": 99}, "kick": False},
     {"op": "change", "command": {"opt": 1, "entries": [["/a", "h"]]}, "kick": False},
+    {
+        "op": "change",
+        "command": {
+            "opt": 1,
+            "entries": [{"paths": ["/a", "/b"], "hosts": ["h"], "host": [0, 0], "ports": [1]}],
+        },
+        "kick": False,
+    },
+    {
+        "op": "change",
+        "command": {
+            "opt": 1,
+            "entries": [{"paths": ["/a"], "hosts": ["h"], "host": [1], "ports": [1]}],
+        },
+        "kick": False,
+    },
     {"op": "change", "command": {"opt": 1}, "kick": "yes"},
     {"op": "change", "command": [], "kick": False},
     {"op": "kick", "paths": "/a"},

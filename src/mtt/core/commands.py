@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-from mtt.address import Destination, parse_destination, quote
+from mtt.address import Destination, DestinationParser, parse_destination, quote
 from mtt.core.harvest import HarvestBounds, id_problem
 from mtt.core.policy import DstPolicy
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, MuxProtocol, User, UserLimits, UserTable
@@ -122,17 +122,59 @@ def runs(entries: Sequence[Entry]) -> Iterator[tuple[int, int]]:
         yield start, len(entries)
 
 
-def _runs_to_wire(entries: tuple[Entry, ...]) -> list[list[Any]]:
+def _runs_to_wire(entries: tuple[Entry, ...]) -> list[Any]:
     """Each run of two or more entries as one item, its first element the list
-    of their paths; other entries as they are."""
-    out: list[list[Any]] = []
+    of their paths; a stretch of entries each of its own User of no limits (a
+    port per user) as one _Columns object; other entries as they are."""
+    out: list[Any] = []
+    columns: _Columns | None = None
     for start, end in runs(entries):
         first = entries[start]
+        user = first.user
+        if (
+            end - start == 1
+            and user.limits is NO_LIMITS
+            and user.mux is None
+            and first.quota_used is None
+        ):
+            if columns is None:
+                columns = _Columns()
+                out.append(columns.wire)
+            columns.add(first.path, user.dst)
+            continue
+        columns = None
         if end - start == 1:
-            out.append(_entry_to_wire(first.path, first.user, first.quota_used))
+            out.append(_entry_to_wire(first.path, user, first.quota_used))
         else:
-            out.append(_entry_to_wire([e.path for e in entries[start:end]], first.user, None))
+            out.append(_entry_to_wire([e.path for e in entries[start:end]], user, None))
     return out
+
+
+class _Columns:
+    """Entries of plain Users, one each, as columns: {"paths", "hosts", "host",
+    "ports"}, each entry's host an index into "hosts" (most share one). JSON
+    lists of strings and numbers encode and decode several times faster than
+    40,000 small lists, and the worker's Users share each host string again."""
+
+    __slots__ = ("_hosts", "_paths", "_ports", "_seen", "_which", "wire")
+
+    def __init__(self) -> None:
+        self._paths: list[str] = []
+        self._hosts: list[str] = []
+        self._which: list[int] = []
+        self._ports: list[int] = []
+        self._seen: dict[str, int] = {}  # host -> its index in _hosts
+        self.wire = {"paths": self._paths, "hosts": self._hosts, "host": self._which}
+        self.wire["ports"] = self._ports
+
+    def add(self, path: str, dst: Destination) -> None:
+        self._paths.append(path)
+        index = self._seen.get(dst.host)
+        if index is None:
+            index = self._seen[dst.host] = len(self._hosts)
+            self._hosts.append(dst.host)
+        self._which.append(index)
+        self._ports.append(dst.port)
 
 
 def _entry_to_wire(path: str | list[str], user: User, quota_used: int | None) -> list[Any]:
@@ -146,9 +188,12 @@ def _entry_to_wire(path: str | list[str], user: User, quota_used: int | None) ->
     return out
 
 
-def _entries_from_wire(items: list[list[Any]]) -> tuple[Entry, ...]:
+def _entries_from_wire(items: list[Any]) -> tuple[Entry, ...]:
     entries: list[Entry] = []
     for item in items:
+        if type(item) is dict:  # entries of plain Users, one each, as columns (_Columns)
+            entries.extend(_columns_from_wire(item))
+            continue
         paths = item[0]
         if type(paths) is list:  # a run: its entries share one User (_runs_to_wire)
             user = _user_from_wire(item)
@@ -156,6 +201,15 @@ def _entries_from_wire(items: list[list[Any]]) -> tuple[Entry, ...]:
         else:
             entries.append(Entry(paths, _user_from_wire(item), item[4] if len(item) > 3 else None))
     return tuple(entries)
+
+
+def _columns_from_wire(item: dict[str, Any]) -> Iterator[Entry]:
+    paths, which, ports = item["paths"], item["host"], item["ports"]
+    if not len(paths) == len(which) == len(ports):
+        raise ValueError("columns of different lengths")
+    hosts = item["hosts"]
+    dsts = map(Destination, map(hosts.__getitem__, which), ports)
+    return map(Entry, paths, map(User, dsts))
 
 
 def _user_from_wire(item: list[Any]) -> User:
@@ -301,13 +355,16 @@ def apply_command(table: UserTable, command: Command) -> None:
 def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...]:
     """The entries of an add or replace, checked as _parse_add checks each one.
 
-    Go-era panels send 40,000 `{"path", "dst"}` objects at a time, nearly all
-    with one dst: such entries share the User of their dst text, parsed and
-    checked against the policy once (a User is never changed in place, so
-    sharing one is safe), and their paths are searched for control characters
-    and lone surrogates all at once. An error still names the first bad entry.
+    Go-era panels send 40,000 `{"path", "dst"}` objects at a time, with one dst
+    for all or one each: such entries share the User of their dst text, parsed
+    (by a DestinationParser: few hosts among the dsts) and checked against the
+    policy once (a User is never changed in place, so sharing one is safe), and
+    their paths are searched for control characters and lone surrogates all at
+    once. Anything else, or a dst that fails, goes through _parse_add: an error
+    still names the first bad entry, with the same words.
     """
     plain: dict[str, User] = {}  # dst text -> the User of entries with only path and dst
+    parse = DestinationParser().parse
     entries: list[Entry] = []
     append = entries.append
     try:
@@ -317,15 +374,31 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
                 dst = arg.get("dst")
                 if type(path) is str and type(dst) is str:
                     user = plain.get(dst)
+                    if user is None:
+                        user = _plain_user(dst, policy, parse)
+                        if user is not None:
+                            plain[dst] = user
                     if user is not None and path.startswith("/") and len(path) <= max_path:
                         append(Entry(path, user))  # its text is checked below, with the others
                         continue
-            append(_parse_add(index, arg, policy, max_path, plain))
+            append(_parse_add(index, arg, policy, max_path, plain=plain, parse=parse))
     except ControlError:
         _check_texts(entries)  # an earlier entry's path is the first problem
         raise
     _check_texts(entries)
     return tuple(entries)
+
+
+def _plain_user(dst: str, policy: DstPolicy, parse: Callable[[str], Destination]) -> User | None:
+    """The User of an entry with only path and dst, or None if dst is not
+    allowed (_parse_add then says why, after checking the path first)."""
+    try:
+        destination = parse(dst)
+    except ValueError:
+        return None
+    if policy.problem(destination) is not None:
+        return None
+    return User(destination)
 
 
 def _check_texts(entries: list[Entry]) -> None:
@@ -347,7 +420,13 @@ def _encodes(text: str) -> bool:
 
 
 def _parse_add(
-    index: int, arg: Any, policy: DstPolicy, max_path: int, plain: dict[str, User] | None = None
+    index: int,
+    arg: Any,
+    policy: DstPolicy,
+    max_path: int,
+    *,
+    plain: dict[str, User] | None = None,
+    parse: Callable[[str], Destination] = parse_destination,
 ) -> Entry:
     """One entry, checked in full; plain: Users to share among entries with only
     path and dst, by dst text (this one's is added)."""
@@ -360,7 +439,7 @@ def _parse_add(
     if not isinstance(dst, str):
         raise ControlError(f"args_bunch[{index}].dst must be a string, got {_json_type(dst)}")
     try:
-        destination = parse_destination(dst)
+        destination = parse(dst)
     except ValueError as exc:
         raise ControlError(f"args_bunch[{index}].dst {quote(dst)}: {exc}") from None
     problem = policy.problem(destination)

@@ -136,6 +136,16 @@ ON CONFLICT (path) DO UPDATE SET
     max_tunnels = excluded.max_tunnels, max_ips = excluded.max_ips,
     quota = excluded.quota, expire = excluded.expire, mux = excluded.mux
 """
+# A user of no limits and the server's -mux-protocol, as most are: three values
+# to bind, not nine; 40,000 users with a port each took 76 ms row by row, this 50.
+_UPSERT_PLAIN = """
+INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire, mux)
+VALUES (?, ?, ?, 0, 0, 0, 0, 0, '')
+ON CONFLICT (path) DO UPDATE SET
+    host = excluded.host, port = excluded.port, rate = excluded.rate,
+    max_tunnels = excluded.max_tunnels, max_ips = excluded.max_ips,
+    quota = excluded.quota, expire = excluded.expire, mux = excluded.mux
+"""
 _LOAD = """
 SELECT path, host, port, rate, max_tunnels, max_ips, quota, expire,
     bytes_up, bytes_down, quota_used, total_tunnels, last_seen, mux
@@ -622,20 +632,31 @@ def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -
     """Write the users of these entries, in their order (a path given twice
     ends as its last entry says): each run of two or more entries sharing one
     User (mtt.core.commands.runs) as one statement with the paths as a JSON
-    array, the rest row by row."""
+    array, the rest row by row, three values a row for a user of no limits
+    and no mux of its own."""
     rows: list[tuple[Any, ...]] = []
+    statement = _UPSERT_PLAIN  # of the rows not yet written
     for start, end in runs(entries) if json_each else ((i, i + 1) for i in range(len(entries))):
-        user = entries[start].user
+        entry = entries[start]
+        user = entry.user
         if end - start == 1:
-            rows.append(_row(entries[start].path, user))
+            if user.limits is NO_LIMITS and user.mux is None:
+                row, kind = (entry.path, user.dst.host, user.dst.port), _UPSERT_PLAIN
+            else:
+                row, kind = _row(entry.path, user), _UPSERT
+            if kind is not statement and rows:
+                db.executemany(statement, rows)
+                rows = []
+            statement = kind
+            rows.append(row)
             continue
         if rows:
-            db.executemany(_UPSERT, rows)
+            db.executemany(statement, rows)
             rows = []
         paths = json.dumps([e.path for e in entries[start:end]], ensure_ascii=False)
         db.execute(_UPSERT_RUN, (*_row("", user)[1:], paths))
     if rows:
-        db.executemany(_UPSERT, rows)
+        db.executemany(statement, rows)
 
 
 def _add_harvest_tables(db: sqlite3.Connection) -> None:
