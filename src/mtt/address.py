@@ -7,7 +7,8 @@ import json
 import re
 from dataclasses import dataclass
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
+# Matched whole (fullmatch): "$" would also match before a trailing newline.
+_HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ def parse_destination(text: str, *, allow_empty_host: bool = False) -> Destinati
             raise ValueError("must be host:port")
         if ":" in host:
             raise ValueError("an IPv6 host must be written in brackets, [addr]:port")
-        if host and not _HOSTNAME.match(host):
+        if host and not _HOSTNAME.fullmatch(host):
             raise ValueError(f"{quote(host)} is not a valid host name or address")
     if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
         raise ValueError("port must be a number from 1 to 65535")

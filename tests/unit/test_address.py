@@ -110,3 +110,11 @@ def test_destinations_of_one_host_share_its_text() -> None:
     first, second = parser.parse("10.0.0.1:1"), parser.parse("10.0.0.1:2")
     assert (first, second) == (Destination("10.0.0.1", 1), Destination("10.0.0.1", 2))
     assert first.host is second.host
+
+
+@pytest.mark.parametrize("text", ["example.com\n:80", "example.com\r\n:80", "a\n:1"])
+def test_a_host_ending_in_a_newline_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a valid host name or address"):
+        parse_destination(text)
+    with pytest.raises(ValueError, match="is not a valid host name or address"):
+        DestinationParser().parse(text)
