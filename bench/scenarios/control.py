@@ -80,7 +80,7 @@ def _bulk(ctx: Context, iperf: IperfServer) -> None:
     (every dst its own): the two take different ways, so both are timed."""
     s = ctx.settings
     kinds = {
-        "one dst": (_add_body(0, s.bulk_users, "u"), 0.5),
+        "one dst": (_add_body(0, s.bulk_users, "u"), 0.25),
         "each its own dst": (_add_body(0, s.bulk_users, "u", own_dst=True), 0.25),
     }
     # The default store, as a panel meets it: every change in the SQLite file
