@@ -118,34 +118,38 @@ _FORGET_ACKED = """
 DELETE FROM harvests WHERE acked = 1 AND id NOT IN
     (SELECT id FROM harvests WHERE acked = 1 ORDER BY seq DESC LIMIT ?)
 """
-_UPSERT = """
-INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire, mux)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+# The three upserts of a user row share their head and their conflict clause.
+_INSERT_USERS = (
+    "INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire, mux)\n"
+)
+_REPLACE_USER = """
 ON CONFLICT (path) DO UPDATE SET
     host = excluded.host, port = excluded.port, rate = excluded.rate,
     max_tunnels = excluded.max_tunnels, max_ips = excluded.max_ips,
     quota = excluded.quota, expire = excluded.expire, mux = excluded.mux
 """
+_UPSERT = (
+    _INSERT_USERS
+    + """VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+    + _REPLACE_USER
+)
 # Many users of one User (entries of one dst, mtt.core.commands._parse_adds): their
 # paths as one JSON array, one statement; 40,000 rows row by row took 65 ms, this 20.
-_UPSERT_RUN = """
-INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire, mux)
-SELECT value, ?, ?, ?, ?, ?, ?, ?, ? FROM json_each(?) WHERE true
-ON CONFLICT (path) DO UPDATE SET
-    host = excluded.host, port = excluded.port, rate = excluded.rate,
-    max_tunnels = excluded.max_tunnels, max_ips = excluded.max_ips,
-    quota = excluded.quota, expire = excluded.expire, mux = excluded.mux
+_UPSERT_RUN = (
+    _INSERT_USERS
+    + """SELECT value, ?, ?, ?, ?, ?, ?, ?, ? FROM json_each(?) WHERE true
 """
+    + _REPLACE_USER
+)
 # A user of no limits and the server's -mux-protocol, as most are: three values
 # to bind, not nine; 40,000 users with a port each took 76 ms row by row, this 50.
-_UPSERT_PLAIN = """
-INSERT INTO users (path, host, port, rate, max_tunnels, max_ips, quota, expire, mux)
-VALUES (?, ?, ?, 0, 0, 0, 0, 0, '')
-ON CONFLICT (path) DO UPDATE SET
-    host = excluded.host, port = excluded.port, rate = excluded.rate,
-    max_tunnels = excluded.max_tunnels, max_ips = excluded.max_ips,
-    quota = excluded.quota, expire = excluded.expire, mux = excluded.mux
+_UPSERT_PLAIN = (
+    _INSERT_USERS
+    + """VALUES (?, ?, ?, 0, 0, 0, 0, 0, '')
 """
+    + _REPLACE_USER
+)
 _LOAD = """
 SELECT path, host, port, rate, max_tunnels, max_ips, quota, expire,
     bytes_up, bytes_down, quota_used, total_tunnels, last_seen, mux
