@@ -583,13 +583,10 @@ def _prepare(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA synchronous = FULL")
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if not tables:
-        db.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                db.execute(statement)
-        db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0)")
-        db.execute("COMMIT")
+        with _transaction(db):
+            _run_script(db, _SCHEMA)
+            db.execute("INSERT INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            db.execute("INSERT INTO meta (key, value) VALUES ('revision', 0)")
         _add_harvest_tables(db)
         return
     if not {"users", "meta"} <= tables:
@@ -598,10 +595,9 @@ def _prepare(db: sqlite3.Connection) -> None:
     if row is None:
         raise ConfigError(f"{NOT_OURS} (no schema version)")
     if row[0] == 1:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute(_MIGRATE_1)
-        db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
-        db.execute("COMMIT")
+        with _transaction(db):
+            db.execute(_MIGRATE_1)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
         log.info("store: users table of schema version 1 migrated to %d", SCHEMA_VERSION)
     elif row[0] != SCHEMA_VERSION:
         raise ConfigError(
@@ -665,11 +661,16 @@ def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -
 
 def _add_harvest_tables(db: sqlite3.Connection) -> None:
     """Harvest tables, in a file of ours that has none yet (from an earlier version)."""
-    db.execute("BEGIN IMMEDIATE")
-    for statement in _HARVEST_SCHEMA.split(";"):
+    with _transaction(db):
+        _run_script(db, _HARVEST_SCHEMA)
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Each ;-separated statement of a schema, inside the caller's transaction
+    (executescript would commit it first)."""
+    for statement in script.split(";"):
         if statement.strip():
             db.execute(statement)
-    db.execute("COMMIT")
 
 
 def _reset_rows(db: sqlite3.Connection, paths: list[str], taken: dict[str, Usage]) -> None:
