@@ -164,8 +164,12 @@ class _Columns:
         self._which: list[int] = []
         self._ports: list[int] = []
         self._seen: dict[str, int] = {}  # host -> its index in _hosts
-        self.wire = {"paths": self._paths, "hosts": self._hosts, "host": self._which}
-        self.wire["ports"] = self._ports
+        self.wire: dict[str, list[Any]] = {
+            "paths": self._paths,
+            "hosts": self._hosts,
+            "host": self._which,
+            "ports": self._ports,
+        }
 
     def add(self, path: str, dst: Destination) -> None:
         self._paths.append(path)
@@ -381,7 +385,7 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
                     if user is not None and path.startswith("/") and len(path) <= max_path:
                         append(Entry(path, user))  # its text is checked below, with the others
                         continue
-            append(_parse_add(index, arg, policy, max_path, plain=plain, parse=parse))
+            append(_parse_add(index, arg, policy, max_path, parse=parse))
     except ControlError:
         _check_texts(entries)  # an earlier entry's path is the first problem
         raise
@@ -425,11 +429,10 @@ def _parse_add(
     policy: DstPolicy,
     max_path: int,
     *,
-    plain: dict[str, User] | None = None,
     parse: Callable[[str], Destination] = parse_destination,
 ) -> Entry:
-    """One entry, checked in full; plain: Users to share among entries with only
-    path and dst, by dst text (this one's is added)."""
+    """One entry, checked in full (_parse_adds shares the Users of the entries
+    with only path and dst that pass; the ones here fail or carry limits)."""
     if not isinstance(arg, dict):
         raise ControlError(f"args_bunch[{index}] must be an object, got {_json_type(arg)}")
     path = _parse_path(index, arg, max_path)
@@ -446,12 +449,7 @@ def _parse_add(
     if problem is not None:
         raise ControlError(f"args_bunch[{index}].dst {quote(dst)} {problem}")
     if len(arg) == 2:  # path and dst only: what Go-era panels send, 40,000 at a time
-        if plain is None:
-            return Entry(path, User(destination))
-        user = plain.get(dst)
-        if user is None:
-            user = plain[dst] = User(destination)
-        return Entry(path, user)
+        return Entry(path, User(destination))
     values = [_parse_count(index, arg, name) for name in LIMIT_FIELDS]
     limits = UserLimits(*values) if any(values) else NO_LIMITS
     quota_used = _parse_count(index, arg, "quota_used") if "quota_used" in arg else None
