@@ -193,18 +193,12 @@ async def test_redis_stopped_open_admits_closed_refuses_unlimited_pass(
             try:
                 async with contextlib.AsyncExitStack() as stack:
 
-                    async def open_free(node: ServerProcess) -> float:
+                    async def opened(node: ServerProcess, path: str, seed: int) -> float:
+                        """Seconds to open a tunnel (kept open), which then carries data."""
                         started = time.monotonic()
-                        conn = await stack.enter_async_context(ws_open(node, "/free"))
+                        conn = await stack.enter_async_context(ws_open(node, path))
                         took = time.monotonic() - started
-                        await roundtrip(conn, 21)
-                        return took
-
-                    async def open_limited() -> float:
-                        started = time.monotonic()
-                        conn = await stack.enter_async_context(ws_open(a, "/lim"))
-                        took = time.monotonic() - started
-                        await roundtrip(conn, 22)
+                        await roundtrip(conn, seed)
                         return took
 
                     async def refused_limited() -> float:
@@ -213,7 +207,10 @@ async def test_redis_stopped_open_admits_closed_refuses_unlimited_pass(
                         return time.monotonic() - started
 
                     free_a, free_b, lim_a, lim_b = await asyncio.gather(
-                        open_free(a), open_free(b), open_limited(), refused_limited()
+                        opened(a, "/free", 21),
+                        opened(b, "/free", 21),
+                        opened(a, "/lim", 22),
+                        refused_limited(),
                     )
                     # users without max_tunnels/max_ips never wait for Redis
                     assert free_a < 1.0 and free_b < 1.0, (free_a, free_b)
@@ -222,9 +219,9 @@ async def test_redis_stopped_open_admits_closed_refuses_unlimited_pass(
                     assert lim_b <= SOCKET_TIMEOUT + MARGIN, lim_b
                     # the next ones (within Limits.redis_limits_retry) get the
                     # policy's answer at once
-                    lim_a, lim_b = await asyncio.gather(open_limited(), refused_limited())
+                    lim_a, lim_b = await asyncio.gather(opened(a, "/lim", 22), refused_limited())
                     assert lim_a < 1.0 and lim_b < 1.0, (lim_a, lim_b)
-                    assert await open_free(b) < 1.0
+                    assert await opened(b, "/free", 21) < 1.0
 
                     logs_a, logs_b = a.log_text(), b.log_text()
                     assert logs_a.count("admitting on this node's own count") == 1, logs_a

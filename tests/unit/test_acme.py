@@ -4,7 +4,6 @@ for a ClientHello, the state directory's files and lock, and the -acme flags."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import ssl
@@ -29,6 +28,7 @@ from mtt.wire.acme import (
     http01_token,
 )
 from tests.unit.test_client_hello import client_hello
+from tests.unit.test_tls_context import memory_handshake
 
 DAY = 86400.0
 MAX_HELLO = Limits().max_client_hello
@@ -164,16 +164,7 @@ def handshake(ctx: ssl.SSLContext, alpn: list[str], name: str) -> ssl.SSLObject:
     client.check_hostname = False
     client.verify_mode = ssl.CERT_NONE
     client.set_alpn_protocols(alpn)
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    cobj = client.wrap_bio(c_in, c_out, server_hostname=name)
-    sobj = ctx.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for obj in (cobj, sobj):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                obj.do_handshake()
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-    return cobj
+    return memory_handshake(ctx, client, name)[0]
 
 
 def test_the_challenge_context_negotiates_acme_tls_1_with_the_challenge_cert() -> None:

@@ -119,6 +119,28 @@ def test_without_libssl_python_defaults_remain(
     tls._warn_once.cache_clear()
 
 
+def memory_handshake(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    name: str = "tunnel.test",
+    session: ssl.SSLSession | None = None,
+) -> tuple[ssl.SSLObject, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A handshake in memory: (client, server, the client's incoming BIO, the
+    server's outgoing one), for whatever the caller sends after it."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=name, session=session)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if client.version() and server.version():
+            break
+    return client, server, c_in, s_out
+
+
 def _resumes(issuer: ssl.SSLContext, other: ssl.SSLContext, version: ssl.TLSVersion) -> bool:
     """Whether a session `issuer` gave a client resumes on `other` (in memory)."""
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -127,17 +149,7 @@ def _resumes(issuer: ssl.SSLContext, other: ssl.SSLContext, version: ssl.TLSVers
     client_ctx.maximum_version = version
     session = None
     for server_ctx in (issuer, other):
-        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-        client = client_ctx.wrap_bio(c_in, c_out, server_hostname="tunnel.test", session=session)
-        server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-        for _ in range(10):
-            for side in (client, server):
-                with contextlib.suppress(ssl.SSLWantReadError):
-                    side.do_handshake()
-            s_in.write(c_out.read())
-            c_in.write(s_out.read())
-            if client.version() and server.version():
-                break
+        client, server, c_in, s_out = memory_handshake(server_ctx, client_ctx, session=session)
         server.write(b"x")  # TLS 1.3 tickets come after the handshake, with data
         c_in.write(s_out.read())
         assert client.read(1) == b"x"
