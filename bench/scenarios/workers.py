@@ -54,17 +54,15 @@ def run(ctx: Context) -> None:
         stack.callback(many.stop)
         flow = FLOWS[FLOW]
         idle: dict[str, list[float]] = {many_label: [], one_label: []}
-        cores: dict[str, list[float]] = {many_label: [], one_label: []}
 
         def rate(relay: OurRelay) -> RateSample:
-            """One setup-rate run, noting how busy the server and the machine were."""
+            """One setup-rate run, noting how idle the machine was."""
             idle0, total0 = machine_jiffies()
             sample = measure_rate(
                 relay, "plain", s.rate_seconds, s.rate_max_ops, s.rate_concurrency
             )
             idle1, total1 = machine_jiffies()
             idle[relay.label].append((idle1 - idle0) / max(total1 - total0, 1))
-            cores[relay.label].append(sample.cpu_us * sample.rate / 1e6)
             return sample
 
         try:
@@ -87,6 +85,7 @@ def run(ctx: Context) -> None:
             ctx.results.failures.append(Failure(SECTION, "workers", str(exc)))
             ctx.progress.note(f"workers: FAILED: {exc}")
             return
+    cores = {k: [x.cpu_us * x.rate / 1e6 for x in v] for k, v in rates.items()}
     busy = "; ".join(
         f"{label}: the server used {statistics.median(cores[label]):.2f} cores, the machine"
         f" was {statistics.median(idle[label]):.0%} idle"
