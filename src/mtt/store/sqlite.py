@@ -150,6 +150,14 @@ _UPSERT_PLAIN = (
 """
     + _REPLACE_USER
 )
+# Such users of one host, each its own port (a port per user): one JSON object
+# {path: port}, one statement; 40,000 of them took 54 ms of CPU row by row, this 29.
+_UPSERT_PORTS = (
+    _INSERT_USERS
+    + """SELECT key, ?, value, 0, 0, 0, 0, 0, '' FROM json_each(?) WHERE true
+"""
+    + _REPLACE_USER
+)
 _LOAD = """
 SELECT path, host, port, rate, max_tunnels, max_ips, quota, expire,
     bytes_up, bytes_down, quota_used, total_tunnels, last_seen, mux
@@ -621,40 +629,68 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def _has_json_each(db: sqlite3.Connection) -> bool:
+    """json_each, and one that gives an object's keys unescaped (_UPSERT_PORTS
+    takes the paths from them)."""
+    key = '/"\\\u00e9'  # a quote, a backslash and a non-ASCII letter, each escaped in JSON
     try:
-        db.execute("SELECT count(*) FROM json_each('[]')").fetchone()
+        row = db.execute("SELECT key FROM json_each(?)", (json.dumps({key: 1}),)).fetchone()
     except sqlite3.OperationalError:  # built without JSON (SQLITE_OMIT_JSON, or before 3.38)
         return False
-    return True
+    return bool(row == (key,))
 
 
 def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -> None:
-    """Write the users of these entries, in their order (a path given twice
-    ends as its last entry says): each run of two or more entries sharing one
+    """Write the users of these entries (a path given twice ends as its last
+    entry says). With json_each: each run of two or more entries sharing one
     User (mtt.core.commands.runs) as one statement with the paths as a JSON
-    array, the rest row by row, three values a row for a user of no limits
-    and no mux of its own."""
+    array, the single users of no limits and no mux of their own as one
+    statement per host with {path: port} as a JSON object, the rest row by
+    row. Each path is then written once, so the order of the statements does
+    not matter."""
+    if not json_each:
+        _upsert_rows(db, entries)
+        return
+    last = {e.path: e for e in entries}
+    if len(last) != len(entries):  # a path twice: only its last entry counts
+        entries = list(last.values())
+    ports: dict[str, dict[str, int]] = {}  # host -> {path: port}
     rows: list[tuple[Any, ...]] = []
-    statement = _UPSERT_PLAIN  # of the rows not yet written
-    for start, end in runs(entries) if json_each else ((i, i + 1) for i in range(len(entries))):
+    for start, end in runs(entries):
         entry = entries[start]
         user = entry.user
-        if end - start == 1:
-            if user.limits is NO_LIMITS and user.mux is None:
-                row, kind = (entry.path, user.dst.host, user.dst.port), _UPSERT_PLAIN
-            else:
-                row, kind = _row(entry.path, user), _UPSERT
-            if kind is not statement and rows:
-                db.executemany(statement, rows)
-                rows = []
-            statement = kind
-            rows.append(row)
-            continue
-        if rows:
+        if end - start > 1:
+            paths = json.dumps([e.path for e in entries[start:end]], ensure_ascii=False)
+            db.execute(_UPSERT_RUN, (*_row("", user)[1:], paths))
+        elif user.limits is NO_LIMITS and user.mux is None:
+            dst = user.dst
+            of_host = ports.get(dst.host)
+            if of_host is None:
+                of_host = ports[dst.host] = {}
+            of_host[entry.path] = dst.port
+        else:
+            rows.append(_row(entry.path, user))
+    for host, of_host in ports.items():
+        db.execute(_UPSERT_PORTS, (host, json.dumps(of_host, ensure_ascii=False)))
+    if rows:
+        db.executemany(_UPSERT, rows)
+
+
+def _upsert_rows(db: sqlite3.Connection, entries: Sequence[Entry]) -> None:
+    """Without json_each: row by row in order, three values a row for a user
+    of no limits and no mux of its own, nine for the others."""
+    rows: list[tuple[Any, ...]] = []
+    statement = _UPSERT_PLAIN  # of the rows not yet written
+    for entry in entries:
+        user = entry.user
+        if user.limits is NO_LIMITS and user.mux is None:
+            row, kind = (entry.path, user.dst.host, user.dst.port), _UPSERT_PLAIN
+        else:
+            row, kind = _row(entry.path, user), _UPSERT
+        if kind is not statement and rows:
             db.executemany(statement, rows)
             rows = []
-        paths = json.dumps([e.path for e in entries[start:end]], ensure_ascii=False)
-        db.execute(_UPSERT_RUN, (*_row("", user)[1:], paths))
+        statement = kind
+        rows.append(row)
     if rows:
         db.executemany(statement, rows)
 
