@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 # Matched whole (fullmatch): "$" would also match before a trailing newline.
 _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
@@ -100,3 +102,30 @@ class DestinationParser:
         if not text.startswith("["):
             self._hosts.setdefault(destination.host, destination.host)
         return destination
+
+
+def destinations(texts: Sequence[str]) -> list[Destination] | None:
+    """parse_destination of every text, or None if any text is not a host
+    without brackets, a colon and a port (parse_destination then says why,
+    or parses what this leaves to it: an IPv6 address in brackets).
+
+    For a bulk add's column of 40,000 dsts with a port each: a pass of C over
+    the column per check instead of a parse per text, and the Destinations of
+    one host share its string, as DestinationParser's do."""
+    parts = [text.rpartition(":") for text in texts]
+    port_texts = list(map(itemgetter(2), parts))
+    if (
+        not all(map(str.isdigit, port_texts))
+        or not all(map(str.isascii, port_texts))
+        or max(map(len, port_texts), default=0) > 5
+    ):
+        return None
+    ports = list(map(int, port_texts))
+    if ports and (min(ports) < 1 or max(ports) > 65535):
+        return None
+    hosts = list(map(itemgetter(0), parts))
+    # _HOSTNAME has no colon and no bracket: such a host is what rpartition split off.
+    known = {host: host for host in set(hosts)}  # each host text, kept once
+    if not all(map(_HOSTNAME.fullmatch, known)):
+        return None
+    return list(map(Destination, map(known.__getitem__, hosts), ports))

@@ -20,9 +20,11 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
-from mtt.address import Destination, DestinationParser, parse_destination, quote
+from mtt.address import Destination, DestinationParser, destinations, parse_destination, quote
 from mtt.core.harvest import HarvestBounds, id_problem
 from mtt.core.policy import DstPolicy
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, MuxProtocol, User, UserLimits, UserTable
@@ -364,9 +366,13 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
     (by a DestinationParser: few hosts among the dsts) and checked against the
     policy once (a User is never changed in place, so sharing one is safe), and
     their paths are searched for control characters and lone surrogates all at
-    once. Anything else, or a dst that fails, goes through _parse_add: an error
-    still names the first bad entry, with the same words.
+    once. A request of nothing but such entries, all valid, is checked column
+    by column (_plain_adds). Anything else, or a dst that fails, goes through
+    _parse_add: an error still names the first bad entry, with the same words.
     """
+    columns = _plain_adds(bunch, policy, max_path)
+    if columns is not None:
+        return columns
     plain: dict[str, User] = {}  # dst text -> the User of entries with only path and dst
     parse = DestinationParser().parse
     entries: list[Entry] = []
@@ -393,6 +399,48 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
     return tuple(entries)
 
 
+def _plain_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...] | None:
+    """The entries of an add or replace whose every entry has only a path and
+    a dst, all of them valid, as passes of C over the columns of paths and of
+    dsts; None if any entry is anything else (_parse_adds then goes entry by
+    entry, so an error names the first bad one in the same words).
+
+    Few distinct dsts (one backend for all): a User each, shared by its
+    entries, as _parse_adds shares them. Mostly distinct (a port per user):
+    mtt.address.destinations parses the column, a User per entry."""
+    if set(map(type, bunch)) != {dict} or set(map(len, bunch)) != {2}:
+        return None
+    try:
+        paths: list[Any] = list(map(itemgetter("path"), bunch))
+        dsts: list[Any] = list(map(itemgetter("dst"), bunch))
+    except KeyError:
+        return None
+    if set(map(type, paths)) != {str} or set(map(type, dsts)) != {str}:
+        return None
+    if (
+        max(map(len, paths)) > max_path
+        or not all(map(str.startswith, paths, repeat("/")))
+        or _text_problem("".join(paths))
+    ):
+        return None
+    distinct = dict.fromkeys(dsts)
+    users: list[User]
+    if 2 * len(distinct) > len(dsts):
+        parsed = destinations(dsts)
+        if parsed is None or (policy.rules and any(map(policy.problem, parsed))):
+            return None
+        users = list(map(User, parsed))
+    else:
+        shared: dict[str, User] = {}
+        for text in distinct:
+            user = _plain_user(text, policy, parse_destination)
+            if user is None:
+                return None
+            shared[text] = user
+        users = list(map(shared.__getitem__, dsts))
+    return tuple(map(Entry, paths, users))
+
+
 def _plain_user(dst: str, policy: DstPolicy, parse: Callable[[str], Destination]) -> User | None:
     """The User of an entry with only path and dst, or None if dst is not
     allowed (_parse_add then says why, after checking the path first)."""
@@ -408,11 +456,15 @@ def _plain_user(dst: str, policy: DstPolicy, parse: Callable[[str], Destination]
 def _check_texts(entries: list[Entry]) -> None:
     """_check_path_text over every entry's path (entry i is args_bunch[i]): one
     search of the paths joined, then entry by entry only if that finds something."""
-    joined = "".join([e.path for e in entries])
-    if _CONTROL_CHARS.search(joined) is None and (joined.isascii() or _encodes(joined)):
+    if not _text_problem("".join([e.path for e in entries])):
         return
     for index, entry in enumerate(entries):
         _check_path_text(index, entry.path)
+
+
+def _text_problem(text: str) -> bool:
+    """True if text has a control character or a lone surrogate (not UTF-8)."""
+    return _CONTROL_CHARS.search(text) is not None or not (text.isascii() or _encodes(text))
 
 
 def _encodes(text: str) -> bool:
