@@ -32,6 +32,7 @@ from mtt.workers.messages import (
     Challenges,
     Change,
     Collect,
+    Commit,
     Done,
     Exhausted,
     Final,
@@ -42,6 +43,7 @@ from mtt.workers.messages import (
     Release,
     ReloadTls,
     Report,
+    Stage,
     Stop,
     Tokens,
     decode,
@@ -84,8 +86,11 @@ class WorkerControl:
         self.server = server
         self.stop_grace: float | None = None
         self.stopped = asyncio.Event()
+        self.staged: Stage | None = None  # decoded, waiting for its Commit
         self.handlers: Handlers = {
             Change: self._change,
+            Stage: self._stage,
+            Commit: self._commit,
             Collect: self._collect,
             Kick: self._kick,
             Budgets: self._budgets,
@@ -96,6 +101,18 @@ class WorkerControl:
 
     def _change(self, message: Change) -> Done:
         self.agent.apply(message.command, message.kick)
+        return Done()
+
+    def _stage(self, message: Stage) -> Done:
+        self.staged = message
+        return Done()
+
+    def _commit(self, message: Commit) -> Done:
+        staged, self.staged = self.staged, None
+        if staged is None or staged.serial != message.serial:
+            held = "none" if staged is None else staged.serial
+            raise ProtocolError(f"commit of change {message.serial}, staged: {held}")
+        self.agent.apply(staged.command, staged.kick)
         return Done()
 
     def _collect(self, message: Collect) -> Report:
