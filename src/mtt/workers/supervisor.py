@@ -275,7 +275,10 @@ class WorkerPool:
         writes it; apply() then sends those workers its serial alone."""
         self._serial += 1
         stage = Stage(self._serial, command, kick)
-        results = await self._send_all(stage)
+        # Encoded on a thread: the store's write, just handed to its own thread, need
+        # not wait for the event loop to finish encoding 40,000 entries first.
+        body = await asyncio.to_thread(encode_request, stage)
+        results = await self._send([w for w in self.workers if w.ready], stage, body)
         # A worker restarted since holds nothing: a new channel, and it gets the Change.
         holders = {w.index: w.rpc for w, r in results if not isinstance(r, BaseException)}
         self._staged = (stage, holders)
@@ -330,12 +333,13 @@ class WorkerPool:
         return await self._send([w for w in self.workers if w.ready], request)
 
     async def _send(
-        self, workers: list[Worker], request: Request[R]
+        self, workers: list[Worker], request: Request[R], body: bytes | None = None
     ) -> list[tuple[Worker, R | BaseException]]:
+        """Send to these workers (request encoded as body, or here); their replies."""
         if not workers:
             return []
-        # Encode once: json.dumps of 40,000 entries is the expensive part.
-        body = encode_request(request)
+        if body is None:  # encoded once: json.dumps of 40,000 entries is the expensive part
+            body = encode_request(request)
         results = await asyncio.gather(
             *(
                 asyncio.wait_for(w.request(request, body), self.config.limits.worker_apply_timeout)
