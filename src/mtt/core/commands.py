@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from itertools import repeat
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from mtt.address import Destination, DestinationParser, destinations, parse_destination, quote
@@ -349,13 +349,22 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def apply_command(table: UserTable, command: Command) -> None:
     """Apply a validated change to a table (list, kick and ping change nothing)."""
     if command.opt is Opt.ADD:
-        table.add((e.path, e.user) for e in command.entries)
+        table.add(_pairs(command.entries))
     elif command.opt is Opt.DELETE:
         table.delete(command.paths)
     elif command.opt is Opt.RESET:
         table.reset()
     elif command.opt is Opt.REPLACE:
-        table.replace((e.path, e.user) for e in command.entries)
+        table.replace(_pairs(command.entries))
+
+
+def _pairs(entries: tuple[Entry, ...]) -> Iterator[tuple[str, User]]:
+    """(path, user) of each entry, by loops of C (40,000 entries, in every process)."""
+    return zip(map(_PATH, entries), map(_USER, entries), strict=True)
+
+
+_PATH = attrgetter("path")
+_USER = attrgetter("user")
 
 
 def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...]:
