@@ -485,6 +485,27 @@ async def test_a_port_per_user_is_written_as_entry_by_entry(
     assert all(u.limits is NO_LIMITS and u.mux is None for u in snapshot.users.values())
 
 
+async def test_a_port_each_on_one_host_is_written_whole(tmp_path: Path) -> None:
+    """Only plain Users of one host (mtt.core.commands.plain_columns): one
+    statement for all; a path given twice keeps its last port."""
+    store = await opened(str(tmp_path / "users.db"))
+    entries = [Entry(f"/p{i}", User(Destination("10.0.0.1", 1000 + i))) for i in range(5)]
+    entries.append(Entry("/p1", User(Destination("10.0.0.1", 7))))
+    entries.append(Entry('/q"uote/é', User(Destination("10.0.0.1", 8))))
+    await store.commit(Command(Opt.ADD, entries=tuple(entries)))
+    await store.close()
+    rows = {row[0]: row[1:] for row in _rows(str(tmp_path / "users.db"))}
+    plain = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, "")
+    assert rows == {
+        "/p0": ("10.0.0.1", 1000, *plain),
+        "/p1": ("10.0.0.1", 7, *plain),
+        "/p2": ("10.0.0.1", 1002, *plain),
+        "/p3": ("10.0.0.1", 1003, *plain),
+        "/p4": ("10.0.0.1", 1004, *plain),
+        '/q"uote/é': ("10.0.0.1", 8, *plain),
+    }
+
+
 _SCHEMA_1 = """
 CREATE TABLE users (
     path TEXT PRIMARY KEY, host TEXT NOT NULL, port INTEGER NOT NULL,

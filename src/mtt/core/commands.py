@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from itertools import repeat
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 from typing import Any
 
 from mtt.address import Destination, DestinationParser, destinations, parse_destination, quote
@@ -36,6 +36,15 @@ _ALLOW_ALL = DstPolicy()
 _HARVEST = HarvestBounds()
 RES_OK = 1
 RES_ERR = 2
+# Fields of entries, users and destinations, for loops of C over 40,000 of them.
+_PATH = attrgetter("path")
+_USER = attrgetter("user")
+_QUOTA_USED = attrgetter("quota_used")
+_LIMITS = attrgetter("limits")
+_MUX = attrgetter("mux")
+_DST = attrgetter("dst")
+_HOST = attrgetter("host")
+_PORT = attrgetter("port")
 
 
 class Opt(IntEnum):
@@ -124,10 +133,35 @@ def runs(entries: Sequence[Entry]) -> Iterator[tuple[int, int]]:
         yield start, len(entries)
 
 
+def plain_columns(entries: Sequence[Entry]) -> tuple[list[str], list[str], list[int]] | None:
+    """Paths, hosts and ports of entries that are each a User of its own with
+    no limits, no mux and no quota_used (a port per user, as parse_command
+    makes them), or None if any entry is not: checked and taken by loops of C,
+    where runs() would walk the entries one by one."""
+    users: list[User] = list(map(_USER, entries))
+    if (
+        any(map(is_, users, users[1:]))  # two in a row share a User: a run
+        or not all(map(is_, map(_LIMITS, users), repeat(NO_LIMITS)))
+        or not all(map(is_, map(_MUX, users), repeat(None)))
+        or not all(map(is_, map(_QUOTA_USED, entries), repeat(None)))
+    ):
+        return None
+    dsts = list(map(_DST, users))
+    return list(map(_PATH, entries)), list(map(_HOST, dsts)), list(map(_PORT, dsts))
+
+
 def _runs_to_wire(entries: tuple[Entry, ...]) -> list[Any]:
     """Each run of two or more entries as one item, its first element the list
     of their paths; a stretch of entries each of its own User of no limits (a
     port per user) as one _Columns object; other entries as they are."""
+    plain = plain_columns(entries)
+    if plain is not None:  # every entry: one _Columns object, made column by column
+        paths, hosts, ports = plain
+        index: dict[str, int] = {}
+        for host in dict.fromkeys(hosts):
+            index[host] = len(index)
+        which = list(map(index.__getitem__, hosts))
+        return [{"paths": paths, "hosts": list(index), "host": which, "ports": ports}]
     out: list[Any] = []
     columns: _Columns | None = None
     for start, end in runs(entries):
@@ -361,10 +395,6 @@ def apply_command(table: UserTable, command: Command) -> None:
 def _pairs(entries: tuple[Entry, ...]) -> Iterator[tuple[str, User]]:
     """(path, user) of each entry, by loops of C (40,000 entries, in every process)."""
     return zip(map(_PATH, entries), map(_USER, entries), strict=True)
-
-
-_PATH = attrgetter("path")
-_USER = attrgetter("user")
 
 
 def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...]:

@@ -49,7 +49,7 @@ from typing import Any, TypeVar, cast
 
 from mtt.address import Destination
 from mtt.config import Limits
-from mtt.core.commands import Command, Entry, Opt, runs
+from mtt.core.commands import Command, Entry, Opt, plain_columns, runs
 from mtt.core.harvest import (
     Acked,
     AckState,
@@ -659,6 +659,8 @@ def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -
     if not json_each:
         _upsert_rows(db, entries)
         return
+    if _upsert_one_host(db, entries):
+        return
     last = {e.path: e for e in entries}
     if len(last) != len(entries):  # a path twice: only its last entry counts
         entries = list(last.values())
@@ -682,6 +684,18 @@ def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -
         db.execute(_UPSERT_PORTS, (host, json.dumps(of_host, ensure_ascii=False)))
     if rows:
         db.executemany(_UPSERT, rows)
+
+
+def _upsert_one_host(db: sqlite3.Connection, entries: Sequence[Entry]) -> bool:
+    """A port each on one host (mtt.core.commands.plain_columns): the columns
+    taken whole, one statement; False, nothing written, for any other entries."""
+    plain = plain_columns(entries)
+    if plain is None or len(set(plain[1])) != 1:
+        return False
+    paths, hosts, ports = plain
+    of_host = dict(zip(paths, ports, strict=True))  # a path given twice: its last port
+    db.execute(_UPSERT_PORTS, (hosts[0], json.dumps(of_host, ensure_ascii=False)))
+    return True
 
 
 def _upsert_rows(db: sqlite3.Connection, entries: Sequence[Entry]) -> None:
