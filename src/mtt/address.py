@@ -6,16 +6,19 @@ import ipaddress
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from operator import itemgetter
+from typing import NamedTuple
 
 # Matched whole (fullmatch): "$" would also match before a trailing newline.
 _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
 
 
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """A TCP endpoint: host (name or address, IPv6 without brackets) and port."""
+class Destination(NamedTuple):
+    """A TCP endpoint: host (name or address, IPv6 without brackets) and port.
+
+    A named tuple rather than a frozen dataclass: as immutable, and made by
+    tuple.__new__ (Destination._make over zip(hosts, ports)) in half the
+    time, for the 40,000 Destinations of a bulk add in every process."""
 
     host: str
     port: int
@@ -128,4 +131,4 @@ def destinations(texts: Sequence[str]) -> list[Destination] | None:
     known = {host: host for host in set(hosts)}  # each host text, kept once
     if not all(map(_HOSTNAME.fullmatch, known)):
         return None
-    return list(map(Destination, map(known.__getitem__, hosts), ports))
+    return list(map(Destination._make, zip(map(known.__getitem__, hosts), ports, strict=True)))

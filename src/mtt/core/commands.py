@@ -248,7 +248,7 @@ def _columns_from_wire(item: dict[str, Any]) -> Iterator[Entry]:
     if not len(paths) == len(which) == len(ports):
         raise ValueError("columns of different lengths")
     hosts = item["hosts"]
-    dsts = map(Destination, map(hosts.__getitem__, which), ports)
+    dsts = map(Destination._make, zip(map(hosts.__getitem__, which), ports, strict=True))
     return map(Entry, paths, map(User, dsts))
 
 
