@@ -5,6 +5,7 @@ answered as an error) rather than the channel's."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import socket
@@ -334,6 +335,26 @@ def test_a_staged_change_is_applied_by_its_commit_alone() -> None:
     control._stage(Stage(4, COMMAND, kick=False))  # replaces the one never committed
     assert control._commit(Commit(4)) == Done()
     assert dict(control.agent.table.items()) == {e.path: e.user for e in COMMAND.entries}
+
+
+@pytest.mark.parametrize("ending", [Commit(1), Collect(), Kick(("/a",))])
+def test_a_stage_pauses_collection_until_its_commit_or_another_message(ending: Message) -> None:
+    gc.enable()
+    control = WorkerControl(Agent(None), None)  # type: ignore[arg-type]
+    try:
+        control.handlers[Stage](Stage(1, COMMAND, kick=False))
+        control.handlers[Stage](Stage(2, COMMAND, kick=False))  # one pause for both
+        assert not gc.isenabled()
+        if isinstance(ending, Commit):
+            with pytest.raises(ProtocolError, match="commit of change 1, staged: 2"):
+                control.handlers[Commit](ending)
+        else:
+            control.handlers[type(ending)](ending)
+        assert gc.isenabled()
+        control.handlers[Collect](Collect())
+        assert gc.isenabled()
+    finally:
+        gc.enable()
 
 
 class _Channel:

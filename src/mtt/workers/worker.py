@@ -9,6 +9,8 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import uvloop
 
@@ -21,6 +23,7 @@ from mtt.core.usage import Usage
 from mtt.errors import ConfigError, ProtocolError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.service.agent import Agent
+from mtt.service.gc_pause import PAUSE
 from mtt.transport.tasks import spawn
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.origin import OriginPolicy
@@ -49,7 +52,7 @@ from mtt.workers.messages import (
     decode,
 )
 from mtt.workers.rlimit import describe, raise_nofile
-from mtt.workers.rpc import Handlers, RpcChannel
+from mtt.workers.rpc import HandlerResult, Handlers, RpcChannel
 
 log = logging.getLogger("mtt.worker")
 
@@ -87,10 +90,9 @@ class WorkerControl:
         self.stop_grace: float | None = None
         self.stopped = asyncio.Event()
         self.staged: Stage | None = None  # decoded, waiting for its Commit
-        self.handlers: Handlers = {
+        self._holding = False  # the collection pause, from a Stage until its Commit
+        others: Handlers = {
             Change: self._change,
-            Stage: self._stage,
-            Commit: self._commit,
             Collect: self._collect,
             Kick: self._kick,
             Budgets: self._budgets,
@@ -98,16 +100,42 @@ class WorkerControl:
             Challenges: self._challenges,
             Stop: self._stop,
         }
+        # Any message but a Commit ends the pause a Stage holds (a change the store
+        # refused is never committed): collection is never off for long.
+        self.handlers: Handlers = {
+            Stage: self._stage,
+            Commit: self._commit,
+            **{kind: self._unpausing(handler) for kind, handler in others.items()},
+        }
+
+    def _unpausing(self, handler: Callable[[Any], HandlerResult]) -> Callable[[Any], HandlerResult]:
+        def handle(message: Any) -> HandlerResult:
+            self._end_pause()
+            return handler(message)
+
+        return handle
+
+    def _end_pause(self) -> None:
+        if self._holding:
+            self._holding = False
+            PAUSE.release()
 
     def _change(self, message: Change) -> Done:
         self.agent.apply(message.command, message.kick)
         return Done()
 
     def _stage(self, message: Stage) -> Done:
+        """Hold the change, and the pause of collection over its objects: the
+        collection it puts off runs after the commit's reply, not while the
+        store writes (and the controller's reply waits)."""
         self.staged = message
+        if not self._holding:
+            self._holding = True
+            PAUSE.hold()
         return Done()
 
     def _commit(self, message: Commit) -> Done:
+        self._end_pause()  # collection resumes once this message's reply is out
         staged, self.staged = self.staged, None
         if staged is None or staged.serial != message.serial:
             held = "none" if staged is None else staged.serial
