@@ -6,7 +6,8 @@ import ipaddress
 import json
 import re
 from collections.abc import Sequence
-from operator import itemgetter
+from itertools import repeat
+from operator import getitem, itemgetter
 from typing import NamedTuple
 
 # Matched whole (fullmatch): "$" would also match before a trailing newline.
@@ -115,18 +116,32 @@ def destinations(texts: Sequence[str]) -> list[Destination] | None:
     For a bulk add's column of 40,000 dsts with a port each: a pass of C over
     the column per check instead of a parse per text, and the Destinations of
     one host share its string, as DestinationParser's do."""
-    parts = [text.rpartition(":") for text in texts]
-    port_texts = list(map(itemgetter(2), parts))
+    if not texts:
+        return []
+    host = texts[0].rpartition(":")[0]
+    prefix = host + ":"
+    hosts: list[str] | None = None  # None: every text is prefix and its port
+    port_texts: list[str]
+    if all(map(str.startswith, texts, repeat(prefix))):  # one host, a port each
+        port_texts = list(map(getitem, texts, repeat(slice(len(prefix), None))))
+    else:
+        parts = [text.rpartition(":") for text in texts]
+        port_texts = list(map(itemgetter(2), parts))
+        hosts = list(map(itemgetter(0), parts))
+    # With no colon in them, each port text is what rpartition splits off.
     if (
         not all(map(str.isdigit, port_texts))
         or not all(map(str.isascii, port_texts))
-        or max(map(len, port_texts), default=0) > 5
+        or max(map(len, port_texts)) > 5
     ):
         return None
     ports = list(map(int, port_texts))
-    if ports and (min(ports) < 1 or max(ports) > 65535):
+    if min(ports) < 1 or max(ports) > 65535:
         return None
-    hosts = list(map(itemgetter(0), parts))
+    if hosts is None:
+        if not _HOSTNAME.fullmatch(host):
+            return None
+        return list(map(Destination._make, zip(repeat(host), ports, strict=False)))
     # _HOSTNAME has no colon and no bracket: such a host is what rpartition split off.
     known = {host: host for host in set(hosts)}  # each host text, kept once
     if not all(map(_HOSTNAME.fullmatch, known)):

@@ -165,3 +165,25 @@ def test_a_column_shares_each_host_text() -> None:
     assert parsed == [Destination(f"10.0.0.{i % 2}", 1000 + i) for i in range(6)]
     assert parsed[0].host is parsed[2].host is parsed[4].host
     assert parsed[1].host is parsed[3].host is parsed[5].host
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "example.com", "a" * 253, "[::1]", "", "bad host", "a:b"]
+)
+@pytest.mark.parametrize("port", ["443", "08", "0", "65536", "", "1x", "\u0661", "123456", "80:90"])
+def test_a_column_of_one_host_parses_as_each_text_alone(host: str, port: str) -> None:
+    """Every text of one host: the ports are sliced off after it, not split
+    (mtt.address.destinations); the answer must not change."""
+    column = [f"{host}:{p}" for p in ("1", "80", port, "65535")]
+    assert destinations(column) == _column_outcome(column), column
+    assert destinations(column[2:3]) == _column_outcome(column[2:3]), column
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.from_regex(r"\A[\[\]0-9a-z.:%_\- ]{0,8}\Z"),
+    st.lists(st.from_regex(r"\A[0-9\u0661:+ -]{0,7}\Z"), min_size=1, max_size=20),
+)
+def test_a_column_of_one_host_agrees_on_any_ports(host: str, ports: list[str]) -> None:
+    texts = [f"{host}:{port}" for port in ports]
+    assert destinations(texts) == _column_outcome(texts)
