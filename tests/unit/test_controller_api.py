@@ -6,7 +6,7 @@ import pytest
 
 from mtt.address import Destination, parse_destination
 from mtt.config import Limits
-from mtt.core.commands import Command, apply_command, reply
+from mtt.core.commands import Command, Opt, apply_command, plain_columns, reply
 from mtt.core.commands import parse_command as parse_with
 from mtt.core.policy import DstPolicy, parse_rule
 from mtt.core.users import NO_LIMITS, MuxProtocol, UserTable
@@ -222,6 +222,20 @@ def test_a_port_per_user_parses_as_each_alone_and_shares_each_host() -> None:
     assert entries[0].user.dst.host is entries[2].user.dst.host is entries[8].user.dst.host
     assert entries[8].user == entries[0].user and entries[8].user is not entries[0].user
     assert all(e.user.limits is NO_LIMITS and e.user.mux is None for e in entries)
+
+
+def test_a_port_per_user_keeps_its_columns_for_the_store_and_the_workers() -> None:
+    bunch = [{"path": f"/u{i}", "dst": f"10.0.0.{i % 2}:{i + 1}"} for i in range(4)]
+    command = parse_command(json.dumps({"opt": 1, "args_bunch": bunch}).encode())
+    assert command.columns == (
+        ["/u0", "/u1", "/u2", "/u3"],
+        ["10.0.0.0", "10.0.0.1", "10.0.0.0", "10.0.0.1"],
+        [1, 2, 3, 4],
+    )
+    assert command.plain() == plain_columns(command.entries) == command.columns
+    assert command == Command(Opt.ADD, entries=command.entries)  # columns: not compared
+    shared = [{"path": f"/u{i}", "dst": SAME_DST} for i in range(4)]
+    assert parse_command(json.dumps({"opt": 1, "args_bunch": shared}).encode()).columns is None
 
 
 def test_a_port_per_user_outside_the_policy_is_named() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import repeat
 from operator import attrgetter, is_, itemgetter
@@ -75,6 +75,10 @@ class Entry:
     quota_used: int | None = None
 
 
+# Paths, each entry's host and ports of entries that are each a plain User of its own.
+Columns = tuple[list[str], list[str], list[int]]
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """A validated request: nothing in it can fail to apply."""
@@ -84,6 +88,12 @@ class Command:
     paths: tuple[str, ...] = ()
     reset: bool = False  # list: read-and-reset the counters
     harvest_id: str = ""  # harvest and ack: the panel's id of the harvest
+    # plain_columns(entries), when parse_command has them already (a port per user).
+    columns: Columns | None = field(default=None, compare=False, repr=False)
+
+    def plain(self) -> Columns | None:
+        """plain_columns(self.entries), taken from the parse if it kept them."""
+        return self.columns if self.columns is not None else plain_columns(self.entries)
 
     def to_wire(self, *, runs: bool = False) -> dict[str, Any]:
         """As JSON for a worker, a store or another node (trusted: already validated).
@@ -94,7 +104,7 @@ class Command:
         of this version reads them: for the workers, never for other nodes."""
         out: dict[str, Any] = {"opt": int(self.opt)}
         if self.entries:
-            out["entries"] = _runs_to_wire(self.entries) if runs else _entries_to_wire(self.entries)
+            out["entries"] = _runs_to_wire(self) if runs else _entries_to_wire(self.entries)
         if self.paths:
             out["paths"] = list(self.paths)
         if self.reset:
@@ -133,7 +143,7 @@ def runs(entries: Sequence[Entry]) -> Iterator[tuple[int, int]]:
         yield start, len(entries)
 
 
-def plain_columns(entries: Sequence[Entry]) -> tuple[list[str], list[str], list[int]] | None:
+def plain_columns(entries: Sequence[Entry]) -> Columns | None:
     """Paths, hosts and ports of entries that are each a User of its own with
     no limits, no mux and no quota_used (a port per user, as parse_command
     makes them), or None if any entry is not: checked and taken by loops of C,
@@ -150,11 +160,12 @@ def plain_columns(entries: Sequence[Entry]) -> tuple[list[str], list[str], list[
     return list(map(_PATH, entries)), list(map(_HOST, dsts)), list(map(_PORT, dsts))
 
 
-def _runs_to_wire(entries: tuple[Entry, ...]) -> list[Any]:
+def _runs_to_wire(command: Command) -> list[Any]:
     """Each run of two or more entries as one item, its first element the list
     of their paths; a stretch of entries each of its own User of no limits (a
     port per user) as one _Columns object; other entries as they are."""
-    plain = plain_columns(entries)
+    entries = command.entries
+    plain = command.plain()
     if plain is not None:  # every entry: one _Columns object, made column by column
         paths, hosts, ports = plain
         index: dict[str, int] = {}
@@ -314,10 +325,10 @@ def parse_command(
     if not bunch and opt is not Opt.REPLACE:
         raise ControlError("args_bunch is empty")
     if opt in (Opt.ADD, Opt.REPLACE):
-        entries = _parse_adds(bunch, policy, max_path)
+        entries, columns = _parse_adds(bunch, policy, max_path)
         if opt is Opt.REPLACE:
             _check_unique(entries)
-        return Command(opt, entries=entries)
+        return Command(opt, entries=entries, columns=columns)
     return Command(opt, paths=tuple(_parse_delete(i, arg, max_path) for i, arg in enumerate(bunch)))
 
 
@@ -397,8 +408,11 @@ def _pairs(entries: tuple[Entry, ...]) -> Iterator[tuple[str, User]]:
     return zip(map(_PATH, entries), map(_USER, entries), strict=True)
 
 
-def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...]:
-    """The entries of an add or replace, checked as _parse_add checks each one.
+def _parse_adds(
+    bunch: list[Any], policy: DstPolicy, max_path: int
+) -> tuple[tuple[Entry, ...], Columns | None]:
+    """The entries of an add or replace, checked as _parse_add checks each one,
+    and their plain_columns if the column by column check has them already.
 
     Go-era panels send 40,000 `{"path", "dst"}` objects at a time, with one dst
     for all or one each: such entries share the User of their dst text, parsed
@@ -409,9 +423,9 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
     by column (_plain_adds). Anything else, or a dst that fails, goes through
     _parse_add: an error still names the first bad entry, with the same words.
     """
-    columns = _plain_adds(bunch, policy, max_path)
-    if columns is not None:
-        return columns
+    whole = _plain_adds(bunch, policy, max_path)
+    if whole is not None:
+        return whole
     plain: dict[str, User] = {}  # dst text -> the User of entries with only path and dst
     parse = DestinationParser().parse
     entries: list[Entry] = []
@@ -435,10 +449,12 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
         _check_texts(entries)  # an earlier entry's path is the first problem
         raise
     _check_texts(entries)
-    return tuple(entries)
+    return tuple(entries), None
 
 
-def _plain_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...] | None:
+def _plain_adds(
+    bunch: list[Any], policy: DstPolicy, max_path: int
+) -> tuple[tuple[Entry, ...], Columns | None] | None:
     """The entries of an add or replace whose every entry has only a path and
     a dst, all of them valid, as passes of C over the columns of paths and of
     dsts; None if any entry is anything else (_parse_adds then goes entry by
@@ -464,11 +480,14 @@ def _plain_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
         return None
     distinct = dict.fromkeys(dsts)
     users: list[User]
+    columns: Columns | None = None
     if 2 * len(distinct) > len(dsts):
         parsed = destinations(dsts)
         if parsed is None or (policy.rules and any(map(policy.problem, parsed))):
             return None
         users = list(map(User, parsed))
+        # A User each: the columns the store and the workers take them in.
+        columns = (paths, list(map(_HOST, parsed)), list(map(_PORT, parsed)))
     else:
         shared: dict[str, User] = {}
         for text in distinct:
@@ -477,7 +496,7 @@ def _plain_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
                 return None
             shared[text] = user
         users = list(map(shared.__getitem__, dsts))
-    return tuple(map(Entry, paths, users))
+    return tuple(map(Entry, paths, users)), columns
 
 
 def _plain_user(dst: str, policy: DstPolicy, parse: Callable[[str], Destination]) -> User | None:

@@ -49,7 +49,7 @@ from typing import Any, TypeVar, cast
 
 from mtt.address import Destination
 from mtt.config import Limits
-from mtt.core.commands import Command, Entry, Opt, plain_columns, runs
+from mtt.core.commands import Command, Entry, Opt, runs
 from mtt.core.harvest import (
     Acked,
     AckState,
@@ -342,7 +342,7 @@ class SqliteStore:
             elif drop:
                 db.executemany("DELETE FROM users WHERE path = ?", ((p,) for p in drop))
             if command.entries:
-                _upsert(db, command.entries, self._json_each)
+                _upsert(db, command, self._json_each)
                 db.executemany(
                     "UPDATE users SET quota_used = ? WHERE path = ?",
                     ((quota_used, path) for path, quota_used in quotas),
@@ -648,7 +648,7 @@ def _has_json_each(db: sqlite3.Connection) -> bool:
     return bool(row == (key,))
 
 
-def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -> None:
+def _upsert(db: sqlite3.Connection, command: Command, json_each: bool) -> None:
     """Write the users of these entries (a path given twice ends as its last
     entry says). With json_each: each run of two or more entries sharing one
     User (mtt.core.commands.runs) as one statement with the paths as a JSON
@@ -656,10 +656,11 @@ def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -
     statement per host with {path: port} as a JSON object, the rest row by
     row. Each path is then written once, so the order of the statements does
     not matter."""
+    entries: Sequence[Entry] = command.entries
     if not json_each:
         _upsert_rows(db, entries)
         return
-    if _upsert_one_host(db, entries):
+    if _upsert_one_host(db, command):
         return
     last = {e.path: e for e in entries}
     if len(last) != len(entries):  # a path twice: only its last entry counts
@@ -686,10 +687,10 @@ def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -
         db.executemany(_UPSERT, rows)
 
 
-def _upsert_one_host(db: sqlite3.Connection, entries: Sequence[Entry]) -> bool:
+def _upsert_one_host(db: sqlite3.Connection, command: Command) -> bool:
     """A port each on one host (mtt.core.commands.plain_columns): the columns
     taken whole, one statement; False, nothing written, for any other entries."""
-    plain = plain_columns(entries)
+    plain = command.plain()
     if plain is None or len(set(plain[1])) != 1:
         return False
     paths, hosts, ports = plain
