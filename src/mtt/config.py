@@ -129,9 +129,6 @@ class Limits:
     worker_apply_timeout: float = 60.0
     # ... after this pause, so a worker that dies at once does not spin.
     worker_restart_delay: float = 1.0
-    # A change of at least this many users goes to the workers while the store writes it, to
-    # be decoded meanwhile and applied on a short second message; a smaller one goes after.
-    worker_stage_entries: int = 1000
     # At shutdown, workers get the grace period plus this to exit before they are killed ...
     worker_exit_margin: float = 15.0
     # ... and their final reports this long to arrive.

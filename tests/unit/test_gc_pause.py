@@ -58,15 +58,3 @@ def test_the_controller_and_the_worker_channel_share_one_pause() -> None:
     """Separate pauses would end each other's: a worker's reply handled during
     a controller request would enable collection in the middle of it."""
     assert http.PAUSE is rpc.PAUSE is gc_pause.PAUSE
-
-
-def test_a_hold_outlasts_the_block_it_began_in() -> None:
-    gc.enable()
-    pause = CollectionPause()
-    with pause.paused():
-        pause.hold()  # a worker's Stage, inside the dispatch of its message
-    assert not gc.isenabled()
-    with pause.paused():
-        pause.release()  # its Commit
-        assert not gc.isenabled()  # until that message's reply is out
-    assert gc.isenabled()

@@ -5,7 +5,6 @@ answered as an error) rather than the channel's."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import socket
@@ -24,7 +23,6 @@ from mtt.core.policy import DstPolicy, parse_rule
 from mtt.core.usage import Usage
 from mtt.core.users import MuxProtocol, User, UserLimits
 from mtt.errors import ProtocolError, RemoteError
-from mtt.service.agent import Agent
 from mtt.workers import channel
 from mtt.workers.messages import (
     KINDS,
@@ -34,7 +32,6 @@ from mtt.workers.messages import (
     Challenges,
     Change,
     Collect,
-    Commit,
     Done,
     Exhausted,
     Final,
@@ -49,14 +46,13 @@ from mtt.workers.messages import (
     Reply,
     Report,
     Request,
-    Stage,
     Stop,
     Tokens,
     checked,
     decode,
 )
 from mtt.workers.rpc import Handlers, RpcChannel
-from mtt.workers.supervisor import Worker, WorkerPool
+from mtt.workers.supervisor import Worker
 from mtt.workers.worker import WorkerControl
 
 SHARED = User(Destination("127.0.0.1", 10))  # as parse_command gives entries of one dst
@@ -93,8 +89,6 @@ EXAMPLES: list[Message] = [
     ),
     Change(COMMAND, kick=True),
     Change(Command(Opt.DELETE, paths=("/a", "/b")), kick=False),
-    Stage(7, COMMAND, kick=True),
-    Commit(7),
     Collect(),
     Kick(("/a", "/b")),
     Kick(("/a",), "quota used up"),
@@ -112,8 +106,6 @@ EXAMPLES: list[Message] = [
 ]
 REPLIES: list[tuple[Request[Any], Reply]] = [
     (Change(COMMAND, kick=False), Done()),
-    (Stage(1, COMMAND, kick=False), Done()),
-    (Commit(1), Done()),
     (Collect(), Report(REPORT)),
     (Kick(("/a",)), Kicked(3)),
     (ReloadTls({}), Done()),
@@ -317,81 +309,9 @@ def test_each_side_serves_what_the_other_sends() -> None:
     supervisor = set(Worker(1, None).handlers)  # type: ignore[arg-type]
     worker = set(WorkerControl(None, None).handlers)  # type: ignore[arg-type]
     assert supervisor == {Admit, Tokens, Release, Exhausted, Final}
-    assert worker == {Change, Stage, Commit, Collect, Kick, Budgets, ReloadTls, Challenges, Stop}
+    assert worker == {Change, Collect, Kick, Budgets, ReloadTls, Challenges, Stop}
     # Init and Ready are exchanged before the channel runs.
     assert supervisor | worker | {Init, Ready} == set(KINDS.values())
-
-
-def test_a_staged_change_is_applied_by_its_commit_alone() -> None:
-    control = WorkerControl(Agent(None), None)  # type: ignore[arg-type]
-    assert control._stage(Stage(1, COMMAND, kick=False)) == Done()
-    assert len(control.agent.table) == 0  # held, not applied
-    with pytest.raises(ProtocolError, match=r"^commit of change 2, staged: 1$"):
-        control._commit(Commit(2))
-    with pytest.raises(ProtocolError, match=r"^commit of change 1, staged: none$"):
-        control._commit(Commit(1))  # the one staged went with the wrong commit
-    assert len(control.agent.table) == 0
-    control._stage(Stage(3, Command(Opt.ADD, entries=(Entry("/old", SHARED),)), kick=False))
-    control._stage(Stage(4, COMMAND, kick=False))  # replaces the one never committed
-    assert control._commit(Commit(4)) == Done()
-    assert dict(control.agent.table.items()) == {e.path: e.user for e in COMMAND.entries}
-
-
-@pytest.mark.parametrize("ending", [Commit(1), Collect(), Kick(("/a",))])
-def test_a_stage_pauses_collection_until_its_commit_or_another_message(ending: Message) -> None:
-    gc.enable()
-    control = WorkerControl(Agent(None), None)  # type: ignore[arg-type]
-    try:
-        control.handlers[Stage](Stage(1, COMMAND, kick=False))
-        control.handlers[Stage](Stage(2, COMMAND, kick=False))  # one pause for both
-        assert not gc.isenabled()
-        if isinstance(ending, Commit):
-            with pytest.raises(ProtocolError, match="commit of change 1, staged: 2"):
-                control.handlers[Commit](ending)
-        else:
-            control.handlers[type(ending)](ending)
-        assert gc.isenabled()
-        control.handlers[Collect](Collect())
-        assert gc.isenabled()
-    finally:
-        gc.enable()
-
-
-class _Channel:
-    """Stands in for a worker's RpcChannel: records what the pool sends."""
-
-    def __init__(self, sent: list[tuple[int, Message]], index: int) -> None:
-        self.sent, self.index = sent, index
-
-    async def call_encoded(self, request: Message, body: bytes) -> Done:
-        assert decode(json.loads(body)) == request
-        self.sent.append((self.index, request))
-        return Done()
-
-
-async def test_the_pool_commits_where_it_staged_and_sends_the_change_elsewhere() -> None:
-    """A worker restarted between stage and apply (a new channel) holds
-    nothing: it gets the whole Change; a command not staged goes whole too."""
-    pool = WorkerPool(ServerConfig(workers=3), None, 3, None)  # type: ignore[arg-type]
-    sent: list[tuple[int, Message]] = []
-    for worker in pool.workers:
-        worker.ready = True
-        worker.rpc = _Channel(sent, worker.index)  # type: ignore[assignment]
-    await pool.stage(COMMAND, kick=True)
-    assert sent == [(i, Stage(1, COMMAND, kick=True)) for i in (1, 2, 3)]
-    sent.clear()
-    pool.workers[1].rpc = _Channel(sent, 2)  # type: ignore[assignment]
-    pool.workers[2].ready = False
-    await pool.apply(COMMAND, kick=True)
-    assert sorted(sent, key=lambda s: s[0]) == [(1, Commit(1)), (2, Change(COMMAND, kick=True))]
-    sent.clear()
-    await pool.apply(COMMAND, kick=True)  # a staged change is committed once
-    assert sorted(sent, key=lambda s: s[0]) == [(i, Change(COMMAND, kick=True)) for i in (1, 2)]
-    sent.clear()
-    await pool.stage(COMMAND, kick=True)
-    other = Command(Opt.DELETE, paths=("/plain",))
-    await pool.apply(other, kick=True)
-    assert sent[2:] == [(1, Change(other, kick=True)), (2, Change(other, kick=True))]
 
 
 # -- the RPC loop over a socketpair: no process needed -----------------------------

@@ -10,9 +10,7 @@ allocation after it, once.
 
 The controller pauses for each request it parses and carries out, a worker
 for each message from the supervisor it decodes and handles (a change: 40,000
-entries again; a staged change, from its decoding until its commit, so that
-what is put off runs after the commit's reply). Requests overlap on the
-event loop (one awaits the store
+entries again). Requests overlap on the event loop (one awaits the store
 while the next is parsed, a worker's message arrives meanwhile), hence one
 pause per process, PAUSE, and a count: the last one out enables collection
 again, and only if it was enabled when the first one came in.
@@ -36,24 +34,16 @@ class CollectionPause:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        self.hold()
-        try:
-            yield
-        finally:
-            self.release()
-
-    def hold(self) -> None:
-        """Pause until the matching release(): for a pause that outlasts one
-        block (a worker's staged change, decoded, until its commit)."""
         if self._depth == 0:
             self._was_enabled = gc.isenabled()
             gc.disable()
         self._depth += 1
-
-    def release(self) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._was_enabled:
-            gc.enable()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._was_enabled:
+                gc.enable()
 
 
 PAUSE = CollectionPause()

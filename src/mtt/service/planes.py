@@ -41,9 +41,6 @@ class LocalPlane:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    async def stage(self, command: Command, kick: bool) -> None:
-        """Nothing to decode: apply() has the command itself."""
-
     async def apply(self, command: Command, kick: bool) -> None:
         self.agent.apply(command, kick)
 

@@ -69,11 +69,6 @@ _LIMITS = Limits()
 class Plane(Protocol):
     """Where tunnels are served: this process, or a pool of workers."""
 
-    async def stage(self, command: Command, kick: bool) -> None:
-        """Get ready to apply this change while the store writes it (the next
-        apply() of the same command is then quicker)."""
-        ...
-
     async def apply(self, command: Command, kick: bool) -> None: ...
     async def collect(self) -> list[dict[str, Any]]: ...
     async def kick(self, paths: tuple[str, ...], why: str | None = None) -> int: ...
@@ -205,12 +200,7 @@ class UserService:
 
     async def _change(self, command: Command) -> tuple[int, int]:
         async with self._change_lock:
-            staging = self._stage(command)
-            try:
-                revision = await self.store.commit(command)
-            finally:
-                if staging is not None:
-                    await staging
+            revision = await self.store.commit(command)
             # Off by more than one: another node's change landed first, or the
             # shared table was reset; ours applies to the store's table, not ours.
             if revision == self.revision + 1:
@@ -219,14 +209,6 @@ class UserService:
                 await self._serve(command, revision)  # the best we know until
                 self._remote_change(revision, None)  # the store answers again
             return revision, len(self.table)
-
-    def _stage(self, command: Command) -> asyncio.Task[None] | None:
-        """A big change goes to the planes while the store writes it (the store's
-        thread leaves the event loop free), so after the store the reply waits
-        only for a short second message (mtt.workers.messages.Stage)."""
-        if self.plane is None or len(command.entries) < self._limits.worker_stage_entries:
-            return None
-        return spawn(self.plane.stage(command, self.kick_on_delete), name="stage a change")
 
     async def _serve(self, command: Command, revision: int) -> None:
         """Apply a change here and in every worker; only then does the ping

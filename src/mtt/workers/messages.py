@@ -7,8 +7,8 @@ ProtocolError, so a handler only ever sees a well-formed message. The bulk of
 a big change (a Command with millions of entries) goes through
 Command.to_wire/from_wire as before: nothing here walks the entries again.
 
-Supervisor to worker: Init (before the channel runs), Change, Stage, Commit,
-Collect, Kick, ReloadTls, Challenges (requests), Budgets, Stop (notifications). Worker to
+Supervisor to worker: Init (before the channel runs), Change, Collect, Kick,
+ReloadTls, Challenges (requests), Budgets, Stop (notifications). Worker to
 supervisor: Ready (before the channel runs), Admit, Tokens (requests), Release,
 Exhausted, Final (notifications).
 """
@@ -274,53 +274,6 @@ class Change(Request[Done]):
 
 
 @dataclass(frozen=True, slots=True)
-class Stage(Request[Done]):
-    """A change to decode now and hold until Commit: sent while the store
-    writes it, so the controller's reply does not wait for the decoding
-    (40,000 entries) after the store. A Stage replaces one never committed
-    (a change the store refused)."""
-
-    OP: ClassVar[str] = "stage"
-    serial: int
-    command: Command
-    kick: bool
-
-    def to_wire(self) -> Wire:
-        return {
-            "op": self.OP,
-            "serial": self.serial,
-            "command": self.command.to_wire(runs=True),
-            "kick": self.kick,
-        }
-
-    @classmethod
-    def from_wire(cls, data: Wire) -> Stage:
-        command = Command.from_wire(_field(data, "command", dict))
-        return cls(_field(data, "serial", int), command, _field(data, "kick", bool))
-
-    def reply_from_wire(self, data: Wire) -> Done:
-        return Done.from_wire(data)
-
-
-@dataclass(frozen=True, slots=True)
-class Commit(Request[Done]):
-    """The store has the change staged as serial: apply it (a Change, held)."""
-
-    OP: ClassVar[str] = "commit"
-    serial: int
-
-    def to_wire(self) -> Wire:
-        return {"op": self.OP, "serial": self.serial}
-
-    @classmethod
-    def from_wire(cls, data: Wire) -> Commit:
-        return cls(_field(data, "serial", int))
-
-    def reply_from_wire(self, data: Wire) -> Done:
-        return Done.from_wire(data)
-
-
-@dataclass(frozen=True, slots=True)
 class Collect(Request[Report]):
     OP: ClassVar[str] = "collect"
 
@@ -556,8 +509,6 @@ KINDS: dict[str, type[Message]] = {
     for kind in (
         Init,
         Change,
-        Stage,
-        Commit,
         Collect,
         Kick,
         ReloadTls,

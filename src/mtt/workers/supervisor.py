@@ -32,7 +32,6 @@ from mtt.workers.messages import (
     Challenges,
     Change,
     Collect,
-    Commit,
     Exhausted,
     Final,
     Grant,
@@ -43,7 +42,6 @@ from mtt.workers.messages import (
     ReloadTls,
     Reply,
     Request,
-    Stage,
     Stop,
     Tokens,
     decode,
@@ -166,9 +164,6 @@ class WorkerPool:
         self._port = 0
         self._stopping = False
         self._apply_lock = asyncio.Lock()
-        self._serial = 0  # of the last Stage
-        # The change staged last, and the channel of each worker that holds it.
-        self._staged: tuple[Stage, dict[int, RpcChannel | None]] | None = None
 
     # -- sockets ---------------------------------------------------------------
 
@@ -270,34 +265,10 @@ class WorkerPool:
 
     # -- Plane -----------------------------------------------------------------------
 
-    async def stage(self, command: Command, kick: bool) -> None:
-        """Every running worker decodes the change and holds it while the store
-        writes it; apply() then sends those workers its serial alone."""
-        self._serial += 1
-        stage = Stage(self._serial, command, kick)
-        # Encoded on a thread: the store's write, just handed to its own thread, need
-        # not wait for the event loop to finish encoding 40,000 entries first.
-        body = await asyncio.to_thread(encode_request, stage)
-        results = await self._send([w for w in self.workers if w.ready], stage, body)
-        # A worker restarted since holds nothing: a new channel, and it gets the Change.
-        holders = {w.index: w.rpc for w, r in results if not isinstance(r, BaseException)}
-        self._staged = (stage, holders)
-
     async def apply(self, command: Command, kick: bool) -> None:
         """Apply in every running worker; returns once all have it."""
         async with self._apply_lock:
-            staged, self._staged = self._staged, None
-            if staged is None or staged[0].command is not command or staged[0].kick != kick:
-                await self._broadcast(Change(command, kick))
-                return
-            stage, holders = staged
-            running = [w for w in self.workers if w.ready]
-            held = [w for w in running if w.rpc is not None and holders.get(w.index) is w.rpc]
-            rest = [w for w in running if w not in held]
-            committed, changed = await asyncio.gather(
-                self._send(held, Commit(stage.serial)), self._send(rest, Change(command, kick))
-            )
-            self._restart_failed(committed + changed)
+            await self._broadcast(Change(command, kick))
 
     async def collect(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
@@ -330,24 +301,17 @@ class WorkerPool:
 
     async def _send_all(self, request: Request[R]) -> list[tuple[Worker, R | BaseException]]:
         """Send to every running worker; each one's reply, or why there is none."""
-        return await self._send([w for w in self.workers if w.ready], request)
-
-    async def _send(
-        self, workers: list[Worker], request: Request[R], body: bytes | None = None
-    ) -> list[tuple[Worker, R | BaseException]]:
-        """Send to these workers (request encoded as body, or here); their replies."""
-        if not workers:
-            return []
-        if body is None:  # encoded once: json.dumps of 40,000 entries is the expensive part
-            body = encode_request(request)
+        # Encode once: json.dumps of 40,000 entries is the expensive part.
+        body = encode_request(request)
+        running = [w for w in self.workers if w.ready]
         results = await asyncio.gather(
             *(
                 asyncio.wait_for(w.request(request, body), self.config.limits.worker_apply_timeout)
-                for w in workers
+                for w in running
             ),
             return_exceptions=True,
         )
-        return list(zip(workers, results, strict=True))
+        return list(zip(running, results, strict=True))
 
     async def reload_tls(self, tls: dict[str, str]) -> None:
         """Every worker (and any restarted later) serves the new certificate."""
@@ -364,10 +328,7 @@ class WorkerPool:
 
     async def _broadcast(self, request: Request[Any]) -> None:
         """Send to every running worker and wait for each to acknowledge."""
-        self._restart_failed(await self._send_all(request))
-
-    def _restart_failed(self, results: list[tuple[Worker, Any]]) -> None:
-        for worker, result in results:
+        for worker, result in await self._send_all(request):
             if isinstance(result, BaseException):
                 # It restarts from a snapshot that already holds this change.
                 log.error(

@@ -9,8 +9,6 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import uvloop
 
@@ -23,7 +21,6 @@ from mtt.core.usage import Usage
 from mtt.errors import ConfigError, ProtocolError
 from mtt.logs import log_loop_errors, setup_logging
 from mtt.service.agent import Agent
-from mtt.service.gc_pause import PAUSE
 from mtt.transport.tasks import spawn
 from mtt.wire.client_address import TrustedProxies
 from mtt.wire.origin import OriginPolicy
@@ -35,7 +32,6 @@ from mtt.workers.messages import (
     Challenges,
     Change,
     Collect,
-    Commit,
     Done,
     Exhausted,
     Final,
@@ -46,13 +42,12 @@ from mtt.workers.messages import (
     Release,
     ReloadTls,
     Report,
-    Stage,
     Stop,
     Tokens,
     decode,
 )
 from mtt.workers.rlimit import describe, raise_nofile
-from mtt.workers.rpc import HandlerResult, Handlers, RpcChannel
+from mtt.workers.rpc import Handlers, RpcChannel
 
 log = logging.getLogger("mtt.worker")
 
@@ -89,9 +84,7 @@ class WorkerControl:
         self.server = server
         self.stop_grace: float | None = None
         self.stopped = asyncio.Event()
-        self.staged: Stage | None = None  # decoded, waiting for its Commit
-        self._holding = False  # the collection pause, from a Stage until its Commit
-        others: Handlers = {
+        self.handlers: Handlers = {
             Change: self._change,
             Collect: self._collect,
             Kick: self._kick,
@@ -100,47 +93,9 @@ class WorkerControl:
             Challenges: self._challenges,
             Stop: self._stop,
         }
-        # Any message but a Commit ends the pause a Stage holds (a change the store
-        # refused is never committed): collection is never off for long.
-        self.handlers: Handlers = {
-            Stage: self._stage,
-            Commit: self._commit,
-            **{kind: self._unpausing(handler) for kind, handler in others.items()},
-        }
-
-    def _unpausing(self, handler: Callable[[Any], HandlerResult]) -> Callable[[Any], HandlerResult]:
-        def handle(message: Any) -> HandlerResult:
-            self._end_pause()
-            return handler(message)
-
-        return handle
-
-    def _end_pause(self) -> None:
-        if self._holding:
-            self._holding = False
-            PAUSE.release()
 
     def _change(self, message: Change) -> Done:
         self.agent.apply(message.command, message.kick)
-        return Done()
-
-    def _stage(self, message: Stage) -> Done:
-        """Hold the change, and the pause of collection over its objects: the
-        collection it puts off runs after the commit's reply, not while the
-        store writes (and the controller's reply waits)."""
-        self.staged = message
-        if not self._holding:
-            self._holding = True
-            PAUSE.hold()
-        return Done()
-
-    def _commit(self, message: Commit) -> Done:
-        self._end_pause()  # collection resumes once this message's reply is out
-        staged, self.staged = self.staged, None
-        if staged is None or staged.serial != message.serial:
-            held = "none" if staged is None else staged.serial
-            raise ProtocolError(f"commit of change {message.serial}, staged: {held}")
-        self.agent.apply(staged.command, staged.kick)
         return Done()
 
     def _collect(self, message: Collect) -> Report:
