@@ -44,6 +44,8 @@ import os
 import sqlite3
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
+from operator import attrgetter, is_
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -178,6 +180,9 @@ UPDATE users SET bytes_up = 0, bytes_down = 0, total_tunnels = 0,
 WHERE path = ?
 """
 _SET_REVISION = "INSERT OR REPLACE INTO meta (key, value) VALUES ('revision', ?)"
+# Fields of the entries of a change, for loops of C over the 40,000 of a bulk add.
+_PATH = attrgetter("path")
+_QUOTA_USED = attrgetter("quota_used")
 
 T = TypeVar("T")
 
@@ -332,9 +337,11 @@ class SqliteStore:
         it waits, each entry's path, zeroed counters for it (kept if it is a new
         user) and (path, quota_used) of the entries that set it."""
         entries = command.entries
-        paths = [e.path for e in entries]
+        paths = list(map(_PATH, entries))
         fresh = [Usage() for _ in entries]
-        quotas = [(e.path, e.quota_used) for e in entries if e.quota_used is not None]
+        quotas: list[tuple[str, int]] = []
+        if not all(map(is_, map(_QUOTA_USED, entries), repeat(None))):  # some set quota_used
+            quotas = [(e.path, e.quota_used) for e in entries if e.quota_used is not None]
         db = self._conn()
         with _transaction(db):
             if command.opt is Opt.RESET:
@@ -662,7 +669,7 @@ def _upsert(db: sqlite3.Connection, command: Command, json_each: bool) -> None:
         return
     if _upsert_one_host(db, command):
         return
-    last = {e.path: e for e in entries}
+    last = dict(zip(map(_PATH, entries), entries, strict=True))
     if len(last) != len(entries):  # a path twice: only its last entry counts
         entries = list(last.values())
     ports: dict[str, dict[str, int]] = {}  # host -> {path: port}
