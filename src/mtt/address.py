@@ -5,15 +5,21 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from itertools import repeat
+from operator import getitem, itemgetter
+from typing import NamedTuple
 
 # Matched whole (fullmatch): "$" would also match before a trailing newline.
 _HOSTNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
 
 
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """A TCP endpoint: host (name or address, IPv6 without brackets) and port."""
+class Destination(NamedTuple):
+    """A TCP endpoint: host (name or address, IPv6 without brackets) and port.
+
+    A named tuple rather than a frozen dataclass: as immutable, and made by
+    tuple.__new__ (Destination._make over zip(hosts, ports)) in half the
+    time, for the 40,000 Destinations of a bulk add in every process."""
 
     host: str
     port: int
@@ -100,3 +106,44 @@ class DestinationParser:
         if not text.startswith("["):
             self._hosts.setdefault(destination.host, destination.host)
         return destination
+
+
+def destinations(texts: Sequence[str]) -> list[Destination] | None:
+    """parse_destination of every text, or None if any text is not a host
+    without brackets, a colon and a port (parse_destination then says why,
+    or parses what this leaves to it: an IPv6 address in brackets).
+
+    For a bulk add's column of 40,000 dsts with a port each: a pass of C over
+    the column per check instead of a parse per text, and the Destinations of
+    one host share its string, as DestinationParser's do."""
+    if not texts:
+        return []
+    host = texts[0].rpartition(":")[0]
+    prefix = host + ":"
+    hosts: list[str] | None = None  # None: every text is prefix and its port
+    port_texts: list[str]
+    if all(map(str.startswith, texts, repeat(prefix))):  # one host, a port each
+        port_texts = list(map(getitem, texts, repeat(slice(len(prefix), None))))
+    else:
+        parts = [text.rpartition(":") for text in texts]
+        port_texts = list(map(itemgetter(2), parts))
+        hosts = list(map(itemgetter(0), parts))
+    # With no colon in them, each port text is what rpartition splits off.
+    if (
+        not all(map(str.isdigit, port_texts))
+        or not all(map(str.isascii, port_texts))
+        or max(map(len, port_texts)) > 5
+    ):
+        return None
+    ports = list(map(int, port_texts))
+    if min(ports) < 1 or max(ports) > 65535:
+        return None
+    if hosts is None:
+        if not _HOSTNAME.fullmatch(host):
+            return None
+        return list(map(Destination._make, zip(repeat(host), ports, strict=False)))
+    # _HOSTNAME has no colon and no bracket: such a host is what rpartition split off.
+    known = {host: host for host in set(hosts)}  # each host text, kept once
+    if not all(map(_HOSTNAME.fullmatch, known)):
+        return None
+    return list(map(Destination._make, zip(map(known.__getitem__, hosts), ports, strict=True)))

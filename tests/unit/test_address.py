@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtt.address import Destination, DestinationParser, format_hostport, parse_destination
+from mtt.address import (
+    Destination,
+    DestinationParser,
+    destinations,
+    format_hostport,
+    parse_destination,
+)
 
 
 @pytest.mark.parametrize(
@@ -118,3 +124,66 @@ def test_a_host_ending_in_a_newline_is_refused(text: str) -> None:
         parse_destination(text)
     with pytest.raises(ValueError, match="is not a valid host name or address"):
         DestinationParser().parse(text)
+
+
+def _column_outcome(texts: list[str]) -> list[Destination] | None:
+    """What destinations(texts) must give: each text's Destination if every
+    text parses and none is in brackets; else None."""
+    try:
+        parsed = [parse_destination(t) for t in texts]
+    except ValueError:
+        return None
+    return None if any(t.startswith("[") for t in texts) else parsed
+
+
+def test_a_column_parses_as_each_text_alone() -> None:
+    """Each text alone, then the valid ones together, then those with each
+    text in turn added in the middle: all or nothing, as parse_destination says."""
+    hosts = ["127.0.0.1", "example.com", "[::1]", "example.com\n", "_srv", "a" * 253, ""]
+    ports = ["1", "80", "65535", "0", "65536", "", "08", "1x", "\u0661", "123456", " 8"]
+    texts = _TEXTS + [f"{h}:{p}" for h in hosts for p in ports]
+    for text in texts:
+        assert destinations([text]) == _column_outcome([text]), text
+    valid = [t for t in texts if _column_outcome([t]) is not None]
+    assert len(valid) == 23  # 7 of _TEXTS, and 4 hosts by 4 ports (1, 80, 65535, 08)
+    assert destinations(valid) == [parse_destination(t) for t in valid]
+    for text in texts:
+        column = [*valid[:7], text, *valid[7:]]
+        assert destinations(column) == _column_outcome(column), text
+    assert destinations([]) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.from_regex(r"\A[\[\]0-9a-z.:%_\- \n]{0,12}:[0-9\u0661+ -]{0,7}\Z"), max_size=20))
+def test_a_column_agrees_on_any_texts(texts: list[str]) -> None:
+    assert destinations(texts) == _column_outcome(texts)
+
+
+def test_a_column_shares_each_host_text() -> None:
+    texts = [f"10.0.0.{i % 2}:{1000 + i}" for i in range(6)]
+    parsed = destinations(texts)
+    assert parsed == [Destination(f"10.0.0.{i % 2}", 1000 + i) for i in range(6)]
+    assert parsed[0].host is parsed[2].host is parsed[4].host
+    assert parsed[1].host is parsed[3].host is parsed[5].host
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "example.com", "a" * 253, "[::1]", "", "bad host", "a:b"]
+)
+@pytest.mark.parametrize("port", ["443", "08", "0", "65536", "", "1x", "\u0661", "123456", "80:90"])
+def test_a_column_of_one_host_parses_as_each_text_alone(host: str, port: str) -> None:
+    """Every text of one host: the ports are sliced off after it, not split
+    (mtt.address.destinations); the answer must not change."""
+    column = [f"{host}:{p}" for p in ("1", "80", port, "65535")]
+    assert destinations(column) == _column_outcome(column), column
+    assert destinations(column[2:3]) == _column_outcome(column[2:3]), column
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.from_regex(r"\A[\[\]0-9a-z.:%_\- ]{0,8}\Z"),
+    st.lists(st.from_regex(r"\A[0-9\u0661:+ -]{0,7}\Z"), min_size=1, max_size=20),
+)
+def test_a_column_of_one_host_agrees_on_any_ports(host: str, ports: list[str]) -> None:
+    texts = [f"{host}:{port}" for port in ports]
+    assert destinations(texts) == _column_outcome(texts)

@@ -6,9 +6,10 @@ import pytest
 
 from mtt.address import Destination, parse_destination
 from mtt.config import Limits
-from mtt.core.commands import Command, apply_command, reply
+from mtt.core.commands import Command, Opt, apply_command, plain_columns, reply
 from mtt.core.commands import parse_command as parse_with
-from mtt.core.users import MuxProtocol, UserTable
+from mtt.core.policy import DstPolicy, parse_rule
+from mtt.core.users import NO_LIMITS, MuxProtocol, UserTable
 from mtt.errors import ControlError
 
 MAX_PATH = Limits().max_user_path  # what the controller gives the parser
@@ -204,6 +205,50 @@ def test_entries_each_of_its_own_dst_parse_as_each_alone() -> None:
         parse_command(json.dumps({"opt": 1, "args_bunch": [b]}).encode()).entries[0] for b in bunch
     ]
     assert entries == tuple(alone)
+
+
+def test_a_port_per_user_parses_as_each_alone_and_shares_each_host() -> None:
+    """Most dsts distinct: the column's way (mtt.core.commands._plain_adds);
+    a dst given twice among them is equal, not shared."""
+    bunch = [
+        {"path": f"/u{i}", "dst": f"{('10.0.0.1', 'h.example')[i % 2]}:{i + 1}"} for i in range(8)
+    ]
+    bunch.append({"path": "/again", "dst": "10.0.0.1:1"})
+    entries = parse_command(json.dumps({"opt": 4, "args_bunch": bunch}).encode()).entries
+    assert [(e.path, e.user.dst, e.quota_used) for e in entries] == [
+        *((f"/u{i}", Destination(("10.0.0.1", "h.example")[i % 2], i + 1), None) for i in range(8)),
+        ("/again", Destination("10.0.0.1", 1), None),
+    ]
+    assert entries[0].user.dst.host is entries[2].user.dst.host is entries[8].user.dst.host
+    assert entries[8].user == entries[0].user and entries[8].user is not entries[0].user
+    assert all(e.user.limits is NO_LIMITS and e.user.mux is None for e in entries)
+
+
+def test_a_port_per_user_keeps_its_columns_for_the_store_and_the_workers() -> None:
+    bunch = [{"path": f"/u{i}", "dst": f"10.0.0.{i % 2}:{i + 1}"} for i in range(4)]
+    command = parse_command(json.dumps({"opt": 1, "args_bunch": bunch}).encode())
+    assert command.columns == (
+        ["/u0", "/u1", "/u2", "/u3"],
+        ["10.0.0.0", "10.0.0.1", "10.0.0.0", "10.0.0.1"],
+        [1, 2, 3, 4],
+    )
+    assert command.plain() == plain_columns(command.entries) == command.columns
+    assert command == Command(Opt.ADD, entries=command.entries)  # columns: not compared
+    shared = [{"path": f"/u{i}", "dst": SAME_DST} for i in range(4)]
+    assert parse_command(json.dumps({"opt": 1, "args_bunch": shared}).encode()).columns is None
+
+
+def test_a_port_per_user_outside_the_policy_is_named() -> None:
+    policy = DstPolicy((parse_rule("127.0.0.1/32:1-100"),))
+    bunch = [{"path": f"/u{i}", "dst": f"127.0.0.1:{i + 1}"} for i in range(10)]
+    body = json.dumps({"opt": 1, "args_bunch": bunch}).encode()
+    assert len(parse_with(body, policy, max_path=MAX_PATH).entries) == 10
+    bunch[7] = {"path": "/u7", "dst": "127.0.0.1:500"}
+    with pytest.raises(ControlError) as err:
+        parse_with(json.dumps({"opt": 1, "args_bunch": bunch}).encode(), policy, max_path=MAX_PATH)
+    assert str(err.value) == (
+        'args_bunch[7].dst "127.0.0.1:500" is outside the allowed destinations (127.0.0.1/32:1-100)'
+    )
 
 
 def test_the_first_bad_entry_is_named_whatever_is_wrong_with_a_later_one() -> None:

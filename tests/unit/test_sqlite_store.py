@@ -16,7 +16,7 @@ from mtt.address import Destination
 from mtt.core.commands import Command, Entry, Opt
 from mtt.core.harvest import Acked, AckState, Harvest, HarvestBounds, Refused, Share, Taken
 from mtt.core.usage import Usage
-from mtt.core.users import MuxProtocol, User, UserLimits
+from mtt.core.users import NO_LIMITS, MuxProtocol, User, UserLimits
 from mtt.errors import ConfigError, StoreError
 from mtt.store.sqlite import SqliteStore
 
@@ -441,6 +441,69 @@ async def test_runs_of_one_user_are_written_as_entry_by_entry(
     assert rows["/single"][1:3] == ("10.0.0.2", 3)
     assert rows["/mix"][1:] == sold
     assert rows["/mix2"][1:] == ("10.0.0.3", 4, *plain[2:])
+
+
+@pytest.mark.parametrize("json_each", [True, False])
+async def test_a_port_per_user_is_written_as_entry_by_entry(
+    tmp_path: Path, json_each: bool
+) -> None:
+    """Single users of no limits go in one statement per host, paths and ports
+    as a JSON object (mtt.store.sqlite._UPSERT_PORTS): hosts interleaved, a
+    path moved to another host or into a run later in the request, and paths
+    JSON escapes must all end as written entry by entry."""
+    store = await opened(str(tmp_path / "users.db"))
+    store._json_each = json_each
+    shared = User(Destination("10.0.0.9", 9))
+    entries = [
+        *(Entry(f"/a{i}", User(Destination("10.0.0.1", 1000 + i))) for i in range(3)),
+        Entry('/q"uote', User(Destination("h.example", 7))),
+        Entry("/back\\slash", User(Destination("10.0.0.1", 2000))),
+        Entry("/é/😀", User(Destination("h.example", 8))),
+        Entry("/a1", User(Destination("h.example", 9))),  # moved to another host
+        Entry("/a2", shared),
+        Entry("/b", shared),
+        Entry('/q"uote', User(Destination("10.0.0.1", 3000))),
+    ]
+    await store.commit(Command(Opt.ADD, entries=tuple(entries)))
+    await store.close()
+    rows = {row[0]: row[1:3] for row in _rows(str(tmp_path / "users.db"))}
+    assert rows == {
+        "/a0": ("10.0.0.1", 1000),
+        "/a1": ("h.example", 9),
+        "/a2": ("10.0.0.9", 9),
+        "/b": ("10.0.0.9", 9),
+        '/q"uote': ("10.0.0.1", 3000),
+        "/back\\slash": ("10.0.0.1", 2000),
+        "/é/😀": ("h.example", 8),
+    }
+    again = await opened(str(tmp_path / "users.db"))
+    try:
+        snapshot = await again.load()
+    finally:
+        await again.close()
+    assert {p: (u.dst.host, u.dst.port) for p, u in snapshot.users.items()} == rows
+    assert all(u.limits is NO_LIMITS and u.mux is None for u in snapshot.users.values())
+
+
+async def test_a_port_each_on_one_host_is_written_whole(tmp_path: Path) -> None:
+    """Only plain Users of one host (mtt.core.commands.plain_columns): one
+    statement for all; a path given twice keeps its last port."""
+    store = await opened(str(tmp_path / "users.db"))
+    entries = [Entry(f"/p{i}", User(Destination("10.0.0.1", 1000 + i))) for i in range(5)]
+    entries.append(Entry("/p1", User(Destination("10.0.0.1", 7))))
+    entries.append(Entry('/q"uote/é', User(Destination("10.0.0.1", 8))))
+    await store.commit(Command(Opt.ADD, entries=tuple(entries)))
+    await store.close()
+    rows = {row[0]: row[1:] for row in _rows(str(tmp_path / "users.db"))}
+    plain = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0, "")
+    assert rows == {
+        "/p0": ("10.0.0.1", 1000, *plain),
+        "/p1": ("10.0.0.1", 7, *plain),
+        "/p2": ("10.0.0.1", 1002, *plain),
+        "/p3": ("10.0.0.1", 1003, *plain),
+        "/p4": ("10.0.0.1", 1004, *plain),
+        '/q"uote/é': ("10.0.0.1", 8, *plain),
+    }
 
 
 _SCHEMA_1 = """

@@ -18,7 +18,7 @@ import pytest
 
 from mtt.address import Destination
 from mtt.config import ServerConfig
-from mtt.core.commands import Command, Entry, Opt
+from mtt.core.commands import Command, Entry, Opt, plain_columns
 from mtt.core.policy import DstPolicy, parse_rule
 from mtt.core.usage import Usage
 from mtt.core.users import MuxProtocol, User, UserLimits
@@ -264,6 +264,45 @@ def test_a_malformed_reply_is_a_protocol_error(
 ) -> None:
     with pytest.raises(ProtocolError):
         checked(request_.reply_from_wire, data, request_.OP)
+
+
+def test_a_port_per_user_alone_crosses_as_one_columns_object() -> None:
+    """Every entry a plain User of its own: the columns are taken whole
+    (mtt.core.commands.plain_columns), the same object as entry by entry."""
+    own = tuple(
+        Entry(f"/p{i}", User(Destination(("h.example", "10.0.0.1")[i % 3 == 2], 1000 + i)))
+        for i in range(6)
+    )
+    command = Command(Opt.ADD, entries=own)
+    assert plain_columns(own) == (
+        [f"/p{i}" for i in range(6)],
+        ["h.example", "h.example", "10.0.0.1", "h.example", "h.example", "10.0.0.1"],
+        [1000, 1001, 1002, 1003, 1004, 1005],
+    )
+    assert Change(command, kick=False).to_wire()["command"]["entries"] == [
+        {
+            "paths": [f"/p{i}" for i in range(6)],
+            "hosts": ["h.example", "10.0.0.1"],
+            "host": [0, 0, 1, 0, 0, 1],
+            "ports": [1000, 1001, 1002, 1003, 1004, 1005],
+        }
+    ]
+    decoded = decode(through_json(Change(command, kick=False).to_wire()))
+    assert isinstance(decoded, Change) and decoded.command == command
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        Entry("/p1", SHARED),  # follows an entry of the same User: a run
+        Entry("/sold", SOLD),
+        Entry("/v2", User(Destination("127.0.0.1", 8388), mux=MuxProtocol.MUXCOOL)),
+        Entry("/q", User(Destination("127.0.0.1", 9)), quota_used=0),
+    ],
+)
+def test_columns_are_only_for_plain_users_each_of_its_own(odd: Entry) -> None:
+    entries = (Entry("/p0", SHARED), odd, Entry("/p2", User(Destination("127.0.0.1", 2))))
+    assert plain_columns(entries) is None
 
 
 def test_each_side_serves_what_the_other_sends() -> None:

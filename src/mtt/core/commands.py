@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Any
 
-from mtt.address import Destination, DestinationParser, parse_destination, quote
+from mtt.address import Destination, DestinationParser, destinations, parse_destination, quote
 from mtt.core.harvest import HarvestBounds, id_problem
 from mtt.core.policy import DstPolicy
 from mtt.core.users import LIMIT_FIELDS, NO_LIMITS, MuxProtocol, User, UserLimits, UserTable
@@ -34,6 +36,15 @@ _ALLOW_ALL = DstPolicy()
 _HARVEST = HarvestBounds()
 RES_OK = 1
 RES_ERR = 2
+# Fields of entries, users and destinations, for loops of C over 40,000 of them.
+_PATH = attrgetter("path")
+_USER = attrgetter("user")
+_QUOTA_USED = attrgetter("quota_used")
+_LIMITS = attrgetter("limits")
+_MUX = attrgetter("mux")
+_DST = attrgetter("dst")
+_HOST = attrgetter("host")
+_PORT = attrgetter("port")
 
 
 class Opt(IntEnum):
@@ -64,6 +75,10 @@ class Entry:
     quota_used: int | None = None
 
 
+# Paths, each entry's host and ports of entries that are each a plain User of its own.
+Columns = tuple[list[str], list[str], list[int]]
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """A validated request: nothing in it can fail to apply."""
@@ -73,6 +88,12 @@ class Command:
     paths: tuple[str, ...] = ()
     reset: bool = False  # list: read-and-reset the counters
     harvest_id: str = ""  # harvest and ack: the panel's id of the harvest
+    # plain_columns(entries), when parse_command has them already (a port per user).
+    columns: Columns | None = field(default=None, compare=False, repr=False)
+
+    def plain(self) -> Columns | None:
+        """plain_columns(self.entries), taken from the parse if it kept them."""
+        return self.columns if self.columns is not None else plain_columns(self.entries)
 
     def to_wire(self, *, runs: bool = False) -> dict[str, Any]:
         """As JSON for a worker, a store or another node (trusted: already validated).
@@ -83,7 +104,7 @@ class Command:
         of this version reads them: for the workers, never for other nodes."""
         out: dict[str, Any] = {"opt": int(self.opt)}
         if self.entries:
-            out["entries"] = _runs_to_wire(self.entries) if runs else _entries_to_wire(self.entries)
+            out["entries"] = _runs_to_wire(self) if runs else _entries_to_wire(self.entries)
         if self.paths:
             out["paths"] = list(self.paths)
         if self.reset:
@@ -122,10 +143,36 @@ def runs(entries: Sequence[Entry]) -> Iterator[tuple[int, int]]:
         yield start, len(entries)
 
 
-def _runs_to_wire(entries: tuple[Entry, ...]) -> list[Any]:
+def plain_columns(entries: Sequence[Entry]) -> Columns | None:
+    """Paths, hosts and ports of entries that are each a User of its own with
+    no limits, no mux and no quota_used (a port per user, as parse_command
+    makes them), or None if any entry is not: checked and taken by loops of C,
+    where runs() would walk the entries one by one."""
+    users: list[User] = list(map(_USER, entries))
+    if (
+        any(map(is_, users, users[1:]))  # two in a row share a User: a run
+        or not all(map(is_, map(_LIMITS, users), repeat(NO_LIMITS)))
+        or not all(map(is_, map(_MUX, users), repeat(None)))
+        or not all(map(is_, map(_QUOTA_USED, entries), repeat(None)))
+    ):
+        return None
+    dsts = list(map(_DST, users))
+    return list(map(_PATH, entries)), list(map(_HOST, dsts)), list(map(_PORT, dsts))
+
+
+def _runs_to_wire(command: Command) -> list[Any]:
     """Each run of two or more entries as one item, its first element the list
     of their paths; a stretch of entries each of its own User of no limits (a
     port per user) as one _Columns object; other entries as they are."""
+    entries = command.entries
+    plain = command.plain()
+    if plain is not None:  # every entry: one _Columns object, made column by column
+        paths, hosts, ports = plain
+        index: dict[str, int] = {}
+        for host in dict.fromkeys(hosts):
+            index[host] = len(index)
+        which = list(map(index.__getitem__, hosts))
+        return [{"paths": paths, "hosts": list(index), "host": which, "ports": ports}]
     out: list[Any] = []
     columns: _Columns | None = None
     for start, end in runs(entries):
@@ -212,7 +259,7 @@ def _columns_from_wire(item: dict[str, Any]) -> Iterator[Entry]:
     if not len(paths) == len(which) == len(ports):
         raise ValueError("columns of different lengths")
     hosts = item["hosts"]
-    dsts = map(Destination, map(hosts.__getitem__, which), ports)
+    dsts = map(Destination._make, zip(map(hosts.__getitem__, which), ports, strict=True))
     return map(Entry, paths, map(User, dsts))
 
 
@@ -278,10 +325,10 @@ def parse_command(
     if not bunch and opt is not Opt.REPLACE:
         raise ControlError("args_bunch is empty")
     if opt in (Opt.ADD, Opt.REPLACE):
-        entries = _parse_adds(bunch, policy, max_path)
+        entries, columns = _parse_adds(bunch, policy, max_path)
         if opt is Opt.REPLACE:
             _check_unique(entries)
-        return Command(opt, entries=entries)
+        return Command(opt, entries=entries, columns=columns)
     return Command(opt, paths=tuple(_parse_delete(i, arg, max_path) for i, arg in enumerate(bunch)))
 
 
@@ -347,26 +394,38 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def apply_command(table: UserTable, command: Command) -> None:
     """Apply a validated change to a table (list, kick and ping change nothing)."""
     if command.opt is Opt.ADD:
-        table.add((e.path, e.user) for e in command.entries)
+        table.add(_pairs(command.entries))
     elif command.opt is Opt.DELETE:
         table.delete(command.paths)
     elif command.opt is Opt.RESET:
         table.reset()
     elif command.opt is Opt.REPLACE:
-        table.replace((e.path, e.user) for e in command.entries)
+        table.replace(_pairs(command.entries))
 
 
-def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Entry, ...]:
-    """The entries of an add or replace, checked as _parse_add checks each one.
+def _pairs(entries: tuple[Entry, ...]) -> Iterator[tuple[str, User]]:
+    """(path, user) of each entry, by loops of C (40,000 entries, in every process)."""
+    return zip(map(_PATH, entries), map(_USER, entries), strict=True)
+
+
+def _parse_adds(
+    bunch: list[Any], policy: DstPolicy, max_path: int
+) -> tuple[tuple[Entry, ...], Columns | None]:
+    """The entries of an add or replace, checked as _parse_add checks each one,
+    and their plain_columns if the column by column check has them already.
 
     Go-era panels send 40,000 `{"path", "dst"}` objects at a time, with one dst
     for all or one each: such entries share the User of their dst text, parsed
     (by a DestinationParser: few hosts among the dsts) and checked against the
     policy once (a User is never changed in place, so sharing one is safe), and
     their paths are searched for control characters and lone surrogates all at
-    once. Anything else, or a dst that fails, goes through _parse_add: an error
-    still names the first bad entry, with the same words.
+    once. A request of nothing but such entries, all valid, is checked column
+    by column (_plain_adds). Anything else, or a dst that fails, goes through
+    _parse_add: an error still names the first bad entry, with the same words.
     """
+    whole = _plain_adds(bunch, policy, max_path)
+    if whole is not None:
+        return whole
     plain: dict[str, User] = {}  # dst text -> the User of entries with only path and dst
     parse = DestinationParser().parse
     entries: list[Entry] = []
@@ -390,7 +449,54 @@ def _parse_adds(bunch: list[Any], policy: DstPolicy, max_path: int) -> tuple[Ent
         _check_texts(entries)  # an earlier entry's path is the first problem
         raise
     _check_texts(entries)
-    return tuple(entries)
+    return tuple(entries), None
+
+
+def _plain_adds(
+    bunch: list[Any], policy: DstPolicy, max_path: int
+) -> tuple[tuple[Entry, ...], Columns | None] | None:
+    """The entries of an add or replace whose every entry has only a path and
+    a dst, all of them valid, as passes of C over the columns of paths and of
+    dsts; None if any entry is anything else (_parse_adds then goes entry by
+    entry, so an error names the first bad one in the same words).
+
+    Few distinct dsts (one backend for all): a User each, shared by its
+    entries, as _parse_adds shares them. Mostly distinct (a port per user):
+    mtt.address.destinations parses the column, a User per entry."""
+    if set(map(type, bunch)) != {dict} or set(map(len, bunch)) != {2}:
+        return None
+    try:
+        paths: list[Any] = list(map(itemgetter("path"), bunch))
+        dsts: list[Any] = list(map(itemgetter("dst"), bunch))
+    except KeyError:
+        return None
+    if set(map(type, paths)) != {str} or set(map(type, dsts)) != {str}:
+        return None
+    if (
+        max(map(len, paths)) > max_path
+        or not all(map(str.startswith, paths, repeat("/")))
+        or _text_problem("".join(paths))
+    ):
+        return None
+    distinct = dict.fromkeys(dsts)
+    users: list[User]
+    columns: Columns | None = None
+    if 2 * len(distinct) > len(dsts):
+        parsed = destinations(dsts)
+        if parsed is None or (policy.rules and any(map(policy.problem, parsed))):
+            return None
+        users = list(map(User, parsed))
+        # A User each: the columns the store and the workers take them in.
+        columns = (paths, list(map(_HOST, parsed)), list(map(_PORT, parsed)))
+    else:
+        shared: dict[str, User] = {}
+        for text in distinct:
+            user = _plain_user(text, policy, parse_destination)
+            if user is None:
+                return None
+            shared[text] = user
+        users = list(map(shared.__getitem__, dsts))
+    return tuple(map(Entry, paths, users)), columns
 
 
 def _plain_user(dst: str, policy: DstPolicy, parse: Callable[[str], Destination]) -> User | None:
@@ -408,11 +514,15 @@ def _plain_user(dst: str, policy: DstPolicy, parse: Callable[[str], Destination]
 def _check_texts(entries: list[Entry]) -> None:
     """_check_path_text over every entry's path (entry i is args_bunch[i]): one
     search of the paths joined, then entry by entry only if that finds something."""
-    joined = "".join([e.path for e in entries])
-    if _CONTROL_CHARS.search(joined) is None and (joined.isascii() or _encodes(joined)):
+    if not _text_problem("".join([e.path for e in entries])):
         return
     for index, entry in enumerate(entries):
         _check_path_text(index, entry.path)
+
+
+def _text_problem(text: str) -> bool:
+    """True if text has a control character or a lone surrogate (not UTF-8)."""
+    return _CONTROL_CHARS.search(text) is not None or not (text.isascii() or _encodes(text))
 
 
 def _encodes(text: str) -> bool:

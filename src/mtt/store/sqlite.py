@@ -34,6 +34,7 @@ really is someone else's is called "not an mtt user database".
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -43,6 +44,8 @@ import os
 import sqlite3
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
+from operator import attrgetter, is_
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -150,6 +153,14 @@ _UPSERT_PLAIN = (
 """
     + _REPLACE_USER
 )
+# Such users of one host, each its own port (a port per user): one JSON object
+# {path: port}, one statement; 40,000 of them took 54 ms of CPU row by row, this 29.
+_UPSERT_PORTS = (
+    _INSERT_USERS
+    + """SELECT key, ?, value, 0, 0, 0, 0, 0, '' FROM json_each(?) WHERE true
+"""
+    + _REPLACE_USER
+)
 _LOAD = """
 SELECT path, host, port, rate, max_tunnels, max_ips, quota, expire,
     bytes_up, bytes_down, quota_used, total_tunnels, last_seen, mux
@@ -169,6 +180,9 @@ UPDATE users SET bytes_up = 0, bytes_down = 0, total_tunnels = 0,
 WHERE path = ?
 """
 _SET_REVISION = "INSERT OR REPLACE INTO meta (key, value) VALUES ('revision', ?)"
+# Fields of the entries of a change, for loops of C over the 40,000 of a bulk add.
+_PATH = attrgetter("path")
+_QUOTA_USED = attrgetter("quota_used")
 
 T = TypeVar("T")
 
@@ -299,7 +313,7 @@ class SqliteStore:
                 keep = {e.path for e in command.entries}
                 drop = [p for p in self._stored if p not in keep]
             try:
-                await self._run(self._commit_sync, command, drop, revision)
+                paths, fresh, quotas = await self._run(self._commit_sync, command, drop, revision)
             except sqlite3.Error as exc:
                 raise StoreError(f"writing {self.path}: {exc}") from None
             self.revision = revision
@@ -307,18 +321,27 @@ class SqliteStore:
             for path in drop:
                 stored.pop(path, None)
                 pending.pop(path, None)
-            for entry in command.entries:
-                counters = stored.get(entry.path)
-                if counters is None:
-                    counters = stored[entry.path] = Usage()
-                if entry.quota_used is not None:
-                    counters.quota_used = entry.quota_used
-                    delta = pending.get(entry.path)
-                    if delta is not None:
-                        delta.quota_used = 0  # the panel's value starts a new period
+            # A new user's counters start at zero: one loop of C for 40,000 entries.
+            collections.deque(map(stored.setdefault, paths, fresh), maxlen=0)
+            for path, quota_used in quotas:
+                stored[path].quota_used = quota_used
+                delta = pending.get(path)
+                if delta is not None:
+                    delta.quota_used = 0  # the panel's value starts a new period
             return revision
 
-    def _commit_sync(self, command: Command, drop: list[str], revision: int) -> None:
+    def _commit_sync(
+        self, command: Command, drop: list[str], revision: int
+    ) -> tuple[list[str], list[Usage], list[tuple[str, int]]]:
+        """The transaction; then, made here rather than on the event loop while
+        it waits, each entry's path, zeroed counters for it (kept if it is a new
+        user) and (path, quota_used) of the entries that set it."""
+        entries = command.entries
+        paths = list(map(_PATH, entries))
+        fresh = [Usage() for _ in entries]
+        quotas: list[tuple[str, int]] = []
+        if not all(map(is_, map(_QUOTA_USED, entries), repeat(None))):  # some set quota_used
+            quotas = [(e.path, e.quota_used) for e in entries if e.quota_used is not None]
         db = self._conn()
         with _transaction(db):
             if command.opt is Opt.RESET:
@@ -326,12 +349,13 @@ class SqliteStore:
             elif drop:
                 db.executemany("DELETE FROM users WHERE path = ?", ((p,) for p in drop))
             if command.entries:
-                _upsert(db, command.entries, self._json_each)
+                _upsert(db, command, self._json_each)
                 db.executemany(
                     "UPDATE users SET quota_used = ? WHERE path = ?",
-                    ((e.quota_used, e.path) for e in command.entries if e.quota_used is not None),
+                    ((quota_used, path) for path, quota_used in quotas),
                 )
             db.execute(_SET_REVISION, (revision,))
+        return paths, fresh, quotas
 
     async def add_usage(self, deltas: dict[str, Usage]) -> None:
         stored, pending = self._stored, self._pending
@@ -621,40 +645,83 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def _has_json_each(db: sqlite3.Connection) -> bool:
+    """json_each, and one that gives an object's keys unescaped (_UPSERT_PORTS
+    takes the paths from them)."""
+    key = '/"\\\u00e9'  # a quote, a backslash and a non-ASCII letter, each escaped in JSON
     try:
-        db.execute("SELECT count(*) FROM json_each('[]')").fetchone()
+        row = db.execute("SELECT key FROM json_each(?)", (json.dumps({key: 1}),)).fetchone()
     except sqlite3.OperationalError:  # built without JSON (SQLITE_OMIT_JSON, or before 3.38)
         return False
+    return bool(row == (key,))
+
+
+def _upsert(db: sqlite3.Connection, command: Command, json_each: bool) -> None:
+    """Write the users of these entries (a path given twice ends as its last
+    entry says). With json_each: each run of two or more entries sharing one
+    User (mtt.core.commands.runs) as one statement with the paths as a JSON
+    array, the single users of no limits and no mux of their own as one
+    statement per host with {path: port} as a JSON object, the rest row by
+    row. Each path is then written once, so the order of the statements does
+    not matter."""
+    entries: Sequence[Entry] = command.entries
+    if not json_each:
+        _upsert_rows(db, entries)
+        return
+    if _upsert_one_host(db, command):
+        return
+    last = dict(zip(map(_PATH, entries), entries, strict=True))
+    if len(last) != len(entries):  # a path twice: only its last entry counts
+        entries = list(last.values())
+    ports: dict[str, dict[str, int]] = {}  # host -> {path: port}
+    rows: list[tuple[Any, ...]] = []
+    for start, end in runs(entries):
+        entry = entries[start]
+        user = entry.user
+        if end - start > 1:
+            paths = json.dumps([e.path for e in entries[start:end]], ensure_ascii=False)
+            db.execute(_UPSERT_RUN, (*_row("", user)[1:], paths))
+        elif user.limits is NO_LIMITS and user.mux is None:
+            dst = user.dst
+            of_host = ports.get(dst.host)
+            if of_host is None:
+                of_host = ports[dst.host] = {}
+            of_host[entry.path] = dst.port
+        else:
+            rows.append(_row(entry.path, user))
+    for host, of_host in ports.items():
+        db.execute(_UPSERT_PORTS, (host, json.dumps(of_host, ensure_ascii=False)))
+    if rows:
+        db.executemany(_UPSERT, rows)
+
+
+def _upsert_one_host(db: sqlite3.Connection, command: Command) -> bool:
+    """A port each on one host (mtt.core.commands.plain_columns): the columns
+    taken whole, one statement; False, nothing written, for any other entries."""
+    plain = command.plain()
+    if plain is None or len(set(plain[1])) != 1:
+        return False
+    paths, hosts, ports = plain
+    of_host = dict(zip(paths, ports, strict=True))  # a path given twice: its last port
+    db.execute(_UPSERT_PORTS, (hosts[0], json.dumps(of_host, ensure_ascii=False)))
     return True
 
 
-def _upsert(db: sqlite3.Connection, entries: Sequence[Entry], json_each: bool) -> None:
-    """Write the users of these entries, in their order (a path given twice
-    ends as its last entry says): each run of two or more entries sharing one
-    User (mtt.core.commands.runs) as one statement with the paths as a JSON
-    array, the rest row by row, three values a row for a user of no limits
-    and no mux of its own."""
+def _upsert_rows(db: sqlite3.Connection, entries: Sequence[Entry]) -> None:
+    """Without json_each: row by row in order, three values a row for a user
+    of no limits and no mux of its own, nine for the others."""
     rows: list[tuple[Any, ...]] = []
     statement = _UPSERT_PLAIN  # of the rows not yet written
-    for start, end in runs(entries) if json_each else ((i, i + 1) for i in range(len(entries))):
-        entry = entries[start]
+    for entry in entries:
         user = entry.user
-        if end - start == 1:
-            if user.limits is NO_LIMITS and user.mux is None:
-                row, kind = (entry.path, user.dst.host, user.dst.port), _UPSERT_PLAIN
-            else:
-                row, kind = _row(entry.path, user), _UPSERT
-            if kind is not statement and rows:
-                db.executemany(statement, rows)
-                rows = []
-            statement = kind
-            rows.append(row)
-            continue
-        if rows:
+        if user.limits is NO_LIMITS and user.mux is None:
+            row, kind = (entry.path, user.dst.host, user.dst.port), _UPSERT_PLAIN
+        else:
+            row, kind = _row(entry.path, user), _UPSERT
+        if kind is not statement and rows:
             db.executemany(statement, rows)
             rows = []
-        paths = json.dumps([e.path for e in entries[start:end]], ensure_ascii=False)
-        db.execute(_UPSERT_RUN, (*_row("", user)[1:], paths))
+        statement = kind
+        rows.append(row)
     if rows:
         db.executemany(statement, rows)
 
