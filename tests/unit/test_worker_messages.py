@@ -321,23 +321,30 @@ def test_each_side_serves_what_the_other_sends() -> None:
 class Ends:
     caller: RpcChannel
     served: RpcChannel
-    served_raw: asyncio.StreamWriter  # the caller's peer socket, to write frames by hand
+    caller_end: channel.ControlConnection  # the served side's peer, to send frames by hand
     caller_task: asyncio.Task[None]
     served_task: asyncio.Task[None]
+
+
+async def connected_pair() -> tuple[channel.ControlConnection, channel.ControlConnection]:
+    a, b = socket.socketpair()
+    return await channel.connect(a), await channel.connect(b)
 
 
 @asynccontextmanager
 async def rpc_pair(handlers: Handlers) -> AsyncIterator[Ends]:
     """A caller with no handlers and a peer serving handlers, on one socketpair."""
-    a, b = socket.socketpair()
-    reader_a, writer_a = await asyncio.open_unix_connection(sock=a)
-    reader_b, writer_b = await asyncio.open_unix_connection(sock=b)
-    caller = RpcChannel(reader_a, writer_a, {}, "caller")
-    served = RpcChannel(reader_b, writer_b, handlers, "served")
+    end_a, end_b = await connected_pair()
+    # Each side's first message is its handshake (Init, Ready), taken before the RPC layer.
+    end_a.send(channel.encode(Ready().to_wire()))
+    end_b.send(channel.encode(Ready().to_wire()))
+    assert await end_a.first() == await end_b.first() == Ready().to_wire()
+    caller = RpcChannel(end_a, {}, "caller")
+    served = RpcChannel(end_b, handlers, "served")
     ends = Ends(
         caller,
         served,
-        writer_a,
+        end_a,
         asyncio.ensure_future(caller.run()),
         asyncio.ensure_future(served.run()),
     )
@@ -438,7 +445,7 @@ async def test_a_malformed_frame_ends_the_channel_as_a_protocol_error(
     caplog.set_level(logging.ERROR)
     calls: list[Any] = []
     async with rpc_pair({Admit: calls.append, Tokens: grant}) as ends:
-        ends.served_raw.write(frame(body))
+        ends.caller_end.send(frame(body))
         await asyncio.wait_for(ends.served_task, 10)
         assert not ends.served.open
     assert calls == []
@@ -455,3 +462,109 @@ async def test_a_malformed_reply_ends_the_channel_and_fails_the_call(
             await asyncio.wait_for(ends.caller.call(Tokens("/a", 0, 1)), 10)
         assert not ends.caller.open
     assert any("malformed 'tokens reply'" in m for m in protocol_errors(caplog))
+
+
+# -- framing: the channel's bytes, however they are read --------------------------
+
+MESSAGES = [EXAMPLES[i].to_wire() for i in (4, 6, 15, 16, 17)]  # Change, Collect, Admit, ...
+
+
+def test_frames_split_at_every_byte_give_the_same_messages() -> None:
+    stream = b"".join(channel.encode(m) for m in MESSAGES)
+    for cut in range(len(stream) + 1):
+        reader = channel.FrameReader(1 << 20)
+        bodies = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
+        assert [channel.parse_body(b) for b in bodies] == MESSAGES, cut
+        assert not reader.mid_message()
+
+
+def test_frames_fed_byte_by_byte_give_the_same_messages() -> None:
+    frames = [channel.encode(m) for m in MESSAGES]
+    stream = b"".join(frames)
+    ends = {sum(len(f) for f in frames[: k + 1]) for k in range(len(frames))}
+    reader = channel.FrameReader(1 << 20)
+    bodies: list[bytes] = []
+    for i in range(len(stream)):
+        bodies += reader.feed(stream[i : i + 1])
+        assert reader.mid_message() == (i + 1 not in ends)
+    assert [channel.parse_body(b) for b in bodies] == MESSAGES
+
+
+def test_a_length_over_the_bound_is_refused_before_its_body() -> None:
+    reader = channel.FrameReader(100)
+    assert reader.feed(struct.pack("!I", 100)[:2]) == []
+    assert reader.feed(struct.pack("!I", 100)[2:]) == []  # exactly the bound: waited for
+    reader = channel.FrameReader(100)
+    with pytest.raises(ProtocolError, match="control message of 101 bytes"):
+        reader.feed(struct.pack("!I", 101))
+    reader = channel.FrameReader(100)
+    assert reader.feed(b"\xff") == []  # the length so far: 1 byte of 4
+    with pytest.raises(ProtocolError, match="control message of 4294967295 bytes"):
+        reader.feed(b"\xff\xff\xff")
+
+
+def test_a_big_message_in_many_reads_arrives_whole() -> None:
+    body = json.dumps({"op": "collect", "pad": "x" * 300_000}).encode()
+    stream = channel.encode_body(body) + channel.encode({"op": "stop", "grace": 1})
+    reader = channel.FrameReader(1 << 20)
+    bodies: list[bytes] = []
+    for at in range(0, len(stream), 65536):
+        bodies += reader.feed(stream[at : at + 65536])
+    assert bodies == [body, b'{"op":"stop","grace":1}']
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1]", b"\xff\xfe", b'"text"'])
+def test_a_body_that_is_no_json_object_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(ProtocolError, match="control message is not"):
+        channel.parse_body(body)
+
+
+async def test_messages_sent_in_one_iteration_leave_in_one_write() -> None:
+    end_a, end_b = await connected_pair()
+    got: list[dict[str, Any]] = []
+    end_b.send(channel.encode(Ready().to_wire()))
+    end_a.send(channel.encode(Ready().to_wire()))
+    await end_a.first()
+    await end_b.first()
+    end_b.attach(got.append)
+    writes: list[bytes] = []
+    transport = end_a._transport
+    assert transport is not None
+    real_write = transport.write
+    transport.write = lambda data: (writes.append(bytes(data)), real_write(data))  # type: ignore[method-assign]
+    for message in MESSAGES:
+        end_a.send(channel.encode(message))
+    await asyncio.sleep(0)
+    assert len(writes) == 1
+    for _ in range(100):
+        if len(got) == len(MESSAGES):
+            break
+        await asyncio.sleep(0.01)
+    assert got == MESSAGES
+    end_a.close()
+    await asyncio.wait_for(end_b.closed, 5)
+    assert end_b.error is None
+
+
+async def test_a_channel_cut_mid_message_is_a_protocol_error() -> None:
+    end_a, end_b = await connected_pair()
+    end_a.send(channel.encode(Ready().to_wire()) + channel.encode(Stop(1).to_wire())[:7])
+    assert await end_b.first() == Ready().to_wire()
+    end_a.close()
+    await asyncio.wait_for(end_b.closed, 5)
+    assert end_b.error == "protocol error: control channel closed mid-message"
+
+
+async def test_messages_before_the_rpc_layer_attaches_wait_for_it() -> None:
+    end_a, end_b = await connected_pair()
+    end_a.send(b"".join(channel.encode(m) for m in [Ready().to_wire(), *MESSAGES]))
+    assert await end_b.first() == Ready().to_wire()
+    for _ in range(100):  # until every message is in, before anything attached
+        if len(end_b._early) == len(MESSAGES):
+            break
+        await asyncio.sleep(0.01)
+    got: list[dict[str, Any]] = []
+    end_b.attach(got.append)
+    assert got == MESSAGES
+    end_a.close()
+    end_b.close()

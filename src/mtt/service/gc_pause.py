@@ -18,9 +18,7 @@ again, and only if it was enabled when the first one came in.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Iterator
 
 
 class CollectionPause:
@@ -32,18 +30,21 @@ class CollectionPause:
         self._depth = 0
         self._was_enabled = False
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> CollectionPause:
+        """`with PAUSE.paused():` (a plain context manager: it is entered
+        for every message a worker or the supervisor gets)."""
+        return self
+
+    def __enter__(self) -> None:
         if self._depth == 0:
             self._was_enabled = gc.isenabled()
             gc.disable()
         self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0 and self._was_enabled:
-                gc.enable()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._was_enabled:
+            gc.enable()
 
 
 PAUSE = CollectionPause()

@@ -16,7 +16,6 @@ channel carries on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
@@ -52,20 +51,23 @@ def encode_request(request: Request[Any]) -> bytes:
 
 
 class RpcChannel:
+    """Requests, replies and notifications over one ControlConnection, served
+    as they arrive: each message is handled inside the read that completed it."""
+
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        connection: channel.ControlConnection,
         handlers: Handlers,
         name: str,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._connection = connection
         self._handlers = handlers
         self._name = name
         self._next_id = 0
         self._waiting: dict[int, tuple[Request[Any], asyncio.Future[Any]]] = {}
         self.open = True
+        connection.closed.add_done_callback(self._closed)
+        connection.attach(self._received)
 
     async def call(self, request: Request[R]) -> R:
         return await self.call_encoded(request, encode_request(request))
@@ -78,34 +80,39 @@ class RpcChannel:
         request_id = self._next_id
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = (request, future)
-        self._writer.write(channel.encode_body(b'{"id":%d,' % request_id + body[1:]))
+        self._connection.send(channel.encode_body(b'{"id":%d,' % request_id + body[1:]))
         try:
-            await self._writer.drain()
+            await self._connection.drain()
             return await future
         finally:
             self._waiting.pop(request_id, None)
 
     def notify(self, message: Notification) -> None:
-        if self.open and not self._writer.is_closing():
-            self._writer.write(channel.encode(message.to_wire()))
+        if self.open:
+            self._connection.send(channel.encode(message.to_wire()))
+
+    async def drain(self) -> None:
+        """Wait until what was sent has left for the kernel's buffer."""
+        await self._connection.drain()
 
     async def run(self) -> None:
-        """Dispatch incoming messages until the channel ends."""
-        try:
-            while (data := await channel.read_message(self._reader)) is not None:
-                if "re" in data:
-                    self._answered(data)
-                else:
-                    self._dispatch(data)
-        except ProtocolError as exc:
-            log.error("%s: control channel: protocol error: %s", self._name, exc)
-        except ConnectionError as exc:
-            log.error("%s: control channel: %s", self._name, exc)
-        finally:
-            self.open = False
-            for _, future in self._waiting.values():
-                if not future.done():
-                    future.set_exception(ConnectionError(f"{self._name}: channel closed"))
+        """Wait until the channel ends (messages are served as they arrive)."""
+        await asyncio.shield(self._connection.closed)
+
+    def _closed(self, _: asyncio.Future[None]) -> None:
+        self.open = False
+        error = self._connection.error
+        if error is not None:
+            log.error("%s: control channel: %s", self._name, error)
+        for _request, future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"{self._name}: channel closed"))
+
+    def _received(self, data: Wire) -> None:
+        if "re" in data:
+            self._answered(data)
+        else:
+            self._dispatch(data)
 
     def _answered(self, data: Wire) -> None:
         request_id = data["re"]
@@ -171,10 +178,10 @@ class RpcChannel:
             self._send_reply(request_id, Failed(f"{type(exc).__name__}: {exc}"))
 
     def _send_reply(self, request_id: int, reply: Reply) -> None:
-        if self.open and not self._writer.is_closing():
-            self._writer.write(channel.encode({**reply.to_wire(), "re": request_id}))
+        if self.open:
+            self._connection.send(channel.encode({**reply.to_wire(), "re": request_id}))
 
     def close(self) -> None:
+        """Send what is queued, then end the channel."""
         self.open = False
-        with contextlib.suppress(Exception):
-            self._writer.close()
+        self._connection.close()

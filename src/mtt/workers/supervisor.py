@@ -87,13 +87,17 @@ class Worker:
             )
         finally:
             child.close()
-        reader, writer = await asyncio.open_unix_connection(sock=parent)
-        writer.write(channel.encode(init.to_wire()))
-        async with asyncio.timeout(ready_within):
-            data = await channel.read_message(reader)
-        if data is None or not isinstance(decode(data), Ready):
-            raise ProtocolError(f"worker {self.index} did not start: {data}")
-        self.rpc = RpcChannel(reader, writer, self.handlers, f"worker {self.index}")
+        connection = await channel.connect(parent)
+        connection.send(channel.encode(init.to_wire()))
+        try:
+            async with asyncio.timeout(ready_within):
+                data = await connection.first()
+            if data is None or not isinstance(decode(data), Ready):
+                raise ProtocolError(f"worker {self.index} did not start: {data}")
+        except BaseException:
+            connection.close()
+            raise
+        self.rpc = RpcChannel(connection, self.handlers, f"worker {self.index}")
         self.answered = asyncio.get_running_loop().time()
         self.ready = True
         self.channel_task = spawn(self._run(self.rpc), name=f"worker {self.index} channel")

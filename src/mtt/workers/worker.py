@@ -128,8 +128,8 @@ class WorkerControl:
 
 async def run(index: int, listen_fd: int, control_fd: int) -> None:
     listen_sock = socket.socket(fileno=listen_fd)
-    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=control_fd))
-    data = await channel.read_message(reader)
+    connection = await channel.connect(socket.socket(fileno=control_fd))
+    data = await connection.first()
     if data is None:
         return
     init = decode(data)
@@ -160,8 +160,8 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         server.set_challenges(init.challenges)
     await server.start(listen_sock)
     control = WorkerControl(agent, server)
-    link.rpc = rpc = RpcChannel(reader, writer, control.handlers, f"worker {index}")
-    writer.write(channel.encode(Ready().to_wire()))
+    link.rpc = rpc = RpcChannel(connection, control.handlers, f"worker {index}")
+    connection.send(channel.encode(Ready().to_wire()))
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -178,8 +178,8 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
     await server.drain(grace)
     trimming.cancel()
     rpc.notify(Final(agent.collect()))
-    with contextlib.suppress(OSError):
-        await writer.drain()
+    with contextlib.suppress(ConnectionError):
+        await rpc.drain()
     reading.cancel()
     rpc.close()
 
