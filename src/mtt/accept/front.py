@@ -111,7 +111,7 @@ class FrontProtocol(asyncio.Protocol):
         self._fallback = fallback
         self._raw = bytearray()  # what the client sent, replayed to a fallback site
         self._transport: asyncio.Transport | None = None
-        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_request_head)
+        self._h11: h11.Connection | None = None  # made when a request needs it (_http)
         self._timer: asyncio.TimerHandle | None = None
         self._done = False
         self._requests = 0
@@ -131,6 +131,15 @@ class FrontProtocol(asyncio.Protocol):
         self._discarding = False  # answered; reading the rest of the request's body
         self._h11_fed = False  # h11 has seen bytes: no quick parse any more
         self._trailing: bytes | None = None  # after a quickly parsed head (h11 keeps its own)
+
+    @property
+    def _http(self) -> h11.Connection:
+        """h11, made on first use: a tunnel's upgrade parsed by _quick never needs it."""
+        if self._h11 is None:
+            self._h11 = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=self._limits.max_request_head
+            )
+        return self._h11
 
     def plain_http_on_tls_port(self) -> None:
         """This connection sent plain HTTP to the TLS listener (first_bytes.py):
