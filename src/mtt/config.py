@@ -123,6 +123,9 @@ class Limits:
     # Largest message on the supervisor-worker channel: a full snapshot of a million users
     # is well below this; a larger length is a broken channel.
     max_worker_message: int = 1 << 30
+    # Messages queued on that channel are written at once, not at the end of the loop
+    # iteration, when a sender waits for room and they add up to this much.
+    worker_write_at: int = 64 * KiB
     # A started worker must say it is ready within this ...
     worker_start_timeout: float = 30.0
     # ... and apply a change within this, or it is restarted ...

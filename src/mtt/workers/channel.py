@@ -29,7 +29,6 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _DECODER = json.JSONDecoder()
 
 Sink = Callable[[dict[str, Any]], None]
-_BIG = 64 * 1024  # queued messages this large are written at once when their sender drains
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -190,7 +189,7 @@ class ControlConnection(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait while the transport holds more than its high-water mark
         (what is queued still leaves at the end of this iteration)."""
-        if sum(map(len, self._out)) > _BIG:
+        if sum(map(len, self._out)) > _LIMITS.worker_write_at:
             self._flush()  # big messages: the transport says now whether that is too much
         if not self.is_open:
             raise ConnectionError("control channel closed")
