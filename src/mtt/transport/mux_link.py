@@ -192,20 +192,31 @@ class MuxLink(Generic[S, P]):
             self._protocol_error(exc)
             self.finish(WSCloseCode.PROTOCOL_ERROR)
             return
+        self._dispatch(events)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        """Hand events to the streams. Data is nearly every event: it is handled
+        here, and the user's meter charged once for all of it (a pause that asks
+        for holds the next message; this one is read already)."""
+        streams = self.streams
+        up = 0
         for event in events:
-            self._handle(event)
+            if type(event) is StreamData:
+                data = event.data
+                up += len(data)
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.peer_data(data)
+                else:
+                    self.mux.consumed(event.stream_id, len(data))
+            else:
+                self._handle(event)
+        meter = self.meter
+        if up and meter is not None:
+            meter.count_up(up, self)
 
     def _handle(self, event: Event) -> None:
-        if isinstance(event, StreamData):
-            meter = self.meter
-            if meter is not None:
-                meter.count_up(len(event.data), self)
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.peer_data(event.data)
-            else:
-                self.mux.consumed(event.stream_id, len(event.data))
-        elif isinstance(event, StreamOpened):
+        if isinstance(event, StreamOpened):
             self._stream_opened(event.stream_id)
         elif isinstance(event, StreamEnded):
             stream = self.streams.get(event.stream_id)
@@ -249,8 +260,7 @@ class MuxLink(Generic[S, P]):
         if self.closed:
             return
         self.now = now
-        for event in self.mux.handle_timer(now):
-            self._handle(event)
+        self._dispatch(self.mux.handle_timer(now))
         if sweep and not self.closed:
             timeout = self._idle_timeout
             for stream in [s for s in self.streams.values() if now - s.last_activity >= timeout]:
