@@ -160,7 +160,7 @@ class MuxStream:
             self._outbound = data[taken:]
             if self._dst is not None:
                 self._dst.pause_reading()
-        t.flush()
+        t.flush_soon()
 
     def writable(self) -> None:
         """v2: the peer opened its window again."""

@@ -66,6 +66,9 @@ class MuxSession(Protocol):
     @property
     def stream_count(self) -> int: ...
 
+    @property
+    def pending_output(self) -> int: ...
+
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]: ...
 
     def data_to_send(self) -> bytes: ...
@@ -126,6 +129,8 @@ class MuxLink(Generic[S, P]):
         self._linger: asyncio.TimerHandle | None = None
         self._ws: WSTransport | None = None
         self._write: Callable[[bytes], None] = _nowhere
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_at = 0  # queued output that is sent at once, not at the iteration's end
         self._reading_paused = False
         self._timer = SessionTimer(self.loop, idle_timeout, sweep, self._on_timer)
         super().__init__()  # the role's listener
@@ -142,6 +147,7 @@ class MuxLink(Generic[S, P]):
         self._ws = ws
         ws.underlying_transport.set_write_buffer_limits(high=write_high_water)
         self._write = write
+        self._flush_at = write_high_water
 
     def restart_session(self) -> None:
         """A fresh session whose clocks start now (a client's, once its WebSocket is up)."""
@@ -233,12 +239,34 @@ class MuxLink(Generic[S, P]):
             self.finish(WSCloseCode.OK)
 
     def flush(self) -> None:
-        """Send what the session queued."""
+        """Send what the session queued, now."""
         out = self.mux.data_to_send()
         if out:
             ws = self._ws
             if ws is not None and not ws.underlying_transport.is_closing():
                 self._write(out)
+
+    def flush_soon(self) -> None:
+        """Send what the session queued at the end of this loop iteration: what
+        the streams queue in one iteration (replies, FINs, dst data) then
+        leaves as one message, one TLS record and one send instead of one each.
+        Past the write high-water mark it goes now, so back-pressure still
+        comes from the transport's buffer."""
+        if self._flush_handle is not None:
+            if self.mux.pending_output >= self._flush_at:
+                self.flush()
+            return
+        pending = self.mux.pending_output
+        if not pending:
+            return
+        if pending >= self._flush_at:
+            self.flush()
+        else:
+            self._flush_handle = self.loop.call_soon(self._flush_queued)
+
+    def _flush_queued(self) -> None:
+        self._flush_handle = None
+        self.flush()
 
     def after_consume(self) -> None:
         """Pause or resume reading the WebSocket by the receive budget, then flush."""
@@ -254,7 +282,7 @@ class MuxLink(Generic[S, P]):
                     transport.pause_reading()
                 else:
                     transport.resume_reading()
-        self.flush()
+        self.flush_soon()
 
     def _on_timer(self, now: float, sweep: bool) -> None:
         if self.closed:
@@ -275,6 +303,9 @@ class MuxLink(Generic[S, P]):
             return
         self.closed = True
         self._timer.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         self._end_streams()
         self.flush()
         self.mux.close()
