@@ -94,13 +94,13 @@ class MuxStream:
 
     def start(self) -> None:
         t = self._tunnel
-        self._dial_task = spawn(self._dial(), name=f"dial {t.dst} for {t.peer} stream {self.sid}")
+        self._dial_task = spawn(self._dial(), f"{t.dial_name}{self.sid}", t.loop)
 
     async def _dial(self) -> None:
         t = self._tunnel
         limits = t.limits
         try:
-            await dial(self, t.dst, limits.connect_timeout, t.dst_high_water)
+            await dial(self, t.dst, limits.connect_timeout, t.dst_high_water, t.loop)
         except (OSError, TimeoutError) as exc:
             STATS.dial_failed(exc)
             reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or repr(exc))
@@ -287,6 +287,7 @@ class MuxTunnel(MuxLink[MuxStream, MuxSession], CheckedListener):
         self._account = account
         self.dst = account.user.dst
         self.peer = peer
+        self.dial_name = f"dial {self.dst} for {peer} stream "  # + the stream id: a task's name
         self.path = account.path
         self.limits = limits
         self._registry = registry
