@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 
 from mtt.errors import SmuxProtocolError
-from mtt.smux.frames import MAX_PAYLOAD, Cmd, FrameDecoder, RawFrame, decode_upd
+from mtt.smux.frames import MAX_PAYLOAD, Cmd, FrameDecoder, decode_upd
 
 __all__ = [
     "INITIAL_PEER_WINDOW",
@@ -241,55 +241,53 @@ class SmuxSession:
         if len(data):
             # Any byte from the peer proves it is alive (Go: dataReady per header).
             self._last_received = now
+        # One function for the whole message: it runs for every WebSocket frame.
         try:
-            return self._events(self._decoder.feed_raw(data))
+            events: list[Event] = []
+            streams = self._streams
+            for version, cmd, sid, payload in self._decoder.feed_raw(data):
+                if version != self._version or not self._adopted:
+                    self._adopt(version)
+                if cmd == _PSH:
+                    stream = streams.get(sid)
+                    # Unknown stream: Go reads and drops the payload. After FIN we drop
+                    # too, since the I/O layer has already reported EOF to the app.
+                    if stream is None or stream.fin_received or not payload:
+                        continue
+                    n = len(payload)
+                    stream.unconsumed += n
+                    self._buffered += n
+                    events.append(StreamData(sid, payload))
+                elif cmd == _NOP:
+                    continue
+                elif cmd == _SYN:
+                    if sid in streams:
+                        continue  # duplicate SYN: Go ignores it
+                    if self._is_client or len(streams) >= self._config.max_streams:
+                        self._queue(_FIN, sid)
+                        events.append(StreamRefused(sid))
+                    else:
+                        streams[sid] = _Stream()
+                        events.append(StreamOpened(sid))
+                elif cmd == _FIN:
+                    stream = streams.get(sid)
+                    if stream is not None and not stream.fin_received:
+                        stream.fin_received = True
+                        events.append(StreamEnded(sid))
+                else:  # UPD; the decoder already rejected it in version 1
+                    stream = streams.get(sid)
+                    if stream is None:
+                        continue
+                    stream.peer_consumed, stream.peer_window = decode_upd(payload)
+                    if self._window(stream) > 0:
+                        if stream.blocked:
+                            stream.blocked = False
+                            events.append(StreamWritable(sid))
+                    else:
+                        stream.blocked = True
         except SmuxProtocolError:
             self.close()
             raise
-
-    def _events(self, frames: list[RawFrame]) -> list[Event]:
-        events: list[Event] = []
-        streams = self._streams
-        for version, cmd, sid, payload in frames:
-            if version != self._version or not self._adopted:
-                self._adopt(version)
-            if cmd == _PSH:
-                stream = streams.get(sid)
-                # Unknown stream: Go reads and drops the payload. After FIN we drop
-                # too, since the I/O layer has already reported EOF to the app.
-                if stream is None or stream.fin_received or not payload:
-                    continue
-                n = len(payload)
-                stream.unconsumed += n
-                self._buffered += n
-                events.append(StreamData(sid, payload))
-            elif cmd == _NOP:
-                continue
-            elif cmd == _SYN:
-                if sid in streams:
-                    continue  # duplicate SYN: Go ignores it
-                if self._is_client or len(streams) >= self._config.max_streams:
-                    self._queue(_FIN, sid)
-                    events.append(StreamRefused(sid))
-                else:
-                    streams[sid] = _Stream()
-                    events.append(StreamOpened(sid))
-            elif cmd == _FIN:
-                stream = streams.get(sid)
-                if stream is not None and not stream.fin_received:
-                    stream.fin_received = True
-                    events.append(StreamEnded(sid))
-            else:  # UPD; the decoder already rejected it in version 1
-                stream = streams.get(sid)
-                if stream is None:
-                    continue
-                stream.peer_consumed, stream.peer_window = decode_upd(payload)
-                if self._window(stream) > 0:
-                    if stream.blocked:
-                        stream.blocked = False
-                        events.append(StreamWritable(sid))
-                else:
-                    stream.blocked = True
         return events
 
     def _adopt(self, version: int) -> None:

@@ -164,7 +164,16 @@ class MuxLink(Generic[S, P]):
         if self.hold_reading:
             self._held.append(frame.get_payload_as_bytes())
             return
-        self.receive(frame.get_payload_as_memoryview())
+        # receive(), inline: this runs for every WebSocket frame.
+        self.now = now = self.loop.time()
+        try:
+            events = self.mux.receive_data(frame.get_payload_as_memoryview(), now)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            self.finish(WSCloseCode.PROTOCOL_ERROR)
+            return
+        if events:  # none for a frame that only starts an smux frame
+            self._dispatch(events)
         self.after_consume()
 
     def release_held(self, all_of_it: bool = False) -> None:
@@ -273,7 +282,8 @@ class MuxLink(Generic[S, P]):
         ws = self._ws
         if ws is None or self.closed:
             return
-        paused = self.mux.reading_paused() or self.hold_reading
+        mux = self.mux
+        paused = mux.reading_paused() or self.hold_reading
         if paused != self._reading_paused:
             self._reading_paused = paused
             transport = ws.underlying_transport
@@ -282,7 +292,8 @@ class MuxLink(Generic[S, P]):
                     transport.pause_reading()
                 else:
                     transport.resume_reading()
-        self.flush_soon()
+        if self._flush_handle is not None or mux.pending_output:
+            self.flush_soon()
 
     def _on_timer(self, now: float, sweep: bool) -> None:
         if self.closed:
