@@ -165,6 +165,24 @@ def test_a_whole_psh_after_a_pending_tail_is_not_read_from_its_own_start() -> No
     assert decoder.feed(second[9:]) == [Frame(1, Cmd.PSH, 5, b"defgh")]
 
 
+def test_a_psh_split_three_ways_survives_the_caller_reusing_its_buffer() -> None:
+    # The WebSocket layer hands each frame's payload in one reused buffer: the
+    # pieces of a PSH kept between feeds must be copies.
+    payload = bytes(i % 253 for i in range(16384))
+    wire = encode_frame(1, Cmd.PSH, 3, payload) + encode_frame(1, Cmd.FIN, 3)
+    for a, b in [(1, 2), (8, 9), (8, 16384), (100, 16391), (16391, 16392), (16392, 16399)]:
+        decoder = FrameDecoder()
+        scratch = bytearray(len(wire))
+        got = []
+        for lo, hi in ((0, a), (a, b), (b, len(wire))):
+            scratch[: hi - lo] = wire[lo:hi]
+            got += decoder.feed_raw(memoryview(scratch)[: hi - lo])
+            scratch[:] = b"\xee" * len(scratch)
+        assert got == [(1, int(Cmd.PSH), 3, payload), (1, int(Cmd.FIN), 3, b"")], (a, b)
+        assert all(type(f[3]) is bytes for f in got)
+        assert decoder.pending == 0
+
+
 @pytest.mark.parametrize("extra", [b"", b"\x01"])
 def test_an_exact_length_psh_with_a_bad_version_is_still_rejected(extra: bytes) -> None:
     wire = struct.pack("<BBHI", 3, int(Cmd.PSH), 2 + len(extra), 3) + b"ab" + extra
