@@ -26,7 +26,9 @@ class DstConnection(asyncio.Protocol):
 
     Writes are gathered until the end of the loop iteration and go out as one:
     one read of the client's socket holds many WebSocket messages (or smux
-    frames), and a write syscall for each was a third of the upload's CPU."""
+    frames), and a write syscall for each was a third of the upload's CPU.
+    They go as a list (writev), not joined: a join was one more copy of every
+    byte of a busy upload."""
 
     __slots__ = ("_high_water", "_loop", "_owner", "_pending", "transport")
 
@@ -96,7 +98,10 @@ class DstConnection(asyncio.Protocol):
         transport = self.transport
         if not pending or transport is None or transport.is_closing():
             return
-        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if len(pending) == 1:
+            transport.write(pending[0])
+        else:
+            transport.writelines(pending)  # uvloop: one writev, no join into a new copy
 
     def pause_reading(self) -> None:
         transport = self.transport
