@@ -135,7 +135,7 @@ class FrameDecoder:
     def feed_raw(self, data: bytes | bytearray | memoryview) -> list[RawFrame]:
         """feed() as tuples with the cmd as an int: a frame object per 16 KiB of
         data was a measurable share of a busy session's CPU."""
-        view = memoryview(data)
+        view = data if type(data) is memoryview else memoryview(data)
         if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")
         frames: list[RawFrame] = []
@@ -168,10 +168,23 @@ class FrameDecoder:
         end = len(view)
         if not frames and end >= HEADER_SIZE:
             version, cmd, length, stream_id = _HEADER.unpack_from(view)
-            if cmd == _PSH and end == HEADER_SIZE + length and version in {1, 2}:
-                # Common case: the message is exactly one PSH frame (Go's smux writes
-                # one frame per Write, which becomes one WebSocket message).
-                return [(version, _PSH, stream_id, bytes(view[HEADER_SIZE:]) if length else b"")]
+            if cmd == _PSH and version in {1, 2}:
+                # Common cases: the message is exactly one PSH frame (Go's smux writes
+                # one frame per Write, which becomes one WebSocket message), or the
+                # start of one that gorilla split.
+                stop = HEADER_SIZE + length
+                if end == stop:
+                    return [
+                        (version, _PSH, stream_id, bytes(view[HEADER_SIZE:]) if length else b"")
+                    ]
+                if end < stop:
+                    self._left = stop - end
+                    self._got = end - HEADER_SIZE
+                    self._version = version
+                    self._sid = stream_id
+                    if end > HEADER_SIZE:
+                        self._pieces.append(bytes(view[HEADER_SIZE:]))
+                    return frames
         # Nothing pending: parse the caller's bytes in place and keep only the tail
         # of an incomplete frame.
         used = self._parse(view, frames)
