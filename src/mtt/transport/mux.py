@@ -160,7 +160,9 @@ class MuxStream:
             self._outbound = data[taken:]
             if self._dst is not None:
                 self._dst.pause_reading()
-        t.flush_soon()
+        # Now, not at the iteration's end: a reply is what a new stream waits for,
+        # and gathering them measured slower for new streams (and no better in CPU).
+        t.flush()
 
     def writable(self) -> None:
         """v2: the peer opened its window again."""
