@@ -127,6 +127,69 @@ def test_big_psh_in_tiny_pieces_is_accumulated_not_preallocated() -> None:
     assert decoder.pending == 0
 
 
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("size", [0, 1, 16384, 0xFFFF])
+def test_a_message_of_exactly_one_psh_is_one_raw_frame(version: int, size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    message = bytearray(encode_frame(version, Cmd.PSH, 7, payload))
+    decoder = FrameDecoder()
+    got = decoder.feed_raw(memoryview(message))
+    assert got == [(version, int(Cmd.PSH), 7, payload)]
+    assert type(got[0][3]) is bytes
+    assert decoder.pending == 0
+    # The payload is a copy: the WebSocket layer reuses the message's buffer.
+    message[HEADER_SIZE:] = b"\0" * size
+    assert got[0][3] == payload
+
+
+def test_one_psh_message_split_at_every_byte_gives_the_same_frame() -> None:
+    wire = encode_frame(1, Cmd.PSH, 3, bytes(range(200)))
+    whole = FrameDecoder().feed_raw(wire)
+    for cut in range(len(wire) + 1):
+        decoder = FrameDecoder()
+        assert decoder.feed_raw(wire[:cut]) + decoder.feed_raw(wire[cut:]) == whole, cut
+        assert decoder.pending == 0
+
+
+def test_a_whole_psh_after_a_pending_tail_is_not_read_from_its_own_start() -> None:
+    first = encode_frame(1, Cmd.PSH, 3, b"abc")
+    second = encode_frame(1, Cmd.PSH, 5, b"defgh")
+    decoder = FrameDecoder()
+    assert decoder.feed(first[:5]) == []
+    # second alone would be one whole frame, but it follows first's held bytes.
+    assert decoder.feed(first[5:] + second) == [
+        Frame(1, Cmd.PSH, 3, b"abc"),
+        Frame(1, Cmd.PSH, 5, b"defgh"),
+    ]
+    assert decoder.feed(second[:9]) == []
+    assert decoder.feed(second[9:]) == [Frame(1, Cmd.PSH, 5, b"defgh")]
+
+
+def test_a_psh_split_three_ways_survives_the_caller_reusing_its_buffer() -> None:
+    # The WebSocket layer hands each frame's payload in one reused buffer: the
+    # pieces of a PSH kept between feeds must be copies.
+    payload = bytes(i % 253 for i in range(16384))
+    wire = encode_frame(1, Cmd.PSH, 3, payload) + encode_frame(1, Cmd.FIN, 3)
+    for a, b in [(1, 2), (8, 9), (8, 16384), (100, 16391), (16391, 16392), (16392, 16399)]:
+        decoder = FrameDecoder()
+        scratch = bytearray(len(wire))
+        got = []
+        for lo, hi in ((0, a), (a, b), (b, len(wire))):
+            scratch[: hi - lo] = wire[lo:hi]
+            got += decoder.feed_raw(memoryview(scratch)[: hi - lo])
+            scratch[:] = b"\xee" * len(scratch)
+        assert got == [(1, int(Cmd.PSH), 3, payload), (1, int(Cmd.FIN), 3, b"")], (a, b)
+        assert all(type(f[3]) is bytes for f in got)
+        assert decoder.pending == 0
+
+
+@pytest.mark.parametrize("extra", [b"", b"\x01"])
+def test_an_exact_length_psh_with_a_bad_version_is_still_rejected(extra: bytes) -> None:
+    wire = struct.pack("<BBHI", 3, int(Cmd.PSH), 2 + len(extra), 3) + b"ab" + extra
+    with pytest.raises(SmuxProtocolError, match="unsupported version 3"):
+        FrameDecoder().feed_raw(wire)
+
+
 def test_leftover_is_kept_when_nothing_was_pending() -> None:
     wire = encode_frame(1, Cmd.PSH, 3, b"abc") + encode_frame(1, Cmd.PSH, 5, b"defg")
     decoder = FrameDecoder()

@@ -93,6 +93,22 @@ def test_session_split_invariance(frames: list[Frame], cuts: list[int], is_clien
     assert session_events(split(wire, cuts), is_client, version) == whole
 
 
+@SETTINGS
+@given(frame_lists(), st.booleans())
+def test_one_frame_per_message_is_read_as_byte_by_byte(
+    frames: list[Frame], is_client: bool
+) -> None:
+    # A message that is exactly one frame takes the decoder's short way; it must
+    # give the same events, budget and output as the bytes fed one at a time.
+    version = frames[0].version if frames else 1
+    wire = encode(frames)
+    per_frame = [encode([f]) for f in frames]
+    one_by_one = [wire[i : i + 1] for i in range(len(wire))]
+    assert session_events(per_frame, is_client, version) == session_events(
+        one_by_one, is_client, version
+    )
+
+
 garbage = st.one_of(
     st.binary(max_size=200),
     # Mostly valid headers with odd fields, to get past the first check.

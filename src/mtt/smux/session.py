@@ -100,9 +100,12 @@ class StreamOpened:
     stream_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamData:
-    """Bytes for a stream; call consumed() once they have left the process."""
+    """Bytes for a stream; call consumed() once they have left the process.
+
+    Not frozen, unlike the other events: one is made per data frame, and a
+    frozen dataclass's __init__ costs about three times a plain one's."""
 
     stream_id: int
     data: bytes
@@ -235,71 +238,72 @@ class SmuxSession:
         """Feed peer bytes; events in wire order. Bad bytes close the session."""
         if self._closed:
             raise SmuxProtocolError("smux: session is closed")
-        try:
-            return self._receive(data, now)
-        except SmuxProtocolError:
-            self.close()
-            raise
-
-    def _receive(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
         if len(data):
             # Any byte from the peer proves it is alive (Go: dataReady per header).
             self._last_received = now
-        frames = self._decoder.feed(data)
-        events: list[Event] = []
-        streams = self._streams
-        for frame in frames:
-            if frame.version != self._version:
-                if self._adopted:
-                    raise SmuxProtocolError(
-                        f"smux: version {frame.version} frame in a version {self._version} session"
-                    )
-                self._version = frame.version
-            if not self._adopted:
-                self._adopted = True
-                if self._nop_owed:
-                    self._nop_owed = False
-                    self._queue(_NOP, 0)
-            cmd = frame.cmd
-            sid = frame.stream_id
-            if cmd == _PSH:
-                stream = streams.get(sid)
-                # Unknown stream: Go reads and drops the payload. After FIN we drop
-                # too, since the I/O layer has already reported EOF to the app.
-                if stream is None or stream.fin_received or not frame.payload:
+        # One function for the whole message: it runs for every WebSocket frame.
+        try:
+            events: list[Event] = []
+            streams = self._streams
+            for version, cmd, sid, payload in self._decoder.feed_raw(data):
+                if version != self._version or not self._adopted:
+                    self._adopt(version)
+                if cmd == _PSH:
+                    stream = streams.get(sid)
+                    # Unknown stream: Go reads and drops the payload. After FIN we drop
+                    # too, since the I/O layer has already reported EOF to the app.
+                    if stream is None or stream.fin_received or not payload:
+                        continue
+                    n = len(payload)
+                    stream.unconsumed += n
+                    self._buffered += n
+                    events.append(StreamData(sid, payload))
+                elif cmd == _NOP:
                     continue
-                n = len(frame.payload)
-                stream.unconsumed += n
-                self._buffered += n
-                events.append(StreamData(sid, frame.payload))
-            elif cmd == _NOP:
-                continue
-            elif cmd == _SYN:
-                if sid in streams:
-                    continue  # duplicate SYN: Go ignores it
-                if self._is_client or len(streams) >= self._config.max_streams:
-                    self._queue(_FIN, sid)
-                    events.append(StreamRefused(sid))
-                else:
-                    streams[sid] = _Stream()
-                    events.append(StreamOpened(sid))
-            elif cmd == _FIN:
-                stream = streams.get(sid)
-                if stream is not None and not stream.fin_received:
-                    stream.fin_received = True
-                    events.append(StreamEnded(sid))
-            else:  # UPD; the decoder already rejected it in version 1
-                stream = streams.get(sid)
-                if stream is None:
-                    continue
-                stream.peer_consumed, stream.peer_window = decode_upd(frame.payload)
-                if self._window(stream) > 0:
-                    if stream.blocked:
-                        stream.blocked = False
-                        events.append(StreamWritable(sid))
-                else:
-                    stream.blocked = True
+                elif cmd == _SYN:
+                    if sid in streams:
+                        continue  # duplicate SYN: Go ignores it
+                    if self._is_client or len(streams) >= self._config.max_streams:
+                        self._queue(_FIN, sid)
+                        events.append(StreamRefused(sid))
+                    else:
+                        streams[sid] = _Stream()
+                        events.append(StreamOpened(sid))
+                elif cmd == _FIN:
+                    stream = streams.get(sid)
+                    if stream is not None and not stream.fin_received:
+                        stream.fin_received = True
+                        events.append(StreamEnded(sid))
+                else:  # UPD; the decoder already rejected it in version 1
+                    stream = streams.get(sid)
+                    if stream is None:
+                        continue
+                    stream.peer_consumed, stream.peer_window = decode_upd(payload)
+                    if self._window(stream) > 0:
+                        if stream.blocked:
+                            stream.blocked = False
+                            events.append(StreamWritable(sid))
+                    else:
+                        stream.blocked = True
+        except SmuxProtocolError:
+            self.close()
+            raise
         return events
+
+    def _adopt(self, version: int) -> None:
+        """A server takes the version of the peer's first frame; after that a
+        frame in the other version is an error."""
+        if version != self._version:
+            if self._adopted:
+                raise SmuxProtocolError(
+                    f"smux: version {version} frame in a version {self._version} session"
+                )
+            self._version = version
+        if not self._adopted:
+            self._adopted = True
+            if self._nop_owed:
+                self._nop_owed = False
+                self._queue(_NOP, 0)
 
     # -- output -------------------------------------------------------------
 
@@ -389,7 +393,7 @@ class SmuxSession:
         """The app took nbytes of this stream: free budget, maybe send UPD (v2)."""
         if nbytes <= 0:
             return
-        orphaned = self._orphaned.get(stream_id)
+        orphaned = self._orphaned.get(stream_id) if self._orphaned else None
         if orphaned:
             # A closed stream's bytes were delivered first, so they go first.
             take = min(nbytes, orphaned)
@@ -405,7 +409,7 @@ class SmuxSession:
         if stream is None:
             return
         # Never more than delivered, so budget and UPD counters stay truthful.
-        take = min(nbytes, stream.unconsumed)
+        take = nbytes if nbytes <= stream.unconsumed else stream.unconsumed
         if take <= 0:
             return
         stream.unconsumed -= take

@@ -66,6 +66,9 @@ class MuxSession(Protocol):
     @property
     def stream_count(self) -> int: ...
 
+    @property
+    def pending_output(self) -> int: ...
+
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]: ...
 
     def data_to_send(self) -> bytes: ...
@@ -126,6 +129,8 @@ class MuxLink(Generic[S, P]):
         self._linger: asyncio.TimerHandle | None = None
         self._ws: WSTransport | None = None
         self._write: Callable[[bytes], None] = _nowhere
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_at = 0  # queued output that is sent at once, not at the iteration's end
         self._reading_paused = False
         self._timer = SessionTimer(self.loop, idle_timeout, sweep, self._on_timer)
         super().__init__()  # the role's listener
@@ -142,6 +147,7 @@ class MuxLink(Generic[S, P]):
         self._ws = ws
         ws.underlying_transport.set_write_buffer_limits(high=write_high_water)
         self._write = write
+        self._flush_at = write_high_water
 
     def restart_session(self) -> None:
         """A fresh session whose clocks start now (a client's, once its WebSocket is up)."""
@@ -158,7 +164,16 @@ class MuxLink(Generic[S, P]):
         if self.hold_reading:
             self._held.append(frame.get_payload_as_bytes())
             return
-        self.receive(frame.get_payload_as_memoryview())
+        # receive(), inline: this runs for every WebSocket frame.
+        self.now = now = self.loop.time()
+        try:
+            events = self.mux.receive_data(frame.get_payload_as_memoryview(), now)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            self.finish(WSCloseCode.PROTOCOL_ERROR)
+            return
+        if events:  # none for a frame that only starts an smux frame
+            self._dispatch(events)
         self.after_consume()
 
     def release_held(self, all_of_it: bool = False) -> None:
@@ -192,20 +207,31 @@ class MuxLink(Generic[S, P]):
             self._protocol_error(exc)
             self.finish(WSCloseCode.PROTOCOL_ERROR)
             return
+        self._dispatch(events)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        """Hand events to the streams. Data is nearly every event: it is handled
+        here, and the user's meter charged once for all of it (a pause that asks
+        for holds the next message; this one is read already)."""
+        streams = self.streams
+        up = 0
         for event in events:
-            self._handle(event)
+            if type(event) is StreamData:
+                data = event.data
+                up += len(data)
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.peer_data(data)
+                else:
+                    self.mux.consumed(event.stream_id, len(data))
+            else:
+                self._handle(event)
+        meter = self.meter
+        if up and meter is not None:
+            meter.count_up(up, self)
 
     def _handle(self, event: Event) -> None:
-        if isinstance(event, StreamData):
-            meter = self.meter
-            if meter is not None:
-                meter.count_up(len(event.data), self)
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.peer_data(event.data)
-            else:
-                self.mux.consumed(event.stream_id, len(event.data))
-        elif isinstance(event, StreamOpened):
+        if isinstance(event, StreamOpened):
             self._stream_opened(event.stream_id)
         elif isinstance(event, StreamEnded):
             stream = self.streams.get(event.stream_id)
@@ -222,19 +248,42 @@ class MuxLink(Generic[S, P]):
             self.finish(WSCloseCode.OK)
 
     def flush(self) -> None:
-        """Send what the session queued."""
+        """Send what the session queued, now."""
         out = self.mux.data_to_send()
         if out:
             ws = self._ws
             if ws is not None and not ws.underlying_transport.is_closing():
                 self._write(out)
 
+    def flush_soon(self) -> None:
+        """Send what the session queued at the end of this loop iteration: what
+        the streams queue in one iteration (replies, FINs, dst data) then
+        leaves as one message, one TLS record and one send instead of one each.
+        Past the write high-water mark it goes now, so back-pressure still
+        comes from the transport's buffer."""
+        if self._flush_handle is not None:
+            if self.mux.pending_output >= self._flush_at:
+                self.flush()
+            return
+        pending = self.mux.pending_output
+        if not pending:
+            return
+        if pending >= self._flush_at:
+            self.flush()
+        else:
+            self._flush_handle = self.loop.call_soon(self._flush_queued)
+
+    def _flush_queued(self) -> None:
+        self._flush_handle = None
+        self.flush()
+
     def after_consume(self) -> None:
         """Pause or resume reading the WebSocket by the receive budget, then flush."""
         ws = self._ws
         if ws is None or self.closed:
             return
-        paused = self.mux.reading_paused() or self.hold_reading
+        mux = self.mux
+        paused = mux.reading_paused() or self.hold_reading
         if paused != self._reading_paused:
             self._reading_paused = paused
             transport = ws.underlying_transport
@@ -243,14 +292,14 @@ class MuxLink(Generic[S, P]):
                     transport.pause_reading()
                 else:
                     transport.resume_reading()
-        self.flush()
+        if self._flush_handle is not None or mux.pending_output:
+            self.flush_soon()
 
     def _on_timer(self, now: float, sweep: bool) -> None:
         if self.closed:
             return
         self.now = now
-        for event in self.mux.handle_timer(now):
-            self._handle(event)
+        self._dispatch(self.mux.handle_timer(now))
         if sweep and not self.closed:
             timeout = self._idle_timeout
             for stream in [s for s in self.streams.values() if now - s.last_activity >= timeout]:
@@ -265,6 +314,9 @@ class MuxLink(Generic[S, P]):
             return
         self.closed = True
         self._timer.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         self._end_streams()
         self.flush()
         self.mux.close()

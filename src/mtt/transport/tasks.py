@@ -13,9 +13,14 @@ log = logging.getLogger("mtt.tasks")
 _running: set[asyncio.Task[Any]] = set()
 
 
-def spawn(coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-    """Start a task that the event loop cannot garbage-collect mid-flight."""
-    task = asyncio.get_running_loop().create_task(coro, name=name)
+def spawn(
+    coro: Coroutine[Any, Any, Any],
+    name: str,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> asyncio.Task[Any]:
+    """Start a task that the event loop cannot garbage-collect mid-flight (on `loop`
+    when the caller has it: finding the running loop costs a getpid())."""
+    task = (loop or asyncio.get_running_loop()).create_task(coro, name=name)
     _running.add(task)
     task.add_done_callback(_finished)
     return task
