@@ -1,5 +1,5 @@
 """The dst side's writes: those of one loop iteration reach the transport as one
-write, in order; a close sends what is pending first, an abort drops it."""
+write (or one writelines), in order; a close sends what is pending first, an abort drops it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         assert not self.closed, "written after close"
         self.writes.append(bytes(data))
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        """One call for several chunks (a writev in uvloop): one write here."""
+        assert not self.closed, "written after close"
+        self.writes.append(b"".join(bytes(chunk) for chunk in chunks))
 
     def is_closing(self) -> bool:
         return self.closed or self.aborted
