@@ -178,12 +178,7 @@ class FrameDecoder:
                         (version, _PSH, stream_id, bytes(view[HEADER_SIZE:]) if length else b"")
                     ]
                 if end < stop:
-                    self._left = stop - end
-                    self._got = end - HEADER_SIZE
-                    self._version = version
-                    self._sid = stream_id
-                    if end > HEADER_SIZE:
-                        self._pieces.append(bytes(view[HEADER_SIZE:]))
+                    self._begin_psh(version, stream_id, view[HEADER_SIZE:], stop - end)
                     return frames
         # Nothing pending: parse the caller's bytes in place and keep only the tail
         # of an incomplete frame.
@@ -191,6 +186,16 @@ class FrameDecoder:
         if used < end:
             buf += view[used:]
         return frames
+
+    def _begin_psh(self, version: int, stream_id: int, got: memoryview, left: int) -> None:
+        """A PSH whose payload goes on in later feeds: what came of it is kept
+        as it is (a copy: the caller may reuse its buffer), `left` bytes to come."""
+        self._left = left
+        self._got = len(got)
+        self._version = version
+        self._sid = stream_id
+        if got:
+            self._pieces.append(bytes(got))
 
     def _parse(self, view: memoryview, frames: list[RawFrame]) -> int:
         """Frames from the start of ``view`` onto ``frames``; how many bytes of it
@@ -208,13 +213,7 @@ class FrameDecoder:
             if cmd == _PSH:
                 stop = start + length
                 if stop > end:
-                    # The payload so far is kept as it is; the rest joins it later.
-                    self._left = stop - end
-                    self._got = end - start
-                    self._version = version
-                    self._sid = stream_id
-                    if end > start:
-                        self._pieces.append(bytes(view[start:end]))
+                    self._begin_psh(version, stream_id, view[start:end], stop - end)
                     return end
                 append((version, cmd, stream_id, bytes(view[start:stop]) if length else b""))
             elif cmd == _UPD_CMD:
