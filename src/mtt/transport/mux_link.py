@@ -164,16 +164,7 @@ class MuxLink(Generic[S, P]):
         if self.hold_reading:
             self._held.append(frame.get_payload_as_bytes())
             return
-        # receive(), inline: this runs for every WebSocket frame.
-        self.now = now = self.loop.time()
-        try:
-            events = self.mux.receive_data(frame.get_payload_as_memoryview(), now)
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-            self.finish(WSCloseCode.PROTOCOL_ERROR)
-            return
-        if events:  # none for a frame that only starts an smux frame
-            self._dispatch(events)
+        self.receive(frame.get_payload_as_memoryview())
         self.after_consume()
 
     def release_held(self, all_of_it: bool = False) -> None:
@@ -207,7 +198,8 @@ class MuxLink(Generic[S, P]):
             self._protocol_error(exc)
             self.finish(WSCloseCode.PROTOCOL_ERROR)
             return
-        self._dispatch(events)
+        if events:  # none for a message that only starts an smux frame
+            self._dispatch(events)
 
     def _dispatch(self, events: list[Event]) -> None:
         """Hand events to the streams. Data is nearly every event: it is handled
