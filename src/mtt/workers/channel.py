@@ -31,8 +31,13 @@ _DECODER = json.JSONDecoder()
 Sink = Callable[[dict[str, Any]], None]
 
 
+def encode_json(message: dict[str, Any]) -> bytes:
+    """A message's compact JSON body, unframed."""
+    return _ENCODER.encode(message).encode()
+
+
 def encode(message: dict[str, Any]) -> bytes:
-    return encode_body(_ENCODER.encode(message).encode())
+    return encode_body(encode_json(message))
 
 
 def encode_body(body: bytes) -> bytes:
@@ -69,22 +74,14 @@ class FrameReader:
         buffer = self._buffer
         if buffer:
             buffer += data
-            if len(buffer) < 4:
-                return []
-            (length,) = _LENGTH.unpack_from(buffer, 0)
-            if length > self._max:
-                raise ProtocolError(f"control message of {length} bytes")
-            if len(buffer) < 4 + length:
+            if len(buffer) < 4 or len(buffer) < 4 + self._length(buffer, 0):
                 return []  # a big message, still coming: appended, not copied again
             data = bytes(buffer)
             buffer.clear()
         bodies: list[bytes] = []
         at, size = 0, len(data)
         while size - at >= 4:
-            (length,) = _LENGTH.unpack_from(data, at)
-            if length > self._max:
-                raise ProtocolError(f"control message of {length} bytes")
-            end = at + 4 + length
+            end = at + 4 + self._length(data, at)
             if end > size:
                 break
             bodies.append(data[at + 4 : end])
@@ -92,6 +89,13 @@ class FrameReader:
         if at < size:
             buffer += memoryview(data)[at:]
         return bodies
+
+    def _length(self, data: bytes | bytearray, at: int) -> int:
+        """The body length in the header at `at`; ProtocolError above the bound."""
+        (length,) = _LENGTH.unpack_from(data, at)
+        if length > self._max:
+            raise ProtocolError(f"control message of {length} bytes")
+        return int(length)
 
     def mid_message(self) -> bool:
         """True when a message has begun and not ended."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -47,7 +46,7 @@ Handlers = Mapping[type[Message], Callable[[Any], HandlerResult]]
 
 def encode_request(request: Request[Any]) -> bytes:
     """A request body encoded once, for sending to many workers."""
-    return json.dumps(request.to_wire(), separators=(",", ":")).encode()
+    return channel.encode_json(request.to_wire())
 
 
 class RpcChannel:
