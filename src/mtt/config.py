@@ -230,6 +230,12 @@ class Limits:
     # Mux.Cool sessions inside WebSockets (its idle_timeout is set from -timeout).
     muxcool: MuxCoolConfig = field(default_factory=MuxCoolConfig)
 
+    @property
+    def expire_horizon(self) -> float:
+        """How far ahead an `expire` gets its timer: an enforcement (after each
+        collection) arms the ones within two intervals, so none is missed."""
+        return 2 * self.collect_interval
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:

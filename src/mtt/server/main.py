@@ -386,7 +386,7 @@ async def serve(config: ServerConfig, nofile: str = "") -> None:
             if config.bind_unix
             else tcp_listen_socket(config.bind, fast_open=config.fast_open)
         )
-        agent = Agent(LocalLink(service))
+        agent = Agent(LocalLink(service), config.limits.expire_horizon)
         agent.apply(service.snapshot(), kick=False)
         server = TunnelServer(
             agent,

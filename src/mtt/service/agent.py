@@ -167,8 +167,10 @@ class TunnelAccount:
 
 
 class Agent:
-    def __init__(self, link: ServiceLink) -> None:
+    def __init__(self, link: ServiceLink, expire_horizon: float) -> None:
         self.table = UserTable()
+        # An expire closer than this is the service's to admit (it arms the cut).
+        self.expire_horizon = expire_horizon
         self.meters: dict[str, UserMeter] = {}
         self._link = link
         self.gauges: Gauges | None = None  # set by the tunnel listener
@@ -179,9 +181,31 @@ class Agent:
 
     def admission(self, path: str, user: User, ip: str) -> Awaitable[str | None] | None:
         """None when the tunnel may open now; else ask the service (server-wide limits)."""
-        if user.limits.needs_admission():
-            return self._admit(path, ip)
-        return None
+        limits = user.limits
+        if not limits.needs_admission() or self._admits_here(path, limits):
+            return None
+        return self._admit(path, ip)
+
+    def _admits_here(self, path: str, limits: UserLimits) -> bool:
+        """Whether this process can admit a tunnel of a user limited by quota and
+        expire alone without asking the service: from the quota budget it holds
+        for the user's open tunnels (a process whose budget ran out, was kicked or
+        is stale asks again), and while `expire` is further away than the next
+        enforcement but one, which arms its timer (docs/controller.md, "Limits on
+        open tunnels"). max_tunnels and max_ips need every process's count."""
+        if limits.max_tunnels or limits.max_ips:
+            return False
+        if limits.expire and limits.expire - time.time() <= self.expire_horizon:
+            return False
+        if not limits.quota:
+            return True
+        meter = self.meters.get(path)
+        return (
+            meter is not None
+            and meter.left is not None
+            and meter.left > 0
+            and meter.limits == limits
+        )
 
     async def _admit(self, path: str, ip: str) -> str | None:
         verdict = await self._link.admit(path, ip)
@@ -307,6 +331,7 @@ class Agent:
             meter = self.meters.get(path)
             if meter is None:
                 continue
+            meter.left = None  # its next tunnel asks the service, which may refuse it
             for tunnel in list(meter.tunnels):
                 kicked += tunnel.kick(why)
         return kicked

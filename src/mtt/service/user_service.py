@@ -514,7 +514,7 @@ class UserService:
     def _arm_expiry(self, path: str, limits: UserLimits, now: float) -> None:
         """A timer for the user's expire if it falls before the next collection but
         one (those after are armed by a later one); the same expire is armed once."""
-        delay = expiry_delay(limits, now, 2 * _LIMITS.collect_interval)
+        delay = expiry_delay(limits, now, self._limits.expire_horizon)
         if delay is None:
             return
         armed = self._expiry.get(path)

@@ -144,7 +144,7 @@ async def run(index: int, listen_fd: int, control_fd: int) -> None:
         (log.warning if error else log.info)("%s", describe(before, now, error))
     trimming = spawn(trim_after_bursts(config.limits), name="heap trim")
     link = SupervisorLink()
-    agent = Agent(link)
+    agent = Agent(link, config.limits.expire_horizon)
     agent.apply(init.users, kick=False)
     server = TunnelServer(
         agent,
