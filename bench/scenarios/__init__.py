@@ -6,7 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bench.context import Context
-from bench.scenarios import client, control, scale, setup_rate, stalled, throughput, workers
+from bench.scenarios import (
+    client,
+    control,
+    limits,
+    scale,
+    setup_rate,
+    stalled,
+    throughput,
+    workers,
+)
 from bench.settings import Settings
 
 
@@ -27,4 +36,5 @@ SCENARIOS = (
     Scenario("control", control.SECTION, control.steps, control.run),
     Scenario("client", client.SECTION, client.steps, client.run, gated=False),
     Scenario("workers", workers.SECTION, workers.steps, workers.run, gated=False),
+    Scenario("limits", limits.SECTION, limits.steps, limits.run, gated=False),
 )

@@ -45,12 +45,20 @@ def steps(s: Settings) -> int:
     return len(MODES) * s.rounds * 2
 
 
-def measure(relay: Relay, mode: str, seconds: float, max_ops: int, concurrency: int) -> RateSample:
+def measure(
+    relay: Relay,
+    mode: str,
+    seconds: float,
+    max_ops: int,
+    concurrency: int,
+    *,
+    path: str = TUNNEL_PATH,
+) -> RateSample:
     argv = [
         str(bench_binary("mttbench")),
         "rate",
         "-url",
-        f"wss://{SERVER_NAME}{TUNNEL_PATH}",
+        f"wss://{SERVER_NAME}{path}",
         "-connect",
         relay.addr,
         "-sv",
