@@ -10,9 +10,9 @@ import statistics
 import time
 
 from bench.context import Context, interleave
-from bench.model import Failure, Metric
+from bench.model import Failure
 from bench.peers import TUNNEL_PATH, BenchError, EchoDst, OurRelay, start_ours
-from bench.scenarios.setup_rate import RateSample, measure
+from bench.scenarios.setup_rate import RateSample, measure, rate_metrics
 from bench.settings import Settings
 
 SECTION = "Users with limits: new tunnels/s (ours, bench/go/mttbench rate)"
@@ -77,30 +77,16 @@ def _run(ctx: Context, ours: OurRelay) -> None:
         )
         if errors:
             note += f"; {errors} failed ({next(x.first_error for x in mine if x.errors)[:120]})"
-        ctx.results.metrics.append(
-            Metric(
-                section=SECTION,
-                name=f"new tunnels/s, a user with {label}",
-                unit="per s",
-                better="higher",
-                ours=[x.rate for x in mine],
-                ref=[x.rate for x in base],
-                ours_label=label,
-                ref_label=NO_LIMITS,
-                target=TARGETS.get(label),
-                note=note,
-            )
-        )
-        ctx.results.metrics.append(
-            Metric(
-                section=SECTION,
-                name=f"server CPU per new tunnel, a user with {label}",
-                unit="CPU us",
-                better="lower",
-                ours=[x.cpu_us for x in mine],
-                ref=[x.cpu_us for x in base],
-                ours_label=label,
-                ref_label=NO_LIMITS,
-                note="all of the server's processes, from /proc, over the whole measurement",
-            )
+        ctx.results.metrics += rate_metrics(
+            SECTION,
+            (
+                f"new tunnels/s, a user with {label}",
+                f"server CPU per new tunnel, a user with {label}",
+            ),
+            mine,
+            base,
+            labels=(label, NO_LIMITS),
+            target=TARGETS.get(label),
+            note=note,
+            cpu_note="all of the server's processes, from /proc, over the whole measurement",
         )

@@ -135,30 +135,57 @@ def _run_mode(ctx: Context, ours: Relay, go: Relay, mode: str, name: str) -> Non
         if errors:
             first = next(x.first_error for x in xs if x.errors)
             notes.append(f"{label}: {errors} failed ({first[:120]})")
-    ctx.results.metrics.append(
+    ctx.results.metrics += rate_metrics(
+        SECTION,
+        (name, f"server CPU per {CPU_UNITS[mode]}"),
+        mine,
+        theirs,
+        target=0.8,
+        gate=True,
+        note="; ".join(notes),
+        cpu_note="all of the relay's processes, from /proc, over the whole measurement",
+    )
+
+
+def rate_metrics(
+    section: str,
+    names: tuple[str, str],
+    mine: list[RateSample],
+    ref: list[RateSample],
+    *,
+    labels: tuple[str, str] = ("ours", "Go relay"),
+    target: float | None = None,
+    gate: bool = False,
+    note: str = "",
+    cpu_note: str = "",
+) -> list[Metric]:
+    """The rate (names[0]) and the CPU per operation (names[1]) of samples beside a baseline."""
+    return [
         Metric(
-            section=SECTION,
-            name=name,
+            section=section,
+            name=names[0],
             unit="per s",
             better="higher",
             ours=[x.rate for x in mine],
-            ref=[x.rate for x in theirs],
-            target=0.8,
-            gate=True,
-            note="; ".join(notes),
-        )
-    )
-    ctx.results.metrics.append(
+            ref=[x.rate for x in ref],
+            ours_label=labels[0],
+            ref_label=labels[1],
+            target=target,
+            gate=gate,
+            note=note,
+        ),
         Metric(
-            section=SECTION,
-            name=f"server CPU per {CPU_UNITS[mode]}",
+            section=section,
+            name=names[1],
             unit="CPU us",
             better="lower",
             ours=[x.cpu_us for x in mine],
-            ref=[x.cpu_us for x in theirs],
-            note="all of the relay's processes, from /proc, over the whole measurement",
-        )
-    )
+            ref=[x.cpu_us for x in ref],
+            ours_label=labels[0],
+            ref_label=labels[1],
+            note=cpu_note,
+        ),
+    ]
 
 
 def _suspect(samples: dict[str, list[RateSample]]) -> bool:
