@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 from mtt.core.admission import Verdict
 from mtt.core.commands import Command, Opt, apply_command
-from mtt.core.enforcement import budget
+from mtt.core.enforcement import budget, expiry_delay
+from mtt.core.leases import shared_limited
 from mtt.core.meter import MeteredTunnel
 from mtt.core.rate import Direction, Pausable, Throttle
 from mtt.core.stats import STATS
@@ -193,10 +194,10 @@ class Agent:
         is stale asks again), and while `expire` is further away than the next
         enforcement but one, which arms its timer (docs/controller.md, "Limits on
         open tunnels"). max_tunnels and max_ips need every process's count."""
-        if limits.max_tunnels or limits.max_ips:
+        if shared_limited(limits):
             return False
-        if limits.expire and limits.expire - time.time() <= self.expire_horizon:
-            return False
+        if expiry_delay(limits, time.time(), self.expire_horizon) is not None:
+            return False  # the service arms its timer
         if not limits.quota:
             return True
         meter = self.meters.get(path)
