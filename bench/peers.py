@@ -155,7 +155,11 @@ class OurRelay:
         return ControlReply(resp.status, doc, seconds)
 
     def add_users(self, users: list[tuple[str, str]]) -> ControlReply:
-        body = {"opt": 1, "args_bunch": [{"path": p, "dst": d} for p, d in users]}
+        return self.add_entries([{"path": p, "dst": d} for p, d in users])
+
+    def add_entries(self, entries: list[dict[str, Any]]) -> ControlReply:
+        """An add (opt 1) of these entries; in effect in every worker once it returns."""
+        body = {"opt": 1, "args_bunch": entries}
         reply = self.control(json.dumps(body, separators=(",", ":")).encode())
         if reply.status != 200 or reply.body.get("res") != 1:
             raise BenchError(f"controller add failed: {reply.status} {reply.body}")

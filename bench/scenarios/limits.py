@@ -5,9 +5,7 @@ budget it holds, while max_tunnels needs the supervisor's count of every worker.
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
-import time
 
 from bench.context import Context, interleave
 from bench.model import Failure
@@ -46,12 +44,7 @@ def run(ctx: Context) -> None:
 
 
 def _add_limited(relay: OurRelay, dst: str) -> None:
-    entries = [{"path": path, "dst": dst, **limits} for path, limits in LIMITED.values()]
-    body = json.dumps({"opt": 1, "args_bunch": entries}).encode()
-    reply = relay.control(body)
-    if reply.status != 200 or reply.body.get("res") != 1:
-        raise BenchError(f"controller add failed: {reply.status} {reply.body}")
-    time.sleep(0.2)  # the workers apply the change
+    relay.add_entries([{"path": path, "dst": dst, **limits} for path, limits in LIMITED.values()])
 
 
 def _run(ctx: Context, ours: OurRelay) -> None:
